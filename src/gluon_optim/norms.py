@@ -1,0 +1,439 @@
+"""Layer norms, their linear minimisation oracles (LMOs) and dual norms.
+
+Every norm here provides three pure, out-of-place functions:
+
+* ``lmo(g)``: the minimiser of ``<g, a>`` over the unit ball ``{a : ||a|| <= 1}``. It carries the
+  minus sign, so ``<g, lmo(g)> = -||g||_*`` (the convention of SPEC section 2 and of Gluon).
+* ``dual(g)``: the dual norm ``||g||_* = max_{||a|| <= 1} <g, a>``.
+* ``norm(x)``: the primal norm itself.
+
+A matrix ``A`` of shape ``(d_out, d_in)`` is read as stored by ``nn.Linear.weight``. Matrix norms
+act on the last two dimensions and are batched over leading ones; ``bias_rms`` acts on the last
+dimension; ``euclidean`` and ``sign_unscaled`` treat the whole tensor as one vector;
+``spectral_conv`` takes one kernel ``(C_out, C_in, *kernel)``.
+
+Scaling rule used throughout: if ``||.|| = c ||.||_base`` then ``lmo = lmo_base / c`` and
+``||.||_* = ||.||_{base,*} / c``. Each norm is therefore written as a *direction* ``D`` and a
+scalar *factor* ``f`` with ``lmo(g) = -f * D(g)``; the optimizer folds ``f`` into the step size so
+that the direction (for example a bfloat16 Newton–Schulz output) is never rescaled in low
+precision.
+
+References: Pethick et al. 2025 (Scion, arXiv 2502.07529) Tables 2-3 and App. A;
+Riabinin et al. 2025 (Gluon, arXiv 2505.13416) section 4.1; SPEC section 2.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from gluon_optim.polar import NS_PRESETS, PolarMethod, polar
+
+__all__ = [
+    "NORMS",
+    "SHAPE_RULES",
+    "BiasRMS",
+    "ColNorm",
+    "Euclidean",
+    "Norm",
+    "RowNorm",
+    "Sign",
+    "SignUnscaled",
+    "Spectral",
+    "SpectralConv",
+    "get",
+    "shape_factor",
+]
+
+ShapeRule = Literal["rms", "muon", "moonlight", "none"]
+
+#: Shape rules for the spectral norm: the factor ``c`` in ``lmo(G) = -c U V^T``, from the
+#: (flattened) 2-D shape ``(d_out, d_in)``.
+SHAPE_RULES: dict[str, Callable[[int, int], float]] = {
+    # Scion / Gluon RMS->RMS operator norm: ||A|| = sqrt(d_in/d_out) ||A||_2.
+    "rms": lambda d_out, d_in: math.sqrt(d_out / d_in),
+    # Keller Jordan's Muon and torch.optim.Muon adjust_lr_fn="original"; written exactly as torch
+    # computes it so the step sizes agree bit for bit.
+    "muon": lambda d_out, d_in: math.sqrt(max(1, d_out / d_in)),
+    # Moonlight (Liu et al. 2025), torch adjust_lr_fn="match_rms_adamw": update RMS ~ 0.2.
+    "moonlight": lambda d_out, d_in: 0.2 * math.sqrt(max(d_out, d_in)),
+    # The plain spectral norm ||A||_2 (Muon without a shape adjustment).
+    "none": lambda d_out, d_in: 1.0,
+}
+
+_DTYPES: dict[str, torch.dtype | None] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "input": None,
+}
+
+
+def shape_factor(rule: str, d_out: int, d_in: int) -> float:
+    """The spectral LMO factor ``c`` of shape rule ``rule`` for a ``(d_out, d_in)`` matrix."""
+    try:
+        fn = SHAPE_RULES[rule]
+    except KeyError:
+        raise ValueError(
+            f"Unknown shape_rule {rule!r}; expected one of {sorted(SHAPE_RULES)}"
+        ) from None
+    return fn(d_out, d_in)
+
+
+def _safe_div(x: Tensor, denom: Tensor) -> Tensor:
+    # Dividing by a clamped denominator keeps exact zeros at zero (0 / tiny = 0): a zero gradient
+    # block gives a zero step instead of NaN.
+    return x / denom.clamp(min=torch.finfo(denom.dtype).tiny)
+
+
+@dataclass(frozen=True)
+class Norm(ABC):
+    """Base class: a norm with its LMO written as ``lmo(g) = -factor(shape) * direction(g)``.
+
+    Subclasses set ``name`` and ``kind`` and implement :meth:`direction`, :meth:`factor`,
+    :meth:`dual` and :meth:`norm`. ``kind`` says what one "layer" is: ``"matrix"`` (last two
+    dims, batched), ``"vector"`` (last dim, batched), ``"tensor"`` (the whole tensor) or
+    ``"conv"`` (one whole kernel).
+    """
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[Literal["matrix", "vector", "tensor", "conv"]] = "tensor"
+
+    # -- the pieces -------------------------------------------------------------------------
+    @abstractmethod
+    def direction(self, g: Tensor) -> Tensor:
+        """The unscaled direction ``D`` with ``lmo(g) = -factor(g.shape) * D``."""
+
+    def factor(self, shape: torch.Size | tuple[int, ...]) -> float:
+        """The scalar factor of the LMO for a tensor of this shape."""
+        return 1.0
+
+    # -- the public triple ------------------------------------------------------------------
+    def lmo(self, g: Tensor) -> Tensor:
+        """``argmin_{||a|| <= 1} <g, a>``, same shape and dtype as ``g``; ``g`` is not modified."""
+        self.check(g.shape)
+        return self.direction(g).to(g.dtype) * (-self.factor(g.shape))
+
+    @abstractmethod
+    def dual(self, g: Tensor) -> Tensor:
+        """The dual norm ``||g||_*`` (one value per layer of the batch)."""
+
+    @abstractmethod
+    def norm(self, x: Tensor) -> Tensor:
+        """The primal norm ``||x||`` (one value per layer of the batch)."""
+
+    # -- shapes -----------------------------------------------------------------------------
+    def shape_error(self, shape: torch.Size | tuple[int, ...]) -> str | None:
+        """Why a tensor of ``shape`` does not fit this norm, or ``None`` when it does."""
+        if self.kind == "matrix" and len(shape) < 2:
+            return f"norm {self.name!r} needs a matrix (at least 2 dims), got shape {tuple(shape)}"
+        if self.kind == "conv" and len(shape) < 3:
+            return (
+                f"norm {self.name!r} needs a conv kernel (C_out, C_in, *kernel), "
+                f"got shape {tuple(shape)}"
+            )
+        if any(s == 0 for s in shape):
+            return f"norm {self.name!r} got an empty tensor of shape {tuple(shape)}"
+        return None
+
+    def check(self, shape: torch.Size | tuple[int, ...]) -> None:
+        """Raise ``ValueError`` if a tensor of ``shape`` does not fit this norm."""
+        err = self.shape_error(shape)
+        if err is not None:
+            raise ValueError(err)
+
+    def describe(self) -> str:
+        """Short text for tables: the name plus any non-default options."""
+        opts = [
+            f"{f.name}={getattr(self, f.name)}"
+            for f in fields(self)
+            if getattr(self, f.name) != f.default
+        ]
+        return self.name + (f"({', '.join(opts)})" if opts else "")
+
+
+def _sum_last(x: Tensor, n: int) -> Tensor:
+    return x.sum(dim=tuple(range(-n, 0)))
+
+
+@dataclass(frozen=True)
+class _PolarNorm(Norm):
+    """Shared options of the spectral norms: how ``U V^T`` is computed."""
+
+    method: PolarMethod = "newton_schulz"
+    ns_preset: str = "jordan"
+    ns_steps: int = 5
+    compute_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.method not in ("newton_schulz", "svd"):
+            raise ValueError(
+                f"Unknown polar method {self.method!r}; expected 'newton_schulz' or 'svd'"
+            )
+        if self.ns_preset not in NS_PRESETS:
+            raise ValueError(
+                f"Unknown ns_preset {self.ns_preset!r}; expected one of {sorted(NS_PRESETS)}"
+            )
+        if not isinstance(self.ns_steps, int) or not 1 <= self.ns_steps < 100:
+            raise ValueError(f"Invalid ns_steps: {self.ns_steps!r} (need an int in [1, 100))")
+        if self.compute_dtype not in _DTYPES:
+            raise ValueError(
+                f"Unknown compute_dtype {self.compute_dtype!r}; expected one of {sorted(_DTYPES)}"
+            )
+
+    def _polar(self, m: Tensor) -> Tensor:
+        return polar(
+            m,
+            method=self.method,
+            preset=self.ns_preset,
+            steps=self.ns_steps,
+            dtype=_DTYPES[self.compute_dtype],
+        )
+
+    def dual(self, g: Tensor) -> Tensor:
+        # ||g||_* = -<g, lmo(g)> = f <g, U V^T> = f ||g||_nuc when U V^T is exact; with
+        # Newton–Schulz it is the dual norm the optimizer's own LMO implies.
+        self.check(g.shape)
+        d = self.direction(g).to(g.dtype)
+        dims = 2 if self.kind == "matrix" else g.ndim
+        return self.factor(g.shape) * _sum_last(g * d, dims)
+
+
+@dataclass(frozen=True)
+class Spectral(_PolarNorm):
+    """Scaled spectral norm ``||A|| = ||A||_2 / c(d_out, d_in)``; ``lmo(G) = -c U V^T``.
+
+    With ``shape_rule="rms"`` this is the RMS->RMS operator norm ``sqrt(d_in/d_out) ||A||_2`` of
+    Scion and Gluon; ``"muon"`` gives Muon's ``sqrt(max(1, d_out/d_in))``; see :data:`SHAPE_RULES`.
+    The dual norm is ``c ||G||_nuc``.
+    """
+
+    name: ClassVar[str] = "spectral"
+    kind: ClassVar[Literal["matrix", "vector", "tensor", "conv"]] = "matrix"
+    shape_rule: str = "rms"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        shape_factor(self.shape_rule, 1, 1)  # validates the name
+
+    def factor(self, shape: torch.Size | tuple[int, ...]) -> float:
+        return shape_factor(self.shape_rule, shape[-2], shape[-1])
+
+    def direction(self, g: Tensor) -> Tensor:
+        return self._polar(g)
+
+    def norm(self, x: Tensor) -> Tensor:
+        self.check(x.shape)
+        return torch.linalg.matrix_norm(x, ord=2) / self.factor(x.shape)
+
+
+@dataclass(frozen=True)
+class SpectralConv(_PolarNorm):
+    """Spectral norm of a conv kernel ``(C_out, C_in, *k)`` flattened to ``(C_out, C_in·K)``.
+
+    ``||W|| = K sqrt(C_in/C_out) ||W_flat||_2`` with ``K = prod(k)`` (``k^2`` for a square 2-D
+    kernel), so ``lmo(G) = -(sqrt(C_out/C_in)/K) U V^T`` and ``||G||_* = (sqrt(C_out/C_in)/K)
+    ||G_flat||_nuc``. This is Scion's ``SpectralConv``; for Conv1d ``K = k``.
+    """
+
+    name: ClassVar[str] = "spectral_conv"
+    kind: ClassVar[Literal["matrix", "vector", "tensor", "conv"]] = "conv"
+
+    def factor(self, shape: torch.Size | tuple[int, ...]) -> float:
+        c_out, c_in = shape[0], shape[1]
+        return math.sqrt(c_out / c_in) / math.prod(shape[2:])
+
+    def direction(self, g: Tensor) -> Tensor:
+        return self._polar(g.reshape(g.shape[0], -1)).reshape(g.shape)
+
+    def norm(self, x: Tensor) -> Tensor:
+        self.check(x.shape)
+        flat = x.reshape(x.shape[0], -1)
+        return torch.linalg.matrix_norm(flat, ord=2) / self.factor(x.shape)
+
+
+@dataclass(frozen=True)
+class ColNorm(Norm):
+    """Max column norm (1->RMS): ``||A|| = max_j ||A[:, j]||_2 / sqrt(d_out)``.
+
+    ``lmo`` maps each column to ``-sqrt(d_out) col_j / ||col_j||``; ``||G||_* = sqrt(d_out)
+    sum_j ||col_j||``. For a token embedding stored as ``(vocab, dim)`` the optimizer applies it
+    to the transpose, so each token's vector is normalised (Scion's ``ColNorm(transpose=True)``).
+    """
+
+    name: ClassVar[str] = "colnorm"
+    kind: ClassVar[Literal["matrix", "vector", "tensor", "conv"]] = "matrix"
+
+    def factor(self, shape: torch.Size | tuple[int, ...]) -> float:
+        return math.sqrt(shape[-2])
+
+    def direction(self, g: Tensor) -> Tensor:
+        return _safe_div(g, torch.linalg.vector_norm(g, dim=-2, keepdim=True))
+
+    def dual(self, g: Tensor) -> Tensor:
+        self.check(g.shape)
+        return self.factor(g.shape) * torch.linalg.vector_norm(g, dim=-2).sum(-1)
+
+    def norm(self, x: Tensor) -> Tensor:
+        self.check(x.shape)
+        return torch.linalg.vector_norm(x, dim=-2).amax(-1) / self.factor(x.shape)
+
+
+@dataclass(frozen=True)
+class RowNorm(Norm):
+    """Max row norm (RMS->inf): ``||A|| = max_i sqrt(d_in) ||A[i, :]||_2``.
+
+    ``lmo`` maps each row to ``-row_i / (sqrt(d_in) ||row_i||)``; ``||G||_* = sum_i ||row_i||
+    / sqrt(d_in)``.
+    """
+
+    name: ClassVar[str] = "rownorm"
+    kind: ClassVar[Literal["matrix", "vector", "tensor", "conv"]] = "matrix"
+
+    def factor(self, shape: torch.Size | tuple[int, ...]) -> float:
+        return 1.0 / math.sqrt(shape[-1])
+
+    def direction(self, g: Tensor) -> Tensor:
+        return _safe_div(g, torch.linalg.vector_norm(g, dim=-1, keepdim=True))
+
+    def dual(self, g: Tensor) -> Tensor:
+        self.check(g.shape)
+        return self.factor(g.shape) * torch.linalg.vector_norm(g, dim=-1).sum(-1)
+
+    def norm(self, x: Tensor) -> Tensor:
+        self.check(x.shape)
+        return torch.linalg.vector_norm(x, dim=-1).amax(-1) / self.factor(x.shape)
+
+
+@dataclass(frozen=True)
+class Sign(Norm):
+    """Scaled max-norm (1->inf): ``||A|| = d_in max_ij |A_ij|``.
+
+    ``lmo(G) = -sign(G) / d_in``; ``||G||_* = sum_ij |G_ij| / d_in``. Scion's output layer
+    (``Sign(normalized=True)``) and Gluon's ``n_p ||.||_{1->inf}`` for the tied embedding.
+    """
+
+    name: ClassVar[str] = "sign"
+    kind: ClassVar[Literal["matrix", "vector", "tensor", "conv"]] = "matrix"
+
+    def factor(self, shape: torch.Size | tuple[int, ...]) -> float:
+        return 1.0 / shape[-1]
+
+    def direction(self, g: Tensor) -> Tensor:
+        return torch.sign(g)
+
+    def dual(self, g: Tensor) -> Tensor:
+        self.check(g.shape)
+        return self.factor(g.shape) * g.abs().sum(dim=(-2, -1))
+
+    def norm(self, x: Tensor) -> Tensor:
+        self.check(x.shape)
+        return x.abs().amax(dim=(-2, -1)) / self.factor(x.shape)
+
+
+@dataclass(frozen=True)
+class SignUnscaled(Norm):
+    """The max-norm ``max |A_ij|`` of the whole tensor: ``lmo(G) = -sign(G)``, dual ``||G||_1``.
+
+    With no momentum, Gluon with this norm is sign-SGD.
+    """
+
+    name: ClassVar[str] = "sign_unscaled"
+    kind: ClassVar[Literal["matrix", "vector", "tensor", "conv"]] = "tensor"
+
+    def direction(self, g: Tensor) -> Tensor:
+        return torch.sign(g)
+
+    def dual(self, g: Tensor) -> Tensor:
+        self.check(g.shape)
+        return g.abs().sum()
+
+    def norm(self, x: Tensor) -> Tensor:
+        self.check(x.shape)
+        return x.abs().amax()
+
+
+@dataclass(frozen=True)
+class Euclidean(Norm):
+    """The Frobenius / l2 norm of the whole tensor: ``lmo(G) = -G / ||G||_F``, self-dual.
+
+    With no momentum, Gluon with this norm is layer-wise normalised gradient descent.
+    """
+
+    name: ClassVar[str] = "euclidean"
+    kind: ClassVar[Literal["matrix", "vector", "tensor", "conv"]] = "tensor"
+
+    def direction(self, g: Tensor) -> Tensor:
+        return _safe_div(g, torch.linalg.vector_norm(g))
+
+    def dual(self, g: Tensor) -> Tensor:
+        self.check(g.shape)
+        return torch.linalg.vector_norm(g)
+
+    def norm(self, x: Tensor) -> Tensor:
+        self.check(x.shape)
+        return torch.linalg.vector_norm(x)
+
+
+@dataclass(frozen=True)
+class BiasRMS(Norm):
+    """RMS norm of a vector: ``||b|| = ||b||_2 / sqrt(d)``.
+
+    ``lmo(g) = -sqrt(d) g / ||g||_2``; ``||g||_* = sqrt(d) ||g||_2``. Used for biases and norm
+    gains (Scion's ``BiasRMS``). A 0-d tensor counts as a vector of length 1.
+    """
+
+    name: ClassVar[str] = "bias_rms"
+    kind: ClassVar[Literal["matrix", "vector", "tensor", "conv"]] = "vector"
+
+    def factor(self, shape: torch.Size | tuple[int, ...]) -> float:
+        return math.sqrt(shape[-1]) if len(shape) else 1.0
+
+    def direction(self, g: Tensor) -> Tensor:
+        if g.ndim == 0:
+            return torch.sign(g)
+        return _safe_div(g, torch.linalg.vector_norm(g, dim=-1, keepdim=True))
+
+    def dual(self, g: Tensor) -> Tensor:
+        self.check(g.shape)
+        if g.ndim == 0:
+            return g.abs()
+        return self.factor(g.shape) * torch.linalg.vector_norm(g, dim=-1)
+
+    def norm(self, x: Tensor) -> Tensor:
+        self.check(x.shape)
+        if x.ndim == 0:
+            return x.abs()
+        return torch.linalg.vector_norm(x, dim=-1) / self.factor(x.shape)
+
+
+#: Every norm by name.
+NORMS: dict[str, type[Norm]] = {
+    cls.name: cls
+    for cls in (Spectral, SpectralConv, ColNorm, RowNorm, Sign, SignUnscaled, Euclidean, BiasRMS)
+}
+
+
+def get(name: str, **options: object) -> Norm:
+    """Build the norm ``name`` with ``options`` (for example ``shape_rule``, ``method``).
+
+    Raises ``ValueError`` naming the norm or the option when either is unknown or invalid.
+    """
+    try:
+        cls = NORMS[name]
+    except KeyError:
+        raise ValueError(f"Unknown norm {name!r}; expected one of {sorted(NORMS)}") from None
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(
+            f"Norm {name!r} does not take option(s) {unknown}; it takes {sorted(known) or 'none'}"
+        )
+    return cls(**options)  # type: ignore[arg-type]

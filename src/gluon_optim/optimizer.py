@@ -1,0 +1,527 @@
+"""The one optimizer: layer-wise LMO steps (Gluon), with AdamW groups for mixed presets.
+
+Every preset in this package (Muon, Scion, unconstrained Scion, Gluon with any norm table) is a
+list of parameter groups handed to :class:`Gluon`; there is no other ``step()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from gluon_optim import norms as _norms
+
+__all__ = ["DEFAULTS", "Gluon", "describe", "resolve_norm"]
+
+#: Every group key with its default. Values are plain data (str, float, int, bool, tuple), so
+#: ``state_dict()`` loads with ``torch.load(weights_only=True)``.
+DEFAULTS: dict[str, Any] = {
+    # What the group does: "lmo" (Gluon step) or "adamw" (torch.optim.AdamW's update, for the
+    # parameters a Muon-style preset leaves to Adam).
+    "algorithm": "lmo",
+    "lr": 0.02,
+    "weight_decay": 0.0,
+    # -- lmo groups -------------------------------------------------------------------------
+    "norm": "auto",  # a key of norms.NORMS, or "auto": bias_rms / spectral / spectral_conv by ndim
+    "scale": 1.0,  # the per-group radius multiplier rho (Scion's `scale`)
+    "shape_rule": "rms",  # spectral norm only: norms.SHAPE_RULES
+    "transposed": False,  # parameter stored as (d_in, d_out), e.g. nn.Embedding.weight
+    "momentum": 0.9,  # beta, the weight on the old momentum (Scion's alpha = 1 - beta)
+    "nesterov": False,
+    "estimator": "ema",
+    "constrained": False,  # SCG: X <- (1 - lr) X + t lmo(M)
+    "radius": "constant",  # "constant" | "l0l1" | "theory_decay"
+    "l0": 0.0,
+    "l1": 1.0,
+    "radius_source": "gradient",  # l0l1 only: dual norm of the "gradient" (paper) or "momentum"
+    "polar_method": "newton_schulz",
+    "ns_preset": "jordan",
+    "ns_steps": 5,
+    "compute_dtype": "bfloat16",
+    # -- adamw groups -----------------------------------------------------------------------
+    "betas": (0.9, 0.95),
+    "eps": 1e-8,
+    # -- both -------------------------------------------------------------------------------
+    "nonfinite": "raise",  # "raise" | "skip" | "ignore" (no check, no host synchronisation)
+    "role": "",  # informational: which role the preset gave this group
+}
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "algorithm": ("lmo", "adamw"),
+    "radius": ("constant", "l0l1", "theory_decay"),
+    "radius_source": ("gradient", "momentum"),
+    "estimator": ("ema",),
+    "nonfinite": ("raise", "skip", "ignore"),
+    "polar_method": ("newton_schulz", "svd"),
+}
+
+# Keys torch or its schedulers may add to a group after construction.
+_FOREIGN_KEYS = frozenset({"params", "param_names", "initial_lr", "differentiable"})
+
+
+@lru_cache(maxsize=256)
+def _build_norm(
+    name: str, shape_rule: str, method: str, preset: str, steps: int, dtype: str
+) -> _norms.Norm:
+    cls = _norms.NORMS[name]
+    if cls in (_norms.Spectral, _norms.SpectralConv):
+        opts: dict[str, object] = dict(
+            method=method, ns_preset=preset, ns_steps=steps, compute_dtype=dtype
+        )
+        if cls is _norms.Spectral:
+            opts["shape_rule"] = shape_rule
+        return _norms.get(name, **opts)
+    return _norms.get(name)
+
+
+def resolve_norm(group: Mapping[str, Any], p: Tensor) -> _norms.Norm:
+    """The :class:`~gluon_optim.norms.Norm` a group applies to parameter ``p``.
+
+    ``norm="auto"`` picks by dimension as Scion's ``Auto``: ``bias_rms`` for 0-/1-D,
+    ``spectral`` for 2-D and ``spectral_conv`` for 3-D and more.
+    """
+    name = group["norm"]
+    if name == "auto":
+        name = "bias_rms" if p.ndim <= 1 else "spectral" if p.ndim == 2 else "spectral_conv"
+    return _build_norm(
+        name,
+        group["shape_rule"],
+        group["polar_method"],
+        group["ns_preset"],
+        group["ns_steps"],
+        group["compute_dtype"],
+    )
+
+
+def _operand_shape(norm: _norms.Norm, p: Tensor, transposed: bool) -> tuple[int, ...]:
+    if norm.kind == "matrix":
+        if transposed:
+            return (p.shape[1], p.shape[0])
+        return (p.shape[0], math.prod(p.shape[1:]))
+    return tuple(p.shape)
+
+
+def _to_operand(norm: _norms.Norm, t: Tensor, transposed: bool) -> Tensor:
+    # Matrix norms see a (d_out, d_in) matrix: conv kernels are flattened (the shape rules then
+    # use the flattened shape, never kernel dimensions) and nn.Embedding weights, stored as
+    # (vocab, dim) = (d_in, d_out), are transposed.
+    if norm.kind == "matrix":
+        return t.T if transposed else t.reshape(t.shape[0], -1)
+    return t
+
+
+def _from_operand(norm: _norms.Norm, t: Tensor, p: Tensor, transposed: bool) -> Tensor:
+    if norm.kind == "matrix":
+        return t.T if transposed else t.reshape(p.shape)
+    return t
+
+
+def _name(group: Mapping[str, Any], i: int) -> str:
+    names = group.get("param_names")
+    return str(names[i]) if names else f"params[{i}]"
+
+
+def _where(group: Mapping[str, Any], index: int | None) -> str:
+    role = f", role {group['role']!r}" if group.get("role") else ""
+    return f" (param group {index}{role})" if index is not None else f" (new param group{role})"
+
+
+def _check_hyperparameters(group: Mapping[str, Any], index: int | None) -> None:
+    """Raise ``ValueError`` naming the first invalid option of ``group``."""
+    where = _where(group, index)
+    for key, allowed in _CHOICES.items():
+        if group[key] not in allowed:
+            raise ValueError(f"Unknown {key} {group[key]!r}{where}; expected one of {allowed}")
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must have one element, got shape {tuple(lr.shape)}{where}")
+        if lr.requires_grad:
+            raise ValueError(f"Tensor lr must not require grad{where}")
+    elif not isinstance(lr, (int, float)) or isinstance(lr, bool):
+        raise ValueError(f"Invalid learning rate: {lr!r}{where}; expected a float or a tensor")
+    elif not (lr >= 0.0 and math.isfinite(lr)):
+        raise ValueError(f"Invalid learning rate: {lr}{where}; it must be finite and >= 0")
+
+    def number(key: str, lo: float, hi: float = math.inf, lo_open: bool = False) -> None:
+        v = group[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"Invalid {key}: {v!r}{where}; expected a number")
+        ok = (v > lo if lo_open else v >= lo) and v < hi and math.isfinite(v)
+        if not ok:
+            lo_txt = f"> {lo}" if lo_open else f">= {lo}"
+            hi_txt = "" if hi == math.inf else f" and < {hi}"
+            raise ValueError(f"Invalid {key}: {v}{where}; it must be {lo_txt}{hi_txt}")
+
+    number("weight_decay", 0.0)
+    for key in ("nesterov", "constrained", "transposed"):
+        if not isinstance(group[key], bool):
+            raise ValueError(f"Invalid {key}: {group[key]!r}{where}; expected True or False")
+    if group["algorithm"] == "adamw":
+        betas = group["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"Invalid betas: {betas!r}{where}; expected a pair of floats")
+        for j, b in enumerate(betas):
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {j}: {b!r}{where}")
+        number("eps", 0.0, lo_open=True)
+        return
+    number("momentum", 0.0, 1.0)
+    number("scale", 0.0, lo_open=True)
+    number("l0", 0.0)
+    number("l1", 0.0)
+    if group["radius"] == "l0l1" and group["l0"] == 0.0 and group["l1"] == 0.0:
+        raise ValueError(f"radius='l0l1' needs l0 > 0 or l1 > 0{where}")
+    if group["nesterov"] and group["momentum"] == 0.0:
+        raise ValueError(f"nesterov=True needs momentum > 0{where}")
+    if group["norm"] != "auto" and group["norm"] not in _norms.NORMS:
+        raise ValueError(
+            f"Unknown norm {group['norm']!r}{where}; expected 'auto' or one of "
+            f"{sorted(_norms.NORMS)}"
+        )
+    if group["shape_rule"] not in _norms.SHAPE_RULES:
+        raise ValueError(
+            f"Unknown shape_rule {group['shape_rule']!r}{where}; expected one of "
+            f"{sorted(_norms.SHAPE_RULES)}"
+        )
+    if group["ns_preset"] not in _norms.NS_PRESETS:
+        raise ValueError(
+            f"Unknown ns_preset {group['ns_preset']!r}{where}; expected one of "
+            f"{sorted(_norms.NS_PRESETS)}"
+        )
+    steps = group["ns_steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < 100:
+        raise ValueError(f"Invalid ns_steps: {steps!r}{where}; expected an int in [1, 100)")
+    if group["compute_dtype"] not in _norms._DTYPES:
+        raise ValueError(
+            f"Unknown compute_dtype {group['compute_dtype']!r}{where}; expected one of "
+            f"{sorted(_norms._DTYPES)}"
+        )
+
+
+def _check_shapes(group: Mapping[str, Any], index: int | None) -> None:
+    """Raise ``ValueError`` if a parameter cannot be handled by the group's norm."""
+    where = _where(group, index)
+    for i, p in enumerate(group["params"]):
+        name = _name(group, i)
+        if torch.is_complex(p):
+            raise ValueError(f"Parameter {name!r}{where} is complex; gluon-optim is real-only")
+        if not p.is_floating_point():
+            raise ValueError(f"Parameter {name!r}{where} has dtype {p.dtype}; need floating point")
+        if group["algorithm"] != "lmo":
+            continue
+        norm = resolve_norm(group, p)
+        if group["transposed"] and not (norm.kind == "matrix" and p.ndim == 2):
+            raise ValueError(
+                f"transposed=True needs a 2-D parameter and a matrix norm; parameter {name!r} "
+                f"has shape {tuple(p.shape)} and norm {norm.name!r}{where}"
+            )
+        err = norm.shape_error(_operand_shape(norm, p, group["transposed"]))
+        if err is not None:
+            raise ValueError(f"Parameter {name!r}{where}: {err}")
+
+
+class Gluon(Optimizer):
+    r"""Layer-wise LMO optimizer (Gluon), with Muon and Scion as configurations.
+
+    For every parameter ``X_i`` of a group with norm ``||.||_(i)``:
+
+    .. math::
+        M_i^k &= \beta M_i^{k-1} + (1-\beta)\, g_i^k
+              \qquad(\text{Nesterov: use } g_i^k + \beta (M_i^k - g_i^k))\\
+        X_i &\leftarrow (1 - \mathrm{lr}\cdot\mathrm{wd})\, X_i
+              \qquad(\text{decoupled weight decay, as torch.optim.Muon})\\
+        X_i &\leftarrow (1-\mathrm{lr})\, X_i \qquad(\text{only if constrained: SCG})\\
+        X_i &\leftarrow X_i + t_i^k\, \mathrm{lmo}_{(i)}(M_i^k),
+              \qquad t_i^k = \mathrm{lr}\cdot\mathrm{scale}\cdot\rho(k)
+
+    with the radius policy ``rho``: ``constant`` (1), ``l0l1`` (Gluon Theorem 1:
+    ``||G||_* / (L0 + L1 ||G||_*)`` with ``G`` the gradient, or the momentum as an unanalysed
+    option) or ``theory_decay`` (Gluon Theorem 2: ``rho = (k+1)^{-3/4}`` and
+    ``beta^k = 1 - (k+1)^{-1/2}``, overriding ``momentum``). Because ``t`` is proportional to the
+    group's ``lr``, any ``torch.optim.lr_scheduler`` drives it. The momentum buffer starts at
+    zero as in torch.optim.Muon and the Scion code; the LMO is scale invariant, so this equals
+    Gluon's ``M^0 = g^0`` for every policy except ``l0l1`` with ``radius_source="momentum"``.
+
+    Groups with ``algorithm="adamw"`` take torch.optim.AdamW's update instead (``betas``,
+    ``eps``, ``weight_decay``), so a Muon preset is one optimizer object: one ``step()``, one
+    scheduler, one ``state_dict()``.
+
+    Reductions: with ``norm="spectral", shape_rule="muon", momentum=0.95, nesterov=True`` this is
+    torch.optim.Muon; with ``scale=rho_l`` and Scion's norm table it is (unconstrained) Scion
+    (Pethick et al. 2025, Algorithm 3); ``norm="sign_unscaled", momentum=0`` is sign-SGD and
+    ``norm="euclidean", momentum=0`` layer-wise normalised gradient descent.
+
+    Args:
+        params: parameters, ``(name, parameter)`` pairs, or group dicts (see :data:`DEFAULTS`
+            for every key). :func:`gluon_optim.param_groups` builds groups from a model.
+        lr: learning rate ``gamma`` (float or one-element tensor).
+        **defaults: any other key of :data:`DEFAULTS`, applied to groups that do not set it.
+
+    Non-finite gradients: ``nonfinite="raise"`` (default) raises before any parameter or state
+    changes; ``"skip"`` leaves that group's parameters and state untouched for this step;
+    ``"ignore"`` does no check (and so no host synchronisation).
+
+    References:
+        Riabinin et al., "Gluon: Making Muon & Scion Great Again!", arXiv 2505.13416, Alg. 1.
+        Pethick et al., "Training Deep Learning Models with Norm-Constrained LMOs",
+        arXiv 2502.07529, Alg. 3.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]],
+        lr: float | Tensor = DEFAULTS["lr"],
+        **defaults: Any,
+    ) -> None:
+        unknown = sorted(set(defaults) - set(DEFAULTS))
+        if unknown:
+            raise ValueError(f"Gluon got unknown option(s) {unknown}; known: {sorted(DEFAULTS)}")
+        merged = dict(DEFAULTS, **defaults, lr=lr)
+        _check_hyperparameters(merged, None)
+        super().__init__(params, merged)
+
+    # -- groups -------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Validate a group completely, then add it; an invalid group leaves the optimizer as is."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        unknown = sorted(set(param_group) - set(DEFAULTS) - _FOREIGN_KEYS)
+        if unknown:
+            raise ValueError(
+                f"Param group has unknown option(s) {unknown}; known: {sorted(DEFAULTS)}"
+            )
+        params = param_group.get("params")
+        if params is None:
+            raise ValueError("Param group has no 'params'")
+        items = [params] if isinstance(params, Tensor) else list(params)
+        if not items:
+            raise ValueError("Param group has an empty 'params' list")
+        names = [x[0] if isinstance(x, tuple) else None for x in items]
+        tensors = [x[1] if isinstance(x, tuple) else x for x in items]
+        candidate = {**self.defaults, **param_group, "params": tensors}
+        if all(n is not None for n in names):
+            candidate["param_names"] = names
+        _check_hyperparameters(candidate, None)
+        _check_shapes(candidate, None)
+        seen: dict[int, str] = {}
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                seen[id(p)] = _name(group, i)
+        for i, p in enumerate(tensors):
+            if id(p) in seen:
+                raise ValueError(
+                    f"Parameter {_name(candidate, i)!r} is already in another param group "
+                    f"(as {seen[id(p)]!r}); every parameter must get exactly one group"
+                )
+            seen[id(p)] = _name(candidate, i)
+        super().add_param_group({**param_group, "params": items})
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Groups saved by an older version get today's defaults for keys they lack.
+        for group in self.param_groups:
+            for key, value in DEFAULTS.items():
+                group.setdefault(key, value)
+
+    # -- the step -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Take one step; ``closure`` (optional) re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        # Pass 1: look at everything, change nothing. Any error raised here leaves parameters
+        # and optimizer state exactly as they were.
+        work: list[tuple[dict[str, Any], list[tuple[Tensor, Tensor]]]] = []
+        for index, group in enumerate(self.param_groups):
+            _check_hyperparameters(group, index)
+            items: list[tuple[Tensor, Tensor]] = []
+            for i, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(
+                        f"Parameter {_name(group, i)!r}{_where(group, index)} has a sparse "
+                        "gradient; gluon-optim needs dense gradients"
+                    )
+                if torch.is_complex(g):
+                    raise RuntimeError(
+                        f"Parameter {_name(group, i)!r}{_where(group, index)} has a complex "
+                        "gradient"
+                    )
+                items.append((p, g))
+            work.append((group, items))
+        skipped = self._nonfinite_groups(work)
+
+        # Pass 2: update.
+        for index, (group, items) in enumerate(work):
+            if index in skipped or not items:
+                continue
+            if group["algorithm"] == "adamw":
+                for p, g in items:
+                    self._adamw_update(p, g, group)
+            else:
+                for p, g in items:
+                    self._lmo_update(p, g, group)
+        return loss
+
+    def _nonfinite_groups(
+        self, work: list[tuple[dict[str, Any], list[tuple[Tensor, Tensor]]]]
+    ) -> set[int]:
+        """Indices of groups to skip; raises for a non-finite gradient under ``raise``."""
+        checked = [
+            (index, group, items)
+            for index, (group, items) in enumerate(work)
+            if group["nonfinite"] != "ignore" and items
+        ]
+        if not checked:
+            return set()
+        flags = torch.stack(
+            [torch.isfinite(g).all().to("cpu") for _, _, items in checked for _, g in items]
+        ).tolist()  # one host synchronisation for all groups
+        skipped: set[int] = set()
+        pos = 0
+        for index, group, items in checked:
+            bad = [k for k in range(len(items)) if not flags[pos + k]]
+            pos += len(items)
+            if not bad:
+                continue
+            if group["nonfinite"] == "skip":
+                skipped.add(index)
+                continue
+            params = [p for p, _ in items]
+            names = [
+                _name(group, next(j for j, q in enumerate(group["params"]) if q is params[k]))
+                for k in bad
+            ]
+            raise FloatingPointError(
+                f"Non-finite gradient in parameter(s) {names}{_where(group, index)}; nothing "
+                "was updated. Set nonfinite='skip' to skip such steps instead."
+            )
+        return skipped
+
+    def _lmo_update(self, p: Tensor, g: Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["step"] += 1
+        k = int(state["step"].item()) - 1  # a CPU scalar: no device synchronisation
+
+        beta = group["momentum"]
+        if group["radius"] == "theory_decay":
+            beta = 1.0 - (k + 1) ** -0.5  # Gluon Theorem 2
+        if beta > 0.0 or group["radius"] == "theory_decay":
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+            buf = state["momentum_buffer"]
+            buf.lerp_(g, 1.0 - beta)
+            # Nesterov as torch.optim.Muon: g + beta (M - g), built out of place so that p.grad
+            # is never written (KellerJordan/Muon's in-place lerp_ overwrites it).
+            m = g.lerp(buf, beta) if group["nesterov"] else buf
+        else:
+            m = g
+
+        transposed = group["transposed"]
+        norm = resolve_norm(group, p)
+        operand = _to_operand(norm, m, transposed)
+        direction = norm.direction(operand)
+        factor = norm.factor(operand.shape)
+
+        lr = group["lr"]
+        radius: float | Tensor = lr * group["scale"]
+        if group["radius"] == "theory_decay":
+            radius = radius * (k + 1) ** -0.75
+        elif group["radius"] == "l0l1":
+            if group["radius_source"] == "momentum":
+                # -<M, lmo(M)> = f <M, D>: the dual norm comes free from the direction.
+                dual = factor * (operand * direction.to(operand.dtype)).sum()
+            else:
+                dual = norm.dual(_to_operand(norm, g, transposed)).sum()
+            radius = radius * dual / (group["l0"] + group["l1"] * dual)
+
+        if group["weight_decay"] != 0.0:
+            p.mul_(1.0 - lr * group["weight_decay"])
+        if group["constrained"]:
+            p.mul_(1.0 - lr)
+        update = _from_operand(norm, direction, p, transposed)
+        if isinstance(radius, Tensor):
+            p.add_(update.to(p.dtype) * (-(radius * factor)).to(p.dtype))
+        else:
+            # The factor goes into alpha, never into the low-precision direction: for the Muon
+            # preset this is exactly torch.optim.Muon's `param.add_(update, alpha=-adjusted_lr)`.
+            p.add_(update, alpha=-(radius * factor))
+
+    def _adamw_update(self, p: Tensor, g: Tensor, group: dict[str, Any]) -> None:
+        # torch.optim.AdamW's single-tensor update, in the same order of operations.
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        step = state["step"].item()
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        if group["weight_decay"] != 0.0:
+            p.mul_(1.0 - lr * group["weight_decay"])
+        exp_avg.lerp_(g, 1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        bias_correction1 = 1.0 - beta1**step
+        bias_correction2_sqrt = (1.0 - beta2**step) ** 0.5
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
+        if isinstance(lr, Tensor):
+            p.add_(exp_avg / denom * (-lr / bias_correction1).to(p.dtype))
+        else:
+            p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+def describe(optimizer: Gluon) -> str:
+    """A plain-text table with one row per parameter: what the optimizer will do to it.
+
+    Columns: parameter name, shape, role, update (``adamw``, or the norm with its shape rule;
+    ``(T)`` marks a transposed view), the LMO factor ``f`` of that shape (``lmo = -f * D``), the
+    group's scale, lr, and the radius ``t = lr * scale`` of a constant-radius step.
+    """
+    header = ("param", "shape", "role", "update", "factor", "scale", "lr", "radius t")
+    rows: list[tuple[str, ...]] = []
+    for index, group in enumerate(optimizer.param_groups):
+        lr = group["lr"]
+        lr_f = float(lr) if not isinstance(lr, Tensor) else float(lr.item())
+        for i, p in enumerate(group["params"]):
+            shape = "x".join(str(s) for s in p.shape) or "scalar"
+            if group["algorithm"] == "adamw":
+                b1, b2 = group["betas"]
+                rows.append(
+                    (_name(group, i), shape, group["role"] or f"group {index}",
+                     f"adamw(b={b1},{b2})", "-", "-", f"{lr_f:.3g}", "-")
+                )
+                continue
+            norm = resolve_norm(group, p)
+            label = norm.name
+            if norm.name == "spectral":
+                label += f"/{group['shape_rule']}"
+            if group["transposed"]:
+                label += " (T)"
+            factor = norm.factor(_operand_shape(norm, p, group["transposed"]))
+            rows.append(
+                (_name(group, i), shape, group["role"] or f"group {index}", label,
+                 f"{factor:.4g}", f"{group['scale']:.4g}", f"{lr_f:.3g}",
+                 f"{lr_f * group['scale']:.4g}")
+            )
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+

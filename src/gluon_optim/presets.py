@@ -1,0 +1,334 @@
+"""Presets: role -> settings tables, and the factories that hand them to :class:`Gluon`.
+
+A preset is configuration only. :func:`param_groups` turns a model into one plain-data parameter
+group per role; :func:`muon`, :func:`scion`, :func:`unscion` and :func:`gluon` build the one
+optimizer from those groups.
+
+=========  ================  ==============  ================  ==========  ==============
+role       muon              scion/unscion   (scale)           gluon       (default scale)
+=========  ================  ==============  ================  ==========  ==============
+embedding  AdamW             colnorm (T)     50                colnorm (T) 1
+tied       AdamW             sign            3000              sign        1
+hidden     spectral/muon     spectral/rms    50                spectral    1
+conv       spectral/muon     spectral_conv   50                spec._conv  1
+head       AdamW             sign            3000              sign        1
+bias       AdamW             bias_rms        50                bias_rms    1
+norm       AdamW             bias_rms        50                bias_rms    1
+=========  ================  ==============  ================  ==========  ==============
+
+Scion's published NanoGPT values are lr 0.00036 with hidden scale 50 and head (tied) scale 3000,
+momentum alpha = 0.1 (beta = 0.9), so the radii are t = 0.018 and 1.08 (LIONS-EPFL/scion,
+``examples/modded-nanogpt``). The embedding, conv, bias and norm scales of 50 are this library's
+choice (same radius as the hidden layers), not values from the paper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gluon_optim.optimizer import DEFAULTS, Gluon
+from gluon_optim.roles import ROLES, ModuleRef, assign_roles
+
+__all__ = ["PRESETS", "gluon", "muon", "param_groups", "preset_table", "scion", "unscion"]
+
+PRESETS = ("muon", "scion", "unscion", "gluon")
+
+#: Scion's norm per role (Scion Recommendation 3.1 and Table 3; Gluon section 4.1).
+_SCION_NORMS: dict[str, dict[str, Any]] = {
+    "embedding": {"norm": "colnorm", "transposed": True},
+    "tied": {"norm": "sign"},
+    "hidden": {"norm": "spectral", "shape_rule": "rms"},
+    "conv": {"norm": "spectral_conv"},
+    "head": {"norm": "sign"},
+    "bias": {"norm": "bias_rms"},
+    "norm": {"norm": "bias_rms"},
+}
+SCION_SCALES: dict[str, float] = {
+    "embedding": 50.0,
+    "tied": 3000.0,
+    "hidden": 50.0,
+    "conv": 50.0,
+    "head": 3000.0,
+    "bias": 50.0,
+    "norm": 50.0,
+}
+
+
+def preset_table(preset: str, **options: Any) -> dict[str, dict[str, Any]]:
+    """The settings of every role under ``preset`` (plain data, one dict per role).
+
+    ``options`` are the keyword arguments of the matching factory (:func:`muon`,
+    :func:`scion`, ...), minus the model and role arguments.
+    """
+    if preset == "muon":
+        return _muon_table(**options)
+    if preset in ("scion", "unscion"):
+        options.setdefault("constrained", preset == "scion")
+        return _scion_table(**options)
+    if preset == "gluon":
+        return _gluon_table(**options)
+    raise ValueError(f"Unknown preset {preset!r}; expected one of {PRESETS}")
+
+
+def _muon_table(
+    *,
+    lr: float | Tensor = 0.02,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    weight_decay: float = 0.0,
+    shape_rule: str = "muon",
+    ns_preset: str = "jordan",
+    ns_steps: int = 5,
+    adamw_lr: float | Tensor = 3e-4,
+    adamw_betas: tuple[float, float] = (0.9, 0.95),
+    adamw_eps: float = 1e-10,
+    adamw_weight_decay: float = 0.0,
+    **lmo_options: Any,
+) -> dict[str, dict[str, Any]]:
+    matrix = dict(
+        algorithm="lmo",
+        norm="spectral",
+        shape_rule=shape_rule,
+        lr=lr,
+        momentum=momentum,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        ns_preset=ns_preset,
+        ns_steps=ns_steps,
+        **lmo_options,
+    )
+    adam = dict(
+        algorithm="adamw",
+        lr=adamw_lr,
+        betas=tuple(adamw_betas),
+        eps=adamw_eps,
+        weight_decay=adamw_weight_decay,
+    )
+    return {role: dict(matrix if role in ("hidden", "conv") else adam) for role in ROLES}
+
+
+def _scion_table(
+    *,
+    lr: float | Tensor = 0.00036,
+    momentum: float = 0.9,
+    constrained: bool = True,
+    scales: Mapping[str, float] | None = None,
+    weight_decay: float = 0.0,
+    **lmo_options: Any,
+) -> dict[str, dict[str, Any]]:
+    scale = dict(SCION_SCALES)
+    for role, value in (scales or {}).items():
+        if role not in ROLES:
+            raise ValueError(f"scales[{role!r}]: unknown role; expected one of {ROLES}")
+        scale[role] = value
+    return {
+        role: dict(
+            algorithm="lmo",
+            lr=lr,
+            scale=scale[role],
+            momentum=momentum,
+            constrained=constrained,
+            weight_decay=weight_decay,
+            **_SCION_NORMS[role],
+            **lmo_options,
+        )
+        for role in ROLES
+    }
+
+
+def _gluon_table(
+    *,
+    lr: float | Tensor = DEFAULTS["lr"],
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
+    **lmo_options: Any,
+) -> dict[str, dict[str, Any]]:
+    table = {
+        role: dict(algorithm="lmo", lr=lr, **_SCION_NORMS[role], **lmo_options) for role in ROLES
+    }
+    for role, values in (settings or {}).items():
+        if role not in ROLES:
+            raise ValueError(f"settings[{role!r}]: unknown role; expected one of {ROLES}")
+        table[role].update(values)
+    return table
+
+
+def param_groups(
+    model: nn.Module,
+    preset: str = "gluon",
+    *,
+    head: ModuleRef | None = None,
+    embedding: ModuleRef | None = None,
+    roles: Mapping[str, str] | None = None,
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """One plain-data parameter group per role present in ``model``, under ``preset``.
+
+    Args:
+        model: the network; every trainable parameter must get exactly one role
+            (see :func:`gluon_optim.roles.assign_roles`).
+        preset: ``"muon"``, ``"scion"``, ``"unscion"`` or ``"gluon"``.
+        head, embedding, roles: passed to :func:`~gluon_optim.roles.assign_roles`.
+        **options: the preset's options (for ``gluon``: ``settings={role: {key: value}}``
+            and any :data:`~gluon_optim.optimizer.DEFAULTS` key for every role).
+
+    Returns:
+        Groups in role order, each ``{"params": [(name, p), ...], "role": role, ...settings}``,
+        ready for :class:`~gluon_optim.Gluon`.
+    """
+    table = preset_table(preset, **options)
+    by_role: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    for a in assign_roles(model, head=head, embedding=embedding, roles=roles):
+        by_role.setdefault(a.role, []).append((a.name, a.param))
+    return [
+        {"params": by_role[role], "role": role, **table[role]} for role in ROLES if role in by_role
+    ]
+
+
+def _named_list(params: Iterable[Any]) -> list[Any]:
+    items = list(params)
+    if not items:
+        raise ValueError("optimizer got an empty parameter list")
+    return items
+
+
+def muon(
+    model_or_params: nn.Module | Iterable[Tensor] | Iterable[tuple[str, Tensor]],
+    *,
+    lr: float | Tensor = 0.02,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    weight_decay: float = 0.0,
+    head: ModuleRef | None = None,
+    embedding: ModuleRef | None = None,
+    roles: Mapping[str, str] | None = None,
+    **options: Any,
+) -> Gluon:
+    """Muon: spectral LMO with Muon's shape rule on hidden matrices, AdamW on the rest.
+
+    .. math::
+        M \\leftarrow \\beta M + (1-\\beta) g,\\quad
+        X \\leftarrow (1-\\mathrm{lr}\\cdot\\mathrm{wd}) X
+            - \\mathrm{lr}\\sqrt{\\max(1, d_{out}/d_{in})}\\, \\mathrm{NS}_5(g + \\beta(M - g))
+
+    Given a model, hidden linear and conv weights (conv kernels flattened to
+    ``(C_out, C_in·k·k)``) take the Muon update and every other role AdamW (``adamw_lr``,
+    ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay``), all in one optimizer. Given a list
+    of parameters, every one must be a matrix and takes the Muon update.
+
+    With the same settings (``shape_rule="muon"``, Jordan's coefficients, 5 steps in bfloat16)
+    it produces the iterates of ``torch.optim.Muon(adjust_lr_fn="original")``. The defaults
+    follow Keller Jordan's Muon (lr 0.02, no weight decay), not torch's (lr 1e-3, wd 0.1).
+
+    Args:
+        model_or_params: a model, or parameters / ``(name, parameter)`` pairs.
+        lr, momentum, nesterov, weight_decay: the Muon groups' settings.
+        head, embedding, roles: role assignment (models only); see :func:`param_groups`.
+        **options: ``shape_rule``, ``ns_preset``, ``ns_steps``, the ``adamw_*`` options, or any
+            other group key for the Muon groups.
+
+    References:
+        Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks";
+        torch.optim.Muon.
+    """
+    opts = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, **options)
+    if isinstance(model_or_params, nn.Module):
+        groups = param_groups(
+            model_or_params, "muon", head=head, embedding=embedding, roles=roles, **opts
+        )
+        return Gluon(groups, lr=lr)
+    table = _muon_table(**opts)["hidden"]
+    params = _named_list(model_or_params)
+    for i, item in enumerate(params):
+        p = item[1] if isinstance(item, tuple) else item
+        name = item[0] if isinstance(item, tuple) else f"params[{i}]"
+        if isinstance(p, torch.Tensor) and p.ndim < 2:
+            raise ValueError(
+                f"muon: parameter {name!r} has shape {tuple(p.shape)}; Muon takes matrices. "
+                "Pass the model instead to route vectors to AdamW."
+            )
+    return Gluon([{"params": params, "role": "hidden", **table}], lr=lr)
+
+
+def scion(
+    model: nn.Module,
+    *,
+    lr: float | Tensor = 0.00036,
+    momentum: float = 0.9,
+    constrained: bool = True,
+    scales: Mapping[str, float] | None = None,
+    head: ModuleRef | None = None,
+    embedding: ModuleRef | None = None,
+    roles: Mapping[str, str] | None = None,
+    **options: Any,
+) -> Gluon:
+    """Scion (``constrained=True``) or unconstrained Scion: a norm per role, no Adam anywhere.
+
+    .. math::
+        M \\leftarrow \\beta M + (1-\\beta) g,\\qquad
+        X_\\ell \\leftarrow (1-\\gamma)\\,X_\\ell + \\gamma\\rho_\\ell\\,
+            \\mathrm{lmo}_\\ell(M_\\ell)
+        \\quad(\\text{unconstrained: drop the } (1-\\gamma))
+
+    Norms by role: embedding ``colnorm`` on the transposed weight, tied embedding/head and head
+    ``sign``, hidden ``spectral`` (RMS->RMS), conv ``spectral_conv``, biases and norm gains
+    ``bias_rms``. ``scales`` overrides the per-role radius rho (defaults in
+    :data:`SCION_SCALES`). ``momentum`` is beta, the weight on the old momentum: Scion's code
+    argument ``momentum=0.1`` is ``momentum=0.9`` here.
+
+    References:
+        Pethick et al. 2025, "Training Deep Learning Models with Norm-Constrained LMOs"
+        (arXiv 2502.07529), Algorithm 3 and Recommendation 3.1.
+    """
+    groups = param_groups(
+        model,
+        "scion" if constrained else "unscion",
+        head=head,
+        embedding=embedding,
+        roles=roles,
+        lr=lr,
+        momentum=momentum,
+        constrained=constrained,
+        scales=scales,
+        **options,
+    )
+    return Gluon(groups, lr=lr)
+
+
+def unscion(model: nn.Module, **kwargs: Any) -> Gluon:
+    """Unconstrained Scion (uSCG): :func:`scion` with ``constrained=False``."""
+    if "constrained" in kwargs:
+        raise ValueError("unscion() is unconstrained by definition; use scion(constrained=...)")
+    return scion(model, constrained=False, **kwargs)
+
+
+def gluon(
+    model: nn.Module,
+    *,
+    lr: float | Tensor = DEFAULTS["lr"],
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
+    head: ModuleRef | None = None,
+    embedding: ModuleRef | None = None,
+    roles: Mapping[str, str] | None = None,
+    **options: Any,
+) -> Gluon:
+    """Gluon with any role -> settings mapping.
+
+    Starts from Scion's norm table with scale 1 for every role; ``settings`` overrides per role
+    (``{"hidden": {"scale": 50, "radius": "l0l1", "l1": 70}}``) and ``options`` set any group
+    key for every role.
+    """
+    groups = param_groups(
+        model,
+        "gluon",
+        head=head,
+        embedding=embedding,
+        roles=roles,
+        lr=lr,
+        settings=settings,
+        **options,
+    )
+    return Gluon(groups, lr=lr)
