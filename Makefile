@@ -1,20 +1,23 @@
-# All set-up happens here: `make test` and `make demo` create .venv when it is missing.
+# All set-up happens here: `make test` and `make demo` create .venv when it is missing and
+# install everything through constraints.txt (torch pinned to the local CPU wheel).
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck check clean
+.PHONY: test pytest lint typecheck demo accuracy clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c constraints.txt "torch==2.13.0"
-	$(PIP) install --quiet -c constraints.txt -e ".[dev,lab]"
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt "torch==2.13.0"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,lab]"
 	touch $(STAMP)
 
-test: $(STAMP)
+## test: lint, type-check and run the test suite (what CI runs)
+test: lint typecheck pytest
+
+pytest: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
@@ -24,10 +27,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
-check: lint typecheck test
-
+## demo: a short real comparison of AdamW, Muon and Scion on scikit-learn's digits
 demo: $(STAMP)
 	$(PY) benchmarks/demo_digits.py
+
+## accuracy: Newton–Schulz error per preset and parity errors against the peers
+accuracy: $(STAMP)
+	$(PY) benchmarks/accuracy.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -25,8 +25,8 @@ Riabinin et al. 2025 (Gluon, arXiv 2505.13416) section 4.1; SPEC section 2.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import ClassVar, Literal
 
@@ -85,6 +85,16 @@ def shape_factor(rule: str, d_out: int, d_in: int) -> float:
             f"Unknown shape_rule {rule!r}; expected one of {sorted(SHAPE_RULES)}"
         ) from None
     return fn(d_out, d_in)
+
+
+def _vnorm(x: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
+    out: Tensor = torch.linalg.vector_norm(x, dim=dim, keepdim=keepdim)
+    return out
+
+
+def _spectral_norm(x: Tensor) -> Tensor:
+    out: Tensor = torch.linalg.matrix_norm(x, ord=2)
+    return out
 
 
 def _safe_div(x: Tensor, denom: Tensor) -> Tensor:
@@ -231,7 +241,7 @@ class Spectral(_PolarNorm):
 
     def norm(self, x: Tensor) -> Tensor:
         self.check(x.shape)
-        return torch.linalg.matrix_norm(x, ord=2) / self.factor(x.shape)
+        return _spectral_norm(x) / self.factor(x.shape)
 
 
 @dataclass(frozen=True)
@@ -256,7 +266,7 @@ class SpectralConv(_PolarNorm):
     def norm(self, x: Tensor) -> Tensor:
         self.check(x.shape)
         flat = x.reshape(x.shape[0], -1)
-        return torch.linalg.matrix_norm(flat, ord=2) / self.factor(x.shape)
+        return _spectral_norm(flat) / self.factor(x.shape)
 
 
 @dataclass(frozen=True)
@@ -275,15 +285,15 @@ class ColNorm(Norm):
         return math.sqrt(shape[-2])
 
     def direction(self, g: Tensor) -> Tensor:
-        return _safe_div(g, torch.linalg.vector_norm(g, dim=-2, keepdim=True))
+        return _safe_div(g, _vnorm(g, dim=-2, keepdim=True))
 
     def dual(self, g: Tensor) -> Tensor:
         self.check(g.shape)
-        return self.factor(g.shape) * torch.linalg.vector_norm(g, dim=-2).sum(-1)
+        return self.factor(g.shape) * _vnorm(g, dim=-2).sum(-1)
 
     def norm(self, x: Tensor) -> Tensor:
         self.check(x.shape)
-        return torch.linalg.vector_norm(x, dim=-2).amax(-1) / self.factor(x.shape)
+        return _vnorm(x, dim=-2).amax(-1) / self.factor(x.shape)
 
 
 @dataclass(frozen=True)
@@ -301,15 +311,15 @@ class RowNorm(Norm):
         return 1.0 / math.sqrt(shape[-1])
 
     def direction(self, g: Tensor) -> Tensor:
-        return _safe_div(g, torch.linalg.vector_norm(g, dim=-1, keepdim=True))
+        return _safe_div(g, _vnorm(g, dim=-1, keepdim=True))
 
     def dual(self, g: Tensor) -> Tensor:
         self.check(g.shape)
-        return self.factor(g.shape) * torch.linalg.vector_norm(g, dim=-1).sum(-1)
+        return self.factor(g.shape) * _vnorm(g, dim=-1).sum(-1)
 
     def norm(self, x: Tensor) -> Tensor:
         self.check(x.shape)
-        return torch.linalg.vector_norm(x, dim=-1).amax(-1) / self.factor(x.shape)
+        return _vnorm(x, dim=-1).amax(-1) / self.factor(x.shape)
 
 
 @dataclass(frozen=True)
@@ -371,15 +381,15 @@ class Euclidean(Norm):
     kind: ClassVar[Literal["matrix", "vector", "tensor", "conv"]] = "tensor"
 
     def direction(self, g: Tensor) -> Tensor:
-        return _safe_div(g, torch.linalg.vector_norm(g))
+        return _safe_div(g, _vnorm(g))
 
     def dual(self, g: Tensor) -> Tensor:
         self.check(g.shape)
-        return torch.linalg.vector_norm(g)
+        return _vnorm(g)
 
     def norm(self, x: Tensor) -> Tensor:
         self.check(x.shape)
-        return torch.linalg.vector_norm(x)
+        return _vnorm(x)
 
 
 @dataclass(frozen=True)
@@ -399,19 +409,19 @@ class BiasRMS(Norm):
     def direction(self, g: Tensor) -> Tensor:
         if g.ndim == 0:
             return torch.sign(g)
-        return _safe_div(g, torch.linalg.vector_norm(g, dim=-1, keepdim=True))
+        return _safe_div(g, _vnorm(g, dim=-1, keepdim=True))
 
     def dual(self, g: Tensor) -> Tensor:
         self.check(g.shape)
         if g.ndim == 0:
             return g.abs()
-        return self.factor(g.shape) * torch.linalg.vector_norm(g, dim=-1)
+        return self.factor(g.shape) * _vnorm(g, dim=-1)
 
     def norm(self, x: Tensor) -> Tensor:
         self.check(x.shape)
         if x.ndim == 0:
             return x.abs()
-        return torch.linalg.vector_norm(x, dim=-1) / self.factor(x.shape)
+        return _vnorm(x, dim=-1) / self.factor(x.shape)
 
 
 #: Every norm by name.
@@ -436,4 +446,4 @@ def get(name: str, **options: object) -> Norm:
         raise ValueError(
             f"Norm {name!r} does not take option(s) {unknown}; it takes {sorted(known) or 'none'}"
         )
-    return cls(**options)  # type: ignore[arg-type]
+    return cls(**options)

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from gluon_optim import norms as _norms
+from gluon_optim.polar import NS_PRESETS
 
 __all__ = ["DEFAULTS", "Gluon", "describe", "resolve_norm"]
 
@@ -100,7 +101,9 @@ def resolve_norm(group: Mapping[str, Any], p: Tensor) -> _norms.Norm:
 
 
 def _operand_shape(norm: _norms.Norm, p: Tensor, transposed: bool) -> tuple[int, ...]:
-    if norm.kind == "matrix":
+    # A vector is never silently read as a one-column matrix: it keeps its shape, and the
+    # matrix norm's shape check rejects it.
+    if norm.kind == "matrix" and p.ndim >= 2:
         if transposed:
             return (p.shape[1], p.shape[0])
         return (p.shape[0], math.prod(p.shape[1:]))
@@ -190,10 +193,9 @@ def _check_hyperparameters(group: Mapping[str, Any], index: int | None) -> None:
             f"Unknown shape_rule {group['shape_rule']!r}{where}; expected one of "
             f"{sorted(_norms.SHAPE_RULES)}"
         )
-    if group["ns_preset"] not in _norms.NS_PRESETS:
+    if group["ns_preset"] not in NS_PRESETS:
         raise ValueError(
-            f"Unknown ns_preset {group['ns_preset']!r}{where}; expected one of "
-            f"{sorted(_norms.NS_PRESETS)}"
+            f"Unknown ns_preset {group['ns_preset']!r}{where}; expected one of {sorted(NS_PRESETS)}"
         )
     steps = group["ns_steps"]
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < 100:
@@ -332,7 +334,7 @@ class Gluon(Optimizer):
 
     # -- the step -------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one step; ``closure`` (optional) re-evaluates the model and returns the loss."""
         loss = None
         if closure is not None:
@@ -503,8 +505,16 @@ def describe(optimizer: Gluon) -> str:
             if group["algorithm"] == "adamw":
                 b1, b2 = group["betas"]
                 rows.append(
-                    (_name(group, i), shape, group["role"] or f"group {index}",
-                     f"adamw(b={b1},{b2})", "-", "-", f"{lr_f:.3g}", "-")
+                    (
+                        _name(group, i),
+                        shape,
+                        group["role"] or f"group {index}",
+                        f"adamw(b={b1},{b2})",
+                        "-",
+                        "-",
+                        f"{lr_f:.3g}",
+                        "-",
+                    )
                 )
                 continue
             norm = resolve_norm(group, p)
@@ -515,13 +525,19 @@ def describe(optimizer: Gluon) -> str:
                 label += " (T)"
             factor = norm.factor(_operand_shape(norm, p, group["transposed"]))
             rows.append(
-                (_name(group, i), shape, group["role"] or f"group {index}", label,
-                 f"{factor:.4g}", f"{group['scale']:.4g}", f"{lr_f:.3g}",
-                 f"{lr_f * group['scale']:.4g}")
+                (
+                    _name(group, i),
+                    shape,
+                    group["role"] or f"group {index}",
+                    label,
+                    f"{factor:.4g}",
+                    f"{group['scale']:.4g}",
+                    f"{lr_f:.3g}",
+                    f"{lr_f * group['scale']:.4g}",
+                )
             )
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
-
+    lines = [header, tuple("-" * w for w in widths), *rows]
+    return "\n".join(
+        "  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )

@@ -193,7 +193,8 @@ def polar_svd(g: Tensor, *, dtype: torch.dtype | None = None, rtol: float | None
         rtol = max(g.size(-2), g.size(-1)) * torch.finfo(dtype).eps
     keep = s > rtol * s.amax(dim=-1, keepdim=True)
     # An all-zero input has s.amax == 0, so `keep` is all False and the result is zero.
-    return (u * keep.unsqueeze(-2).to(dtype)) @ vh
+    out: Tensor = (u * keep.unsqueeze(-2).to(dtype)) @ vh
+    return out
 
 
 def polar(

@@ -137,7 +137,9 @@ def assign_roles(
     roles = dict(roles or {})
     for pattern, role in roles.items():
         if role not in ROLES:
-            raise ValueError(f"roles[{pattern!r}] = {role!r} is not a role; expected one of {ROLES}")
+            raise ValueError(
+                f"roles[{pattern!r}] = {role!r} is not a role; expected one of {ROLES}"
+            )
     head_ids = _param_ids(_default_head(model) if head is None else head)
     embedding_ids = _param_ids(embedding)
 
@@ -149,9 +151,9 @@ def assign_roles(
             full = f"{mname}.{pname}" if mname else pname
             names.setdefault(id(p), []).append(full)
             modules.setdefault(id(p), type(module).__name__)
-            role = _type_role(module, pname)
-            if role is not None:
-                claims.setdefault(id(p), []).append((role, f"{type(module).__name__} {full}"))
+            typed_role = _type_role(module, pname)
+            if typed_role is not None:
+                claims.setdefault(id(p), []).append((typed_role, f"{type(module).__name__} {full}"))
 
     used_patterns: set[str] = set()
     out: list[Assignment] = []
@@ -182,9 +184,7 @@ def assign_roles(
             chosen.append("embedding" if embedding_ids[pid] == "weight" else "bias")
         if explicit:
             if len({r for _, r in explicit}) > 1:
-                problems.append(
-                    f"{name!r} matches role overrides with different roles: {explicit}"
-                )
+                problems.append(f"{name!r} matches role overrides with different roles: {explicit}")
                 continue
             if chosen and chosen[0] != explicit[0][1]:
                 problems.append(

@@ -1,0 +1,157 @@
+"""Bad input: a clear error naming the option or parameter, raised before anything changes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import gluon_optim as go
+from conftest import TinyNet, lm_loss
+
+
+def _snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+
+
+def _assert_unchanged(
+    model: nn.Module, opt: torch.optim.Optimizer, snap: tuple[dict, dict]
+) -> None:
+    params, state = snap
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k]), f"{k} changed"
+    now = opt.state_dict()
+    assert now["state"].keys() == state["state"].keys()
+    for i, s in state["state"].items():
+        for k, v in s.items():
+            assert torch.equal(now["state"][i][k], v), f"state {i}/{k} changed"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lr": -1.0}, "Invalid learning rate: -1.0"),
+        ({"lr": float("nan")}, "Invalid learning rate"),
+        ({"lr": torch.tensor([0.1, 0.2])}, "Tensor lr must have one element"),
+        ({"momentum": 1.0}, "Invalid momentum: 1.0"),
+        ({"momentum": -0.1}, "Invalid momentum"),
+        ({"scale": 0.0}, "Invalid scale: 0.0"),
+        ({"weight_decay": -1e-3}, "Invalid weight_decay"),
+        ({"norm": "spectal"}, "Unknown norm 'spectal'"),
+        ({"shape_rule": "tall"}, "Unknown shape_rule 'tall'"),
+        ({"radius": "adaptive"}, "Unknown radius 'adaptive'"),
+        ({"estimator": "mvr1"}, "Unknown estimator 'mvr1'"),
+        ({"nonfinite": "warn"}, "Unknown nonfinite 'warn'"),
+        ({"polar_method": "qr"}, "Unknown polar_method 'qr'"),
+        ({"ns_preset": "fast"}, "Unknown ns_preset 'fast'"),
+        ({"ns_steps": 0}, "Invalid ns_steps: 0"),
+        ({"compute_dtype": "int8"}, "Unknown compute_dtype 'int8'"),
+        ({"nesterov": True, "momentum": 0.0}, "nesterov=True needs momentum > 0"),
+        ({"radius": "l0l1", "l0": 0.0, "l1": 0.0}, "needs l0 > 0 or l1 > 0"),
+        ({"l1": -2.0}, "Invalid l1"),
+        ({"constrained": "yes"}, "Invalid constrained"),
+        ({"momentun": 0.9}, "unknown option"),
+        ({"algorithm": "adamw", "betas": (0.9, 1.0)}, "Invalid beta parameter at index 1"),
+        ({"algorithm": "adamw", "eps": 0.0}, "Invalid eps"),
+    ],
+)
+def test_invalid_hyperparameters(kwargs: dict, message: str) -> None:
+    p = nn.Parameter(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=message):
+        go.Gluon([p], **kwargs)
+
+
+def test_norm_that_does_not_fit_names_the_parameter(tiny: TinyNet) -> None:
+    with pytest.raises(ValueError, match=r"Parameter 'fc.bias'.*needs a matrix"):
+        go.Gluon([{"params": list(tiny.fc.named_parameters(prefix="fc")), "norm": "spectral"}])
+    with pytest.raises(ValueError, match=r"'fc.weight'.*needs a conv kernel"):
+        go.Gluon([("fc.weight", tiny.fc.weight)], norm="spectral_conv")
+    with pytest.raises(ValueError, match="transposed=True needs a 2-D parameter"):
+        go.Gluon([tiny.fc.bias], transposed=True)
+    with pytest.raises(ValueError, match="Muon takes matrices"):
+        go.muon(list(tiny.parameters()))
+
+
+def test_complex_and_integer_parameters_are_rejected() -> None:
+    with pytest.raises(ValueError, match="is complex"):
+        go.Gluon([nn.Parameter(torch.randn(3, 3, dtype=torch.complex64))])
+    with pytest.raises(ValueError, match="need floating point"):
+        go.Gluon([torch.zeros(3, 3, dtype=torch.int64)])
+
+
+def test_invalid_group_leaves_optimizer_unchanged(tiny: TinyNet) -> None:
+    opt = go.Gluon([tiny.fc.weight], lr=0.1)
+    with pytest.raises(ValueError, match="Invalid momentum"):
+        opt.add_param_group({"params": [tiny.head.weight], "momentum": 2.0})
+    with pytest.raises(ValueError, match="already in another param group"):
+        opt.add_param_group({"params": [tiny.fc.weight]})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [tiny.head.weight], "norm": "sign", "lr": 0.5})
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.5]
+
+
+def test_hyperparameter_changed_after_construction_is_caught_at_step(tiny: TinyNet) -> None:
+    opt = go.unscion(tiny, lr=0.01)
+    x = torch.randint(0, 23, (2, 6))
+    lm_loss(tiny, x).backward()
+    opt.step()
+    opt.param_groups[-1]["momentum"] = 1.5  # the last group: everything before it is valid
+    snap = _snapshot(tiny, opt)
+    with pytest.raises(ValueError, match=r"Invalid momentum: 1.5 \(param group \d+, role"):
+        opt.step()
+    _assert_unchanged(tiny, opt, snap)
+
+
+def test_sparse_gradient_raises_before_any_update(tiny: TinyNet) -> None:
+    opt = go.unscion(tiny, lr=0.01)
+    lm_loss(tiny, torch.randint(0, 23, (2, 6))).backward()
+    tiny.head.weight.grad = tiny.head.weight.grad.to_sparse()
+    snap = _snapshot(tiny, opt)
+    with pytest.raises(RuntimeError, match="'head.weight'.*sparse gradient"):
+        opt.step()
+    _assert_unchanged(tiny, opt, snap)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_raises_and_changes_nothing(tiny: TinyNet, bad: float) -> None:
+    opt = go.muon(tiny, lr=0.02)
+    x = torch.randint(0, 23, (2, 6))
+    lm_loss(tiny, x).backward()
+    opt.step()  # create state first, so "nothing changed" covers it too
+    opt.zero_grad()
+    lm_loss(tiny, x).backward()
+    tiny.conv.weight.grad[0, 0, 0] = bad  # a later group than several valid ones
+    snap = _snapshot(tiny, opt)
+    with pytest.raises(
+        FloatingPointError, match=r"Non-finite gradient in parameter\(s\) \['conv.weight'\]"
+    ):
+        opt.step()
+    _assert_unchanged(tiny, opt, snap)
+
+
+def test_nonfinite_skip_leaves_that_group_untouched(tiny: TinyNet) -> None:
+    opt = go.unscion(tiny, lr=0.01, nonfinite="skip")
+    x = torch.randint(0, 23, (2, 6))
+    lm_loss(tiny, x).backward()
+    opt.step()
+    opt.zero_grad()
+    lm_loss(tiny, x).backward()
+    tiny.fc.weight.grad[0, 0] = float("nan")
+    fc_before = tiny.fc.weight.detach().clone()
+    state_before = {k: v.clone() for k, v in opt.state[tiny.fc.weight].items()}
+    head_before = tiny.head.weight.detach().clone()
+    opt.step()
+    assert torch.equal(tiny.fc.weight, fc_before)
+    for k, v in opt.state[tiny.fc.weight].items():
+        assert torch.equal(v, state_before[k]), k
+    assert not torch.equal(tiny.head.weight, head_before), "other groups still step"
+    assert torch.isfinite(tiny.head.weight).all()
+
+
+def test_nonfinite_ignore_does_not_check(tiny: TinyNet) -> None:
+    opt = go.Gluon([tiny.fc.weight], lr=0.01, norm="euclidean", nonfinite="ignore")
+    tiny.fc.weight.grad = torch.full_like(tiny.fc.weight, float("nan"))
+    opt.step()
+    assert torch.isnan(tiny.fc.weight).all()
