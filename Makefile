@@ -27,9 +27,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
-## demo: a short real comparison of AdamW, Muon and Scion on scikit-learn's digits
+## demo: AdamW vs Muon vs unconstrained Scion on gpt-tiny and Python's own sources (a few minutes)
 demo: $(STAMP)
-	$(PY) benchmarks/demo_digits.py
+	$(VENV)/bin/gluon-optim demo
 
 ## accuracy: Newton–Schulz error per preset and parity errors against the peers
 accuracy: $(STAMP)

@@ -1,0 +1,171 @@
+"""Optimizers reachable by name from the lab, with their tuned defaults.
+
+Every entry builds a list of ``torch.optim.Optimizer`` objects for a model; the training loop
+steps, schedules and checkpoints them together. Ours are one ``gluon_optim.Gluon`` each;
+``torch-muon`` is the peer: ``torch.optim.Muon`` on the hidden matrices plus
+``torch.optim.AdamW`` on the rest, the split its documentation recommends.
+
+Tuned defaults come from ``gluon-optim sweep`` runs recorded in ``docs/lab.md``: the same budget
+for every optimizer, so no comparison is won by leaving a baseline untuned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+import gluon_optim as go
+
+Factory = Callable[..., list[torch.optim.Optimizer]]
+
+
+@dataclass(frozen=True)
+class OptimizerEntry:
+    """A named optimizer: how to build it and what ``lr`` means for it."""
+
+    name: str
+    build: Factory
+    help: str
+    # Tuned default lr per model family ("gpt", "cnn", "vit") and extra options.
+    defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _adamw(model: nn.Module, lr: float, **options: Any) -> list[torch.optim.Optimizer]:
+    opts = {"betas": (0.9, 0.95), "weight_decay": 0.0, **options}
+    return [torch.optim.AdamW(model.parameters(), lr=lr, **opts)]
+
+
+def _muon(model: nn.Module, lr: float, **options: Any) -> list[torch.optim.Optimizer]:
+    return [go.muon(model, lr=lr, **options)]
+
+
+def _torch_muon(model: nn.Module, lr: float, **options: Any) -> list[torch.optim.Optimizer]:
+    # The same split as our muon preset (hidden + conv matrices to Muon), but torch.optim.Muon
+    # only accepts 2-D parameters, so conv kernels go to AdamW here.
+    adamw_lr = options.pop("adamw_lr", 3e-4)
+    hidden: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
+    for a in go.assign_roles(model):
+        (hidden if a.role == "hidden" and a.param.ndim == 2 else rest).append(a.param)
+    muon_opts = {"momentum": 0.95, "nesterov": True, "weight_decay": 0.0, **options}
+    return [
+        torch.optim.Muon(hidden, lr=lr, adjust_lr_fn="original", **muon_opts),
+        torch.optim.AdamW(rest, lr=adamw_lr, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0),
+    ]
+
+
+def _scion(model: nn.Module, lr: float, **options: Any) -> list[torch.optim.Optimizer]:
+    return [go.scion(model, lr=lr, **options)]
+
+
+def _unscion(model: nn.Module, lr: float, **options: Any) -> list[torch.optim.Optimizer]:
+    return [go.unscion(model, lr=lr, **options)]
+
+
+def _gluon(model: nn.Module, lr: float, **options: Any) -> list[torch.optim.Optimizer]:
+    return [go.gluon(model, lr=lr, **options)]
+
+
+OPTIMIZERS: dict[str, OptimizerEntry] = {
+    e.name: e
+    for e in [
+        OptimizerEntry(
+            "adamw",
+            _adamw,
+            "torch.optim.AdamW on every parameter (betas 0.9/0.95, no weight decay)",
+            {"gpt": {"lr": 3e-3}, "cnn": {"lr": 6e-3}, "vit": {"lr": 3e-3}},
+        ),
+        OptimizerEntry(
+            "muon",
+            _muon,
+            "gluon_optim.muon: Muon on hidden/conv matrices + AdamW (adamw_lr) on the rest",
+            {
+                "gpt": {"lr": 0.02, "adamw_lr": 3e-3},
+                "cnn": {"lr": 0.02, "adamw_lr": 3e-3},
+                "vit": {"lr": 0.02, "adamw_lr": 3e-3},
+            },
+        ),
+        OptimizerEntry(
+            "torch-muon",
+            _torch_muon,
+            "torch.optim.Muon on 2-D hidden matrices + torch.optim.AdamW (adamw_lr) on the rest",
+            {
+                "gpt": {"lr": 0.02, "adamw_lr": 3e-3},
+                "cnn": {"lr": 0.02, "adamw_lr": 3e-3},
+                "vit": {"lr": 0.02, "adamw_lr": 3e-3},
+            },
+        ),
+        OptimizerEntry(
+            "scion",
+            _scion,
+            "gluon_optim.scion (constrained): a norm per role, lr * scale = radius",
+            {"gpt": {"lr": 3e-4}, "cnn": {"lr": 3e-4}, "vit": {"lr": 3e-4}},
+        ),
+        OptimizerEntry(
+            "unscion",
+            _unscion,
+            "gluon_optim.unscion: unconstrained Scion (uSCG)",
+            {"gpt": {"lr": 3e-4}, "cnn": {"lr": 1.5e-4}, "vit": {"lr": 1.5e-4}},
+        ),
+        OptimizerEntry(
+            "gluon",
+            _gluon,
+            "gluon_optim.gluon: Scion's norm table with scale 1; set anything with --opt",
+            {"gpt": {"lr": 0.02}, "cnn": {"lr": 0.02}, "vit": {"lr": 0.02}},
+        ),
+    ]
+}
+
+
+def model_family(model_name: str) -> str:
+    """``gpt``, ``cnn`` or ``vit`` from a model preset name."""
+    for family in ("gpt", "cnn", "vit"):
+        if model_name.startswith(family):
+            return family
+    return "gpt"
+
+
+def resolve(
+    name: str, model_name: str, lr: float | None, options: dict[str, Any]
+) -> tuple[float, dict[str, Any]]:
+    """The lr and options an optimizer will run with: tuned defaults, then the user's."""
+    entry = get(name)
+    defaults = dict(entry.defaults.get(model_family(model_name), {}))
+    tuned_lr = defaults.pop("lr", 1e-3)
+    return (tuned_lr if lr is None else lr), {**defaults, **options}
+
+
+def get(name: str) -> OptimizerEntry:
+    """The entry for ``name``; ``ValueError`` listing the known names otherwise."""
+    try:
+        return OPTIMIZERS[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown optimizer {name!r}; expected one of {sorted(OPTIMIZERS)}"
+        ) from None
+
+
+def build(
+    name: str, model: nn.Module, lr: float, options: dict[str, Any]
+) -> list[torch.optim.Optimizer]:
+    """Build the optimizer(s) ``name`` for ``model``."""
+    return get(name).build(model, lr, **dict(options))
+
+
+def describe(optimizers: list[torch.optim.Optimizer]) -> str:
+    """The parameter-group table: ``gluon_optim.describe`` for ours, a listing for peers."""
+    parts = []
+    for opt in optimizers:
+        if isinstance(opt, go.Gluon):
+            parts.append(go.describe(opt))
+            continue
+        lines = [f"{type(opt).__name__}:"]
+        for i, g in enumerate(opt.param_groups):
+            shapes = ", ".join("x".join(map(str, p.shape)) for p in g["params"])
+            lines.append(f"  group {i}: lr={g['lr']} params=[{shapes}]")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)

@@ -1,0 +1,444 @@
+"""One training loop for every model, optimizer and data set of the lab.
+
+A run is a folder::
+
+    runs/<name>/
+        config.json      the resolved configuration (lr and options actually used)
+        meta.json        code version (git SHA, dirty flag), torch version, device, threads
+        groups.txt       the parameter-group table (what the optimizer does to each parameter)
+        metrics.jsonl    one JSON object per logged step (and per evaluation)
+        checkpoint.pt    model, optimizer(s), step, RNG state; written atomically
+        summary.json     final numbers, written at the end
+
+Reproducibility: batches are a pure function of (seed, split, step) (see
+:mod:`gluon_optim.lab.data`), so a resumed run sees exactly the data an uninterrupted run sees;
+with the model, optimizer state and RNG restored from the checkpoint it continues bit for bit on
+the CPU. A killed run loses at most the steps since its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gluon_optim.lab import optimizers as optim_registry
+from gluon_optim.lab.data import ImageDataset, TokenDataset, load_data
+from gluon_optim.lab.models import build_model, model_task
+
+SCHEDULES = ("constant", "wsd", "cosine")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. ``lr=None`` takes the optimizer's tuned default."""
+
+    model: str = "gpt-tiny"
+    data: str = "stdlib"
+    optimizer: str = "unscion"
+    lr: float | None = None
+    opt_options: dict[str, Any] = field(default_factory=dict)
+    model_options: dict[str, Any] = field(default_factory=dict)
+    steps: int = 200
+    batch_size: int = 16  # sequences (or images) per micro-batch; <= 0: full batch (images)
+    block_size: int | None = None  # tokens per sequence; None: the model's context
+    grad_accum: int = 1
+    schedule: str = "constant"
+    warmup: int = 0
+    decay_frac: float = 0.2  # wsd: fraction of steps in the final linear decay
+    eval_every: int = 50
+    eval_batches: int = 8
+    checkpoint_every: int = 0  # 0: only at the end
+    seed: int = 0
+    threads: int | None = None
+    data_cache: str | None = None
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field."""
+        optim_registry.get(self.optimizer)
+        model_task(self.model)
+        checks = [
+            ("steps", self.steps >= 1),
+            ("grad_accum", self.grad_accum >= 1),
+            ("eval_every", self.eval_every >= 1),
+            ("eval_batches", self.eval_batches >= 1),
+            ("checkpoint_every", self.checkpoint_every >= 0),
+            ("warmup", 0 <= self.warmup < self.steps or self.warmup == 0),
+            ("decay_frac", 0.0 <= self.decay_frac <= 1.0),
+            ("lr", self.lr is None or (self.lr > 0 and math.isfinite(self.lr))),
+            ("block_size", self.block_size is None or self.block_size >= 1),
+        ]
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"Invalid {name}: {getattr(self, name)!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"Unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
+        if model_task(self.model) == "lm" and self.batch_size < 1:
+            raise ValueError(f"Invalid batch_size: {self.batch_size} (language models need >= 1)")
+
+
+def lr_multiplier(config: RunConfig, step: int) -> float:
+    """The schedule's factor on every group's base lr at ``step`` (0-based)."""
+    if config.warmup and step < config.warmup:
+        return (step + 1) / config.warmup
+    if config.schedule == "constant":
+        return 1.0
+    if config.schedule == "cosine":
+        span = max(1, config.steps - config.warmup)
+        progress = (step - config.warmup) / span
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    # warmup-stable-decay: constant, then linear to zero over the last decay_frac of the run
+    decay_steps = int(round(config.decay_frac * config.steps))
+    start = config.steps - decay_steps
+    if decay_steps == 0 or step < start:
+        return 1.0
+    return max(0.0, (config.steps - step) / decay_steps)
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports (also written as ``summary.json``)."""
+
+    run_dir: str
+    optimizer: str
+    seed: int
+    steps: int
+    final_val_loss: float
+    final_val_accuracy: float | None
+    train_time_s: float
+    optimizer_state_bytes: int
+    lr: float
+    # Robust to the stalls of a shared machine, unlike the total time.
+    median_step_ms: float = math.nan
+
+
+def state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
+    """Bytes held in optimizer state tensors (momentum buffers, Adam moments, ...)."""
+    total = 0
+    for opt in optimizers:
+        for state in opt.state.values():
+            for value in state.values():
+                if isinstance(value, Tensor):
+                    total += value.numel() * value.element_size()
+    return total
+
+
+def code_version() -> dict[str, Any]:
+    """Git SHA and dirty flag of the working tree this code runs from, when available."""
+    root = Path(__file__).resolve().parents[3]
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True
+            ).stdout.strip()
+        )
+    except (OSError, subprocess.CalledProcessError):
+        sha, dirty = "unknown", False
+    from gluon_optim import __version__
+
+    return {"git_sha": sha, "dirty": dirty, "gluon_optim": __version__}
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash at any point leaves either the previous file or the new one, never a torn file.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class _Progress:
+    """A one-line progress bar on a terminal; plain periodic lines otherwise."""
+
+    def __init__(self, total: int, label: str, enabled: bool) -> None:
+        self.total, self.label, self.enabled = total, label, enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.every = max(1, total // 10)
+
+    def update(self, step: int, loss: float, rate: float, unit: str) -> None:
+        if not self.enabled:
+            return
+        done = step + 1
+        text = f"{self.label} {done}/{self.total} loss {loss:.4f} {rate:,.0f} {unit}/s"
+        if self.tty:
+            width = 24
+            filled = int(width * done / self.total)
+            bar = "#" * filled + "." * (width - filled)
+            sys.stderr.write(f"\r[{bar}] {text}")
+            if done == self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+        elif done % self.every == 0 or done == self.total:
+            print(text, file=sys.stderr, flush=True)
+
+
+def _loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    logits = model(x)
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: TokenDataset | ImageDataset, config: RunConfig, block_size: int
+) -> tuple[float, float | None]:
+    """Mean validation loss (and accuracy for images) on a fixed set of batches."""
+    was_training = model.training
+    model.eval()
+    if isinstance(data, TokenDataset):
+        batches = data.eval_batches(
+            "val", config.eval_batches, max(config.batch_size, 1), block_size
+        )
+    else:
+        batches = data.eval_batches("val", 512)
+    total, correct, count = 0.0, 0, 0
+    for x, y in batches:
+        logits = model(x)
+        total += nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"
+        ).item()
+        correct += int((logits.argmax(-1) == y).sum().item())
+        count += y.numel()
+    model.train(was_training)
+    accuracy = correct / count if isinstance(data, ImageDataset) else None
+    return total / count, accuracy
+
+
+def _model_for(config: RunConfig, data: TokenDataset | ImageDataset) -> nn.Module:
+    if isinstance(data, TokenDataset):
+        if model_task(config.model) != "lm":
+            raise ValueError(
+                f"Model {config.model!r} is an image model; data {config.data!r} is text"
+            )
+        return build_model(config.model, vocab_size=data.vocab_size, **config.model_options)
+    if model_task(config.model) != "image":
+        raise ValueError(
+            f"Model {config.model!r} is a language model; data {config.data!r} is images"
+        )
+    return build_model(
+        config.model,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        image_size=data.image_size,
+        **config.model_options,
+    )
+
+
+def train(
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> RunResult:
+    """Train ``config`` in ``run_dir`` (created if needed) and return the final numbers.
+
+    Args:
+        config: the run.
+        run_dir: the run folder.
+        resume: continue from ``run_dir/checkpoint.pt`` (the config is read from the folder).
+        progress: show a progress bar (terminal) or periodic lines (pipes) on stderr.
+        stop_after: stop after this many steps of this call, as if killed (for tests and for
+            splitting long runs); a checkpoint is written first.
+    """
+    run_path = Path(run_dir)
+    ckpt_path = run_path / "checkpoint.pt"
+    if resume:
+        if not ckpt_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        saved_config = json.loads((run_path / "config.json").read_text())
+        config = RunConfig(**saved_config["config"])
+    config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    run_path.mkdir(parents=True, exist_ok=True)
+
+    data = load_data(config.data, cache_dir=config.data_cache)
+    torch.manual_seed(config.seed)
+    model = _model_for(config, data)
+    block_size = 0
+    if isinstance(data, TokenDataset):
+        block_size = config.block_size or int(model.config.block_size)
+    lr, options = optim_registry.resolve(
+        config.optimizer, config.model, config.lr, config.opt_options
+    )
+    optimizers = optim_registry.build(config.optimizer, model, lr, options)
+    base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
+
+    start_step, elapsed = 0, 0.0
+    if resume:
+        ckpt = torch.load(ckpt_path, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        for opt, sd in zip(optimizers, ckpt["optimizers"], strict=True):
+            opt.load_state_dict(sd)
+        torch.set_rng_state(ckpt["rng"])
+        start_step, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
+        _truncate_metrics(run_path / "metrics.jsonl", start_step)
+    else:
+        resolved = dataclasses.asdict(config)
+        _write_json(run_path / "config.json", {"config": resolved, "lr": lr, "options": options})
+        meta = {
+            **code_version(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "device": "cpu",
+            "threads": torch.get_num_threads(),
+            "parameters": sum(p.numel() for p in model.parameters()),
+        }
+        _write_json(run_path / "meta.json", meta)
+        (run_path / "groups.txt").write_text(optim_registry.describe(optimizers) + "\n")
+        (run_path / "metrics.jsonl").write_text("")
+
+    is_lm = isinstance(data, TokenDataset)
+    if isinstance(data, ImageDataset) and config.batch_size <= 0:
+        per_step = data.num_examples("train") * config.grad_accum
+    else:
+        per_step = config.batch_size * config.grad_accum * (block_size if is_lm else 1)
+    unit = "tok" if is_lm else "img"
+
+    def save(step: int) -> None:
+        atomic_save(
+            {
+                "model": model.state_dict(),
+                "optimizers": [opt.state_dict() for opt in optimizers],
+                "rng": torch.get_rng_state(),
+                "step": step,
+                "elapsed": elapsed,
+            },
+            ckpt_path,
+        )
+
+    bar = _Progress(config.steps, f"{config.optimizer}/s{config.seed}", progress)
+    metrics = (run_path / "metrics.jsonl").open("a")
+    val_loss, val_acc = math.nan, None
+    try:
+        model.train()
+        end = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
+        for step in range(start_step, end):
+            t0 = time.perf_counter()
+            mult = lr_multiplier(config, step)
+            for opt, lrs in zip(optimizers, base_lrs, strict=True):
+                for g, base in zip(opt.param_groups, lrs, strict=True):
+                    g["lr"] = base * mult
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for micro in range(config.grad_accum):
+                index = step * config.grad_accum + micro
+                if isinstance(data, TokenDataset):
+                    x, y = data.batch("train", index, config.batch_size, block_size, config.seed)
+                else:
+                    x, y = data.batch("train", index, config.batch_size, config.seed)
+                loss = _loss(model, x, y) / config.grad_accum
+                loss.backward()  # type: ignore[no-untyped-call]
+                loss_sum += loss.item()
+            for opt in optimizers:
+                opt.step()
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            record: dict[str, Any] = {
+                "step": step + 1,
+                "tokens": (step + 1) * per_step,
+                "loss": loss_sum,
+                "lr": optimizers[0].param_groups[0]["lr"],
+                "step_time": dt,
+                "time": elapsed,
+                "opt_state_bytes": state_bytes(optimizers),
+            }
+            if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+                val_loss, val_acc = evaluate(model, data, config, block_size)
+                record["val_loss"] = val_loss
+                if val_acc is not None:
+                    record["val_accuracy"] = val_acc
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            bar.update(step, loss_sum, per_step / dt if dt > 0 else 0.0, unit)
+            if not math.isfinite(loss_sum):
+                raise FloatingPointError(f"Training loss is {loss_sum} at step {step + 1}")
+            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                save(step + 1)
+        save(end)
+    finally:
+        metrics.close()
+    if math.isnan(val_loss):  # nothing left to run (resuming a finished run)
+        val_loss, val_acc = evaluate(model, data, config, block_size)
+    step_times = [r["step_time"] for r in read_metrics(run_path)]
+    median_ms = 1000 * statistics.median(step_times) if step_times else math.nan
+    if end < config.steps:  # stopped early on request: no summary yet
+        return RunResult(
+            str(run_path),
+            config.optimizer,
+            config.seed,
+            end,
+            val_loss,
+            val_acc,
+            elapsed,
+            state_bytes(optimizers),
+            lr,
+            median_ms,
+        )
+    result = RunResult(
+        run_dir=str(run_path),
+        optimizer=config.optimizer,
+        seed=config.seed,
+        steps=config.steps,
+        final_val_loss=val_loss,
+        final_val_accuracy=val_acc,
+        train_time_s=elapsed,
+        optimizer_state_bytes=state_bytes(optimizers),
+        lr=lr,
+        median_step_ms=median_ms,
+    )
+    _write_json(run_path / "summary.json", dataclasses.asdict(result))
+    return result
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    # Lines written after the checkpoint belong to steps that will be run again.
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= step
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of ``run_dir/metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"No metrics.jsonl in {run_dir}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,172 @@
+"""The training loop: schedules, resume bit for bit, atomic checkpoints, image and text tasks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gluon_optim.lab import train as train_mod
+from gluon_optim.lab.train import RunConfig, atomic_save, lr_multiplier, read_metrics, train
+
+TINY_GPT = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16}
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> str:
+    gen = torch.Generator().manual_seed(0)
+    text = bytes(torch.randint(32, 127, (6000,), generator=gen).tolist())
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(text)
+    return f"text:{path}"
+
+
+def _config(corpus: str, **kw: object) -> RunConfig:
+    base = RunConfig(
+        model="gpt-tiny",
+        data=corpus,
+        optimizer="unscion",
+        steps=8,
+        batch_size=4,
+        eval_every=4,
+        eval_batches=2,
+        model_options=dict(TINY_GPT),
+        lr=0.001,
+    )
+    return dataclasses.replace(base, **kw)
+
+
+def _params(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
+
+
+def test_lr_schedules() -> None:
+    c = RunConfig(steps=100, schedule="wsd", decay_frac=0.2, warmup=10)
+    assert lr_multiplier(c, 0) == pytest.approx(0.1)
+    assert lr_multiplier(c, 50) == 1.0
+    assert lr_multiplier(c, 90) == pytest.approx(0.5)
+    c = RunConfig(steps=100, schedule="cosine")
+    assert lr_multiplier(c, 0) == 1.0 and lr_multiplier(c, 50) == pytest.approx(0.5)
+    assert lr_multiplier(RunConfig(steps=10), 7) == 1.0
+
+
+@pytest.mark.parametrize("optimizer", ["unscion", "muon", "adamw", "torch-muon"])
+def test_resume_is_bit_identical(corpus: str, tmp_path: Path, optimizer: str) -> None:
+    config = _config(corpus, optimizer=optimizer, lr=None, schedule="wsd", checkpoint_every=3)
+    full = train(config, tmp_path / "full", progress=False)
+    part = train(config, tmp_path / "part", progress=False, stop_after=5)
+    assert part.steps == 5 and not (tmp_path / "part" / "summary.json").exists()
+    resumed = train(RunConfig(), tmp_path / "part", resume=True, progress=False)
+    assert resumed.final_val_loss == full.final_val_loss
+    a, b = _params(tmp_path / "full"), _params(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "full")]
+    assert losses == [r["loss"] for r in read_metrics(tmp_path / "part")]
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(
+    corpus: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config(corpus, checkpoint_every=3)
+    full = train(config, tmp_path / "full", progress=False)
+
+    calls = {"n": 0}
+    real = train_mod._loss
+
+    def dying(*args: object) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 6:  # the 6th step dies after checkpoint 3 was written
+            raise KeyboardInterrupt
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train_mod, "_loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "killed", progress=False)
+    monkeypatch.setattr(train_mod, "_loss", real)
+    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["step"] == 3
+    resumed = train(RunConfig(), tmp_path / "killed", resume=True, progress=False)
+    assert resumed.final_val_loss == full.final_val_loss
+    assert [r["step"] for r in read_metrics(tmp_path / "killed")] == list(range(1, 9))
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "checkpoint.pt"
+    atomic_save({"step": 1, "w": torch.ones(3)}, path)
+
+    def torn(obj: object, f: object) -> None:
+        f.write(b"partial bytes")  # type: ignore[attr-defined]
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_run_folder_contents(corpus: str, tmp_path: Path) -> None:
+    result = train(_config(corpus, grad_accum=2), tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    for name in (
+        "config.json",
+        "meta.json",
+        "groups.txt",
+        "metrics.jsonl",
+        "checkpoint.pt",
+        "summary.json",
+    ):
+        assert (run / name).exists(), name
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["lr"] == 0.001 and cfg["config"]["grad_accum"] == 2
+    assert "git_sha" in json.loads((run / "meta.json").read_text())
+    assert "hidden" in (run / "groups.txt").read_text()
+    recs = read_metrics(run)
+    assert recs[-1]["tokens"] == 8 * 4 * 2 * 16
+    assert {"step", "tokens", "loss", "lr", "step_time", "opt_state_bytes"} <= set(recs[0])
+    assert [r["step"] for r in recs if "val_loss" in r] == [4, 8]
+    assert result.optimizer_state_bytes == recs[-1]["opt_state_bytes"] > 0
+
+
+def test_image_task_full_batch(tmp_path: Path) -> None:
+    config = RunConfig(
+        model="cnn-small",
+        data="digits",
+        optimizer="unscion",
+        steps=3,
+        batch_size=0,
+        eval_every=3,
+        model_options={"widths": [8, 16]},
+    )
+    result = train(config, tmp_path / "cnn", progress=False)
+    assert result.final_val_accuracy is not None and 0.0 <= result.final_val_accuracy <= 1.0
+    assert read_metrics(tmp_path / "cnn")[0]["tokens"] == 1347
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"steps": 0}, "Invalid steps"),
+        ({"optimizer": "sgd"}, "Unknown optimizer 'sgd'"),
+        ({"schedule": "step"}, "Unknown schedule 'step'"),
+        ({"lr": -1.0}, "Invalid lr"),
+        ({"model": "gpt-huge"}, "gpt-huge"),
+    ],
+)
+def test_invalid_config(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(RunConfig(), **change).validate()
+
+
+def test_mismatched_model_and_data(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="is an image model"):
+        train(
+            RunConfig(model="cnn-small", data="text:" + __file__, steps=1),
+            tmp_path / "x",
+            progress=False,
+        )
