@@ -47,6 +47,19 @@ CASES = [
         ),
         0.01,
     ),
+    # Variance-reduced estimators in approx mode (one gradient per step, so step() without a
+    # closure works); exact mode is covered in test_estimators.py and test_lowrank.py.
+    Case("gluon-mvr1-approx", lambda m, lr: go.gluon_mvr(m, 1, lr=lr, two_point="approx"), 0.02),
+    Case(
+        "gluon-mvr2-approx",
+        lambda m, lr: go.gluon_mvr(m, 2, lr=lr, mvr_q=0.2, two_point="approx"),
+        0.02,
+    ),
+    Case(
+        "limuon-lowrank-approx",
+        lambda m, lr: go.limuon(m, 4, lr=lr, two_point="approx", adamw_lr=1e-2),
+        0.02,
+    ),
 ]
 IDS = [c.name for c in CASES]
 

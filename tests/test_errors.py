@@ -42,7 +42,7 @@ def _assert_unchanged(
         ({"norm": "spectal"}, "Unknown norm 'spectal'"),
         ({"shape_rule": "tall"}, "Unknown shape_rule 'tall'"),
         ({"radius": "adaptive"}, "Unknown radius 'adaptive'"),
-        ({"estimator": "mvr1"}, "Unknown estimator 'mvr1'"),
+        ({"estimator": "mvr4"}, "Unknown estimator 'mvr4'"),
         ({"nonfinite": "warn"}, "Unknown nonfinite 'warn'"),
         ({"polar_method": "qr"}, "Unknown polar_method 'qr'"),
         ({"ns_preset": "fast"}, "Unknown ns_preset 'fast'"),

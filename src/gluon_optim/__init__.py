@@ -5,12 +5,23 @@ Quick start::
     import gluon_optim as go
     opt = go.scion(model, lr=0.00036, constrained=False)   # unconstrained Scion
     opt = go.muon(model, lr=0.02)                          # Muon + AdamW, one optimizer
+    opt = go.limuon(model, rank=8, lr=0.02)                # LiMuon; then opt.step(closure)
     print(go.describe(opt))                                # what happens to each parameter
 """
 
-from gluon_optim import norms, polar
+from gluon_optim import estimators, lowrank, norms, polar
 from gluon_optim.optimizer import DEFAULTS, Gluon, describe, resolve_norm
-from gluon_optim.presets import PRESETS, gluon, muon, param_groups, preset_table, scion, unscion
+from gluon_optim.presets import (
+    PRESETS,
+    gluon,
+    gluon_mvr,
+    limuon,
+    muon,
+    param_groups,
+    preset_table,
+    scion,
+    unscion,
+)
 from gluon_optim.roles import ROLES, Assignment, assign_roles
 
 __version__ = "0.1.0"
@@ -23,7 +34,11 @@ __all__ = [
     "Gluon",
     "assign_roles",
     "describe",
+    "estimators",
     "gluon",
+    "gluon_mvr",
+    "limuon",
+    "lowrank",
     "muon",
     "norms",
     "param_groups",

@@ -6,8 +6,9 @@ list of parameter groups handed to :class:`Gluon`; there is no other ``step()``.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -15,7 +16,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from gluon_optim import lowrank as _lowrank
 from gluon_optim import norms as _norms
+from gluon_optim.estimators import ESTIMATORS, VR_ESTIMATORS, mvr1_, mvr2_, mvr3_, storm_
 from gluon_optim.polar import NS_PRESETS
 
 __all__ = ["DEFAULTS", "Gluon", "describe", "resolve_norm"]
@@ -33,9 +36,21 @@ DEFAULTS: dict[str, Any] = {
     "scale": 1.0,  # the per-group radius multiplier rho (Scion's `scale`)
     "shape_rule": "rms",  # spectral norm only: norms.SHAPE_RULES
     "transposed": False,  # parameter stored as (d_in, d_out), e.g. nn.Embedding.weight
-    "momentum": 0.9,  # beta, the weight on the old momentum (Scion's alpha = 1 - beta)
-    "nesterov": False,
+    # beta, the weight on the old momentum (Scion's alpha = 1 - beta). For estimator "storm" and
+    # "storm_lowrank" it is LiMuon's beta instead: the SMALL weight of the fresh gradient.
+    "momentum": 0.9,
+    "nesterov": False,  # Nesterov as torch.optim.Muon; estimator "ema" only
+    # The momentum estimator (gluon_optim.estimators): "ema" (Gluon), "mvr1" | "mvr2" | "mvr3"
+    # (Gluon-MVR), "storm" | "storm_lowrank" (LiMuon options 1 and 2).
     "estimator": "ema",
+    "mvr_q": 0.1,  # mvr2 / mvr3: q in [0, 1]; G <- g + (1 - q)(G - g_prev). Our default.
+    # Variance-reduced estimators: where g_prev comes from. "exact": the current batch at the
+    # previous iterate (step(closure) or the previous_iterate() block; two gradients per step);
+    # "approx": the previous step's gradient (one gradient per step, as MARS-approx).
+    "two_point": "exact",
+    "rank": 8,  # storm_lowrank: rank r of the momentum factors (capped at min(m, n))
+    "oversampling": 5,  # storm_lowrank: extra randomized-SVD sketch columns s
+    "rsvd_seed": 0,  # storm_lowrank: base seed of the sketch (mixed with step, index, role)
     "constrained": False,  # SCG: X <- (1 - lr) X + t lmo(M)
     "radius": "constant",  # "constant" | "l0l1" | "theory_decay"
     "l0": 0.0,
@@ -57,13 +72,42 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm": ("lmo", "adamw"),
     "radius": ("constant", "l0l1", "theory_decay"),
     "radius_source": ("gradient", "momentum"),
-    "estimator": ("ema",),
+    "estimator": ESTIMATORS,
+    "two_point": ("exact", "approx"),
     "nonfinite": ("raise", "skip", "ignore"),
     "polar_method": ("newton_schulz", "svd"),
 }
 
 # Keys torch or its schedulers may add to a group after construction.
 _FOREIGN_KEYS = frozenset({"params", "param_names", "initial_lr", "differentiable"})
+
+# Per-parameter state of each variance-reduced estimator (besides "step" and the two-point key).
+_BUFFERS: dict[str, tuple[str, ...]] = {
+    "mvr1": ("momentum_buffer",),
+    "mvr2": ("momentum_buffer", "mvr_estimate"),
+    "mvr3": ("momentum_buffer", "mvr_estimate"),
+    "storm": ("momentum_buffer",),
+    "storm_lowrank": ("lowrank_u", "lowrank_s", "lowrank_v"),
+}
+# state_bytes() categories.
+_MOMENTUM_KEYS = frozenset(
+    {"momentum_buffer", "mvr_estimate", "lowrank_u", "lowrank_s", "lowrank_v"}
+    | {"exp_avg", "exp_avg_sq"}
+)
+_TWO_POINT_KEYS = frozenset({"prev_param", "prev_grad", "prev_point_grad"})
+_VR_ONLY_KEYS = _TWO_POINT_KEYS | {"mvr_estimate", "lowrank_u", "lowrank_s", "lowrank_v"}
+
+# Pass 1 of a step: every group with its (parameter, gradient) pairs.
+_Work = list[tuple[dict[str, Any], list[tuple[Tensor, Tensor]]]]
+
+
+def _exact_two_point(group: Mapping[str, Any]) -> bool:
+    """Whether the group's step needs ``g_k(X^{k-1})``: a VR estimator in exact mode."""
+    return (
+        group["algorithm"] == "lmo"
+        and group["estimator"] in VR_ESTIMATORS
+        and group["two_point"] == "exact"
+    )
 
 
 @lru_cache(maxsize=256)
@@ -130,8 +174,12 @@ def _name(group: Mapping[str, Any], i: int) -> str:
     return str(names[i]) if names else f"params[{i}]"
 
 
+def _role(group: Mapping[str, Any]) -> str:
+    return f", role {group['role']!r}" if group.get("role") else ""
+
+
 def _where(group: Mapping[str, Any], index: int | None) -> str:
-    role = f", role {group['role']!r}" if group.get("role") else ""
+    role = _role(group)
     return f" (param group {index}{role})" if index is not None else f" (new param group{role})"
 
 
@@ -167,6 +215,11 @@ def _check_hyperparameters(group: Mapping[str, Any], index: int | None) -> None:
         if not isinstance(group[key], bool):
             raise ValueError(f"Invalid {key}: {group[key]!r}{where}; expected True or False")
     if group["algorithm"] == "adamw":
+        if group["estimator"] != "ema":
+            raise ValueError(
+                f"estimator={group['estimator']!r} needs algorithm='lmo'{where}; AdamW groups "
+                "keep AdamW's own moments (estimator='ema')"
+            )
         betas = group["betas"]
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"Invalid betas: {betas!r}{where}; expected a pair of floats")
@@ -175,7 +228,32 @@ def _check_hyperparameters(group: Mapping[str, Any], index: int | None) -> None:
                 raise ValueError(f"Invalid beta parameter at index {j}: {b!r}{where}")
         number("eps", 0.0, lo_open=True)
         return
-    number("momentum", 0.0, 1.0)
+    estimator = group["estimator"]
+    if estimator in ("storm", "storm_lowrank"):
+        # LiMuon's beta multiplies the fresh gradient: beta = 1 keeps no correction (M = g).
+        v = group["momentum"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
+            raise ValueError(
+                f"Invalid momentum: {v!r}{where}; for estimator={estimator!r} momentum is "
+                "LiMuon's beta, the weight of the fresh gradient (M <- g + (1 - beta)(M - "
+                "g_prev)), and it must be > 0 and <= 1 (e.g. 0.1)"
+            )
+    else:
+        number("momentum", 0.0, 1.0)
+    q = group["mvr_q"]
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0:
+        raise ValueError(f"Invalid mvr_q: {q!r}{where}; it must be a number in [0, 1]")
+    for key, lo in (("rank", 1), ("oversampling", 0)):
+        v = group[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"Invalid {key}: {v!r}{where}; expected an int >= {lo}")
+    if isinstance(group["rsvd_seed"], bool) or not isinstance(group["rsvd_seed"], int):
+        raise ValueError(f"Invalid rsvd_seed: {group['rsvd_seed']!r}{where}; expected an int")
+    if group["nesterov"] and estimator != "ema":
+        raise ValueError(
+            f"nesterov=True is defined for estimator='ema' only, got estimator={estimator!r}"
+            f"{where}; the variance-reduced estimators have no Nesterov form in their sources"
+        )
     number("scale", 0.0, lo_open=True)
     number("l0", 0.0)
     number("l1", 0.0)
@@ -207,6 +285,16 @@ def _check_hyperparameters(group: Mapping[str, Any], index: int | None) -> None:
         )
 
 
+def _lowrank_shape_error(group: Mapping[str, Any], p: Tensor) -> str | None:
+    if group["estimator"] == "storm_lowrank" and p.ndim < 2:
+        return (
+            f"estimator='storm_lowrank' needs a matrix (2-D, or a conv kernel, flattened to "
+            f"(C_out, C_in*k*k)), got shape {tuple(p.shape)}; give vectors their own group "
+            "with another estimator (e.g. 'storm')"
+        )
+    return None
+
+
 def _check_shapes(group: Mapping[str, Any], index: int | None) -> None:
     """Raise ``ValueError`` if a parameter cannot be handled by the group's norm."""
     where = _where(group, index)
@@ -218,6 +306,9 @@ def _check_shapes(group: Mapping[str, Any], index: int | None) -> None:
             raise ValueError(f"Parameter {name!r}{where} has dtype {p.dtype}; need floating point")
         if group["algorithm"] != "lmo":
             continue
+        err = _lowrank_shape_error(group, p)
+        if err is not None:
+            raise ValueError(f"Parameter {name!r}{where}: {err}")
         norm = resolve_norm(group, p)
         if group["transposed"] and not (norm.kind == "matrix" and p.ndim == 2):
             raise ValueError(
@@ -248,8 +339,28 @@ class Gluon(Optimizer):
     option) or ``theory_decay`` (Gluon Theorem 2: ``rho = (k+1)^{-3/4}`` and
     ``beta^k = 1 - (k+1)^{-1/2}``, overriding ``momentum``). Because ``t`` is proportional to the
     group's ``lr``, any ``torch.optim.lr_scheduler`` drives it. The momentum buffer starts at
-    zero as in torch.optim.Muon and the Scion code; the LMO is scale invariant, so this equals
-    Gluon's ``M^0 = g^0`` for every policy except ``l0l1`` with ``radius_source="momentum"``.
+    zero as in torch.optim.Muon and the Scion code, not at Gluon's ``M^0 = g^0``: the first
+    direction is the same (the LMO is scale invariant), later momenta differ by the transient
+    ``beta^(k+1) g^0``.
+
+    Variance-reduced estimators (group key ``estimator``; :mod:`gluon_optim.estimators`) replace
+    the EMA line; ``g_prev`` is the current batch's gradient at the previous iterate
+    (``two_point="exact"``) or the previous step's gradient (``"approx"``):
+
+    * ``mvr1``: ``M = g + beta (M - g_prev)`` (Gluon-MVR-1);
+    * ``mvr2``: ``G = g + (1 - q)(G - g_prev)``, ``M = beta M + (1 - beta) G`` (``q = mvr_q``);
+    * ``mvr3``: ``mvr2`` plus ``beta (g - g_prev)`` -- our reconstruction, the paper's formula
+      could not be read;
+    * ``storm``: ``M = g + (1 - beta)(M - g_prev)`` with ``beta = momentum`` LiMuon's SMALL
+      weight of the fresh gradient (``storm`` with ``b`` is ``mvr1`` with ``1 - b``);
+    * ``storm_lowrank``: ``storm`` on ``M_hat``, the stored rank-``rank`` randomized SVD of
+      ``M`` (matrices only; ``(m + n) r + r`` numbers of state).
+
+    Their first step uses ``M^0 = G^0 = g^0``. Exact mode needs a second gradient each step:
+    pass a closure to :meth:`step` (called at ``X^{k-1}``, then at ``X^k``) or compute it in a
+    :meth:`previous_iterate` block; otherwise ``step()`` raises and changes nothing. Nesterov is
+    ``ema`` only; ``theory_decay`` decays the radius and leaves a VR estimator's ``beta`` alone.
+    :meth:`state_bytes` reports the memory of momentum and two-point state.
 
     Groups with ``algorithm="adamw"`` take torch.optim.AdamW's update instead (``betas``,
     ``eps``, ``weight_decay``), so a Muon preset is one optimizer object: one ``step()``, one
@@ -274,6 +385,8 @@ class Gluon(Optimizer):
         Riabinin et al., "Gluon: Making Muon & Scion Great Again!", arXiv 2505.13416, Alg. 1.
         Pethick et al., "Training Deep Learning Models with Norm-Constrained LMOs",
         arXiv 2502.07529, Alg. 3.
+        Qian et al., "Muon is Provably Faster with Momentum Variance Reduction",
+        arXiv 2512.16598 (Gluon-MVR). Huang et al., "LiMuon", arXiv 2509.14562, Alg. 1.
     """
 
     def __init__(
@@ -332,18 +445,204 @@ class Gluon(Optimizer):
             for key, value in DEFAULTS.items():
                 group.setdefault(key, value)
 
+    # -- the two-point gradient ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def previous_iterate(self) -> Iterator[None]:
+        """Compute the gradient at the previous iterate, for ``two_point="exact"`` groups.
+
+        Inside the block, the parameters of every group with a variance-reduced estimator and
+        ``two_point="exact"`` hold their previous iterate ``X^{k-1}`` (the value before their
+        last update); every other parameter keeps its value. Run the forward and backward pass of
+        the CURRENT batch inside; on exit the gradients of those parameters are kept as the
+        two-point gradient ``g_k(X^{k-1})`` (state key ``"prev_point_grad"``), the parameters
+        are restored to ``X^k`` exactly, and every ``.grad`` is put back as it was before the
+        block (so gradients computed before it survive, and nothing leaks out of it)::
+
+            opt.zero_grad()
+            with opt.previous_iterate():
+                loss_fn(model(x), y).backward()   # g_k(X^{k-1}), kept by the optimizer
+            loss_fn(model(x), y).backward()       # g_k(X^k), in .grad as usual
+            opt.step()
+
+        Like ``.grad``, the kept gradients accumulate over several blocks until :meth:`step`
+        consumes them. On a parameter's first step there is no previous iterate: the block runs
+        at the current point and its gradients are discarded. If the block raises, parameters,
+        ``.grad`` and optimizer state are left as they were before it.
+        """
+        params = self._previous_iterate_params()
+        pending = {
+            id(p): self.state[p]["prev_point_grad"]
+            for p in params
+            if "prev_point_grad" in self.state[p]
+        }
+        with self._at_previous_iterate(params, pending) as found:
+            yield
+        for p in params:
+            if id(p) in found:
+                self.state[p]["prev_point_grad"] = found[id(p)]
+
+    def _previous_iterate_params(self, work: _Work | None = None) -> list[Tensor]:
+        """Parameters whose next step needs ``g_k(X^{k-1})`` (with a gradient, if ``work``)."""
+        out: list[Tensor] = []
+        if work is None:
+            pairs = [(group, group["params"]) for group in self.param_groups]
+        else:
+            pairs = [(group, [p for p, _ in items]) for group, items in work]
+        for group, params in pairs:
+            if not _exact_two_point(group):
+                continue
+            buffers = _BUFFERS[group["estimator"]]
+            for p in params:
+                state = self.state.get(p)
+                if state and "prev_param" in state and all(key in state for key in buffers):
+                    out.append(p)
+        return out
+
+    @contextlib.contextmanager
+    def _at_previous_iterate(
+        self, params: list[Tensor], start: Mapping[int, Tensor]
+    ) -> Iterator[dict[int, Tensor]]:
+        """Swap ``params`` to their stored ``X^{k-1}``; yield a dict filled on a clean exit.
+
+        On entry every ``.grad`` of the optimizer is set aside (``params`` start from a copy of
+        ``start`` where given, so repeated blocks accumulate); on a clean exit the dict maps
+        ``id(p)`` to a copy of the gradient computed in the block. Always: ``X^k`` is restored
+        bit for bit and every ``.grad`` is put back as found.
+        """
+        everything = [p for group in self.param_groups for p in group["params"]]
+        saved = [p.grad for p in everything]
+        current = [p.detach().clone(memory_format=torch.preserve_format) for p in params]
+        found: dict[int, Tensor] = {}
+        try:
+            with torch.no_grad():
+                for p in everything:
+                    p.grad = None
+                for p in params:
+                    p.copy_(self.state[p]["prev_param"])
+                    if id(p) in start:
+                        p.grad = start[id(p)].clone(memory_format=torch.preserve_format)
+            yield found
+            # Copied, not taken over: gradient storage may be reused by the next backward pass
+            # (DDP's gradient_as_bucket_view, user hooks), and the state must not alias it.
+            for p in params:
+                if p.grad is not None:
+                    found[id(p)] = p.grad.clone(memory_format=torch.preserve_format)
+        finally:
+            with torch.no_grad():
+                for p, x in zip(params, current, strict=True):
+                    p.copy_(x)
+                for p, g in zip(everything, saved, strict=True):
+                    p.grad = g
+
+    def _two_point_gradients(
+        self, work: _Work, from_closure: dict[int, Tensor] | None
+    ) -> dict[int, Tensor]:
+        """``g_k(X^{k-1})`` for every parameter whose update needs it, keyed by ``id(p)``.
+
+        ``from_closure`` holds what :meth:`step` evaluated with its closure; without a closure
+        the gradients must have been left by a :meth:`previous_iterate` block. Raises
+        ``RuntimeError`` (having changed nothing) when a needed gradient is missing.
+        """
+        params = self._previous_iterate_params(work)
+        if not params:
+            return {}
+        if from_closure is not None:
+            found = from_closure
+        else:
+            found = {
+                id(p): self.state[p]["prev_point_grad"]
+                for p in params
+                if "prev_point_grad" in self.state[p]
+            }
+        missing = {id(p) for p in params if id(p) not in found}
+        if not missing:
+            return found
+        where: list[str] = []
+        names: list[str] = []
+        for index, (group, _) in enumerate(work):
+            lost = [_name(group, i) for i, p in enumerate(group["params"]) if id(p) in missing]
+            if lost:
+                where.append(f"{index} (estimator {group['estimator']!r}{_role(group)})")
+                names += lost
+        if from_closure is not None:
+            raise RuntimeError(
+                f"Gluon.step(closure): the closure's call at the previous iterate produced no "
+                f"gradient for parameter(s) {names} of param group(s) "
+                f"{', '.join(where)} (two_point='exact'); nothing was changed. The closure must "
+                "compute the loss of the same batch and call backward() each time it is called."
+            )
+        raise RuntimeError(
+            f"Gluon.step(): param group(s) {', '.join(where)} use a variance-reduced estimator "
+            "with two_point='exact', which needs the gradient of the CURRENT batch at the "
+            f"PREVIOUS iterate, and none was given for parameter(s) {names}; nothing was "
+            "changed. Either pass a closure, opt.step(closure), that zeroes the gradients, "
+            "computes the loss of the batch and calls backward() (the optimizer calls it at "
+            "X^k and again at X^(k-1)); or compute that gradient inside "
+            "`with opt.previous_iterate(): loss_fn(model(x), y).backward()` before calling "
+            "opt.step(); or set two_point='approx' (one gradient per step: the previous "
+            "step's gradient stands in for it)."
+        )
+
+    # -- memory -------------------------------------------------------------------------------
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of optimizer state, by purpose.
+
+        * ``"momentum"``: momentum buffers, MVR-2/3's gradient estimates ``G``, the low-rank
+          factors of ``storm_lowrank`` (``(m + n) r + r`` numbers per matrix), and AdamW's
+          ``exp_avg`` / ``exp_avg_sq``;
+        * ``"two_point"``: what the variance-reduced estimators keep for their second gradient:
+          the previous iterate (``two_point="exact"``), the previous gradient (``"approx"``),
+          and a gradient left by :meth:`previous_iterate` and not yet consumed;
+        * ``"total"``: every tensor in the state, step counters included.
+
+        Transient tensors of a step (the full momentum that ``storm_lowrank`` rebuilds, the
+        copy of ``X^k`` held while the closure runs at ``X^{k-1}``) are not state and are not
+        counted.
+        """
+        momentum = two_point = total = 0
+        for state in self.state.values():
+            for key, value in state.items():
+                if not isinstance(value, Tensor):
+                    continue
+                size = value.numel() * value.element_size()
+                total += size
+                if key in _MOMENTUM_KEYS:
+                    momentum += size
+                elif key in _TWO_POINT_KEYS:
+                    two_point += size
+        return {"momentum": momentum, "two_point": two_point, "total": total}
+
     # -- the step -------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one step; ``closure`` (optional) re-evaluates the model and returns the loss."""
+        """Take one step; ``closure`` (optional) re-evaluates the model and returns the loss.
+
+        Groups with a variance-reduced estimator and ``two_point="exact"`` need a second
+        gradient: the same batch at the previous iterate. Given a closure, the step calls it
+        twice: first with those groups' parameters at ``X^{k-1}`` (every other parameter stays
+        at ``X^k``), copying the gradients it produces out of ``.grad``; then, with ``X^k``
+        restored bit for bit and every ``.grad`` put back, at ``X^k``. That last call's loss is
+        returned and its gradients are the ones left in ``.grad``. (Evaluating the previous
+        point first means ``.grad`` never has to be saved across a backward pass, which breaks
+        when gradient storage is reused, as DDP's ``gradient_as_bucket_view`` does.) Without a
+        closure the gradient must come from a :meth:`previous_iterate` block, or the step
+        raises ``RuntimeError`` and changes nothing. The closure is called once on a step that
+        needs no second gradient.
+        """
         loss = None
+        from_closure: dict[int, Tensor] | None = None
         if closure is not None:
+            targets = self._previous_iterate_params()
+            if targets:
+                with self._at_previous_iterate(targets, {}) as from_closure:
+                    with torch.enable_grad():
+                        closure()
             with torch.enable_grad():
                 loss = closure()
 
         # Pass 1: look at everything, change nothing. Any error raised here leaves parameters
         # and optimizer state exactly as they were.
-        work: list[tuple[dict[str, Any], list[tuple[Tensor, Tensor]]]] = []
+        work: _Work = []
         for index, group in enumerate(self.param_groups):
             _check_hyperparameters(group, index)
             items: list[tuple[Tensor, Tensor]] = []
@@ -361,9 +660,16 @@ class Gluon(Optimizer):
                         f"Parameter {_name(group, i)!r}{_where(group, index)} has a complex "
                         "gradient"
                     )
+                if group["algorithm"] == "lmo":
+                    err = _lowrank_shape_error(group, p)
+                    if err is not None:
+                        raise ValueError(
+                            f"Parameter {_name(group, i)!r}{_where(group, index)}: {err}"
+                        )
                 items.append((p, g))
             work.append((group, items))
-        skipped = self._nonfinite_groups(work)
+        prev_point = self._two_point_gradients(work, from_closure)
+        skipped = self._nonfinite_groups(work, prev_point)
 
         # Pass 2: update.
         for index, (group, items) in enumerate(work):
@@ -372,15 +678,27 @@ class Gluon(Optimizer):
             if group["algorithm"] == "adamw":
                 for p, g in items:
                     self._adamw_update(p, g, group)
-            else:
-                for p, g in items:
-                    self._lmo_update(p, g, group)
+                continue
+            position: dict[int, int] = {}
+            if group["estimator"] == "storm_lowrank":  # the sketch seed uses it
+                position = {id(q): j for j, q in enumerate(group["params"])}
+            for p, g in items:
+                self._lmo_update(p, g, group, prev_point.get(id(p)), position.get(id(p), 0))
+
+        # A gradient left by previous_iterate() belongs to this step, used or not.
+        for group in self.param_groups:
+            if _exact_two_point(group):
+                for p in group["params"]:
+                    state = self.state.get(p)
+                    if state:
+                        state.pop("prev_point_grad", None)
         return loss
 
-    def _nonfinite_groups(
-        self, work: list[tuple[dict[str, Any], list[tuple[Tensor, Tensor]]]]
-    ) -> set[int]:
-        """Indices of groups to skip; raises for a non-finite gradient under ``raise``."""
+    def _nonfinite_groups(self, work: _Work, prev_point: Mapping[int, Tensor]) -> set[int]:
+        """Indices of groups to skip; raises for a non-finite gradient under ``raise``.
+
+        The two-point gradient ``g_k(X^{k-1})`` of a parameter counts as part of its gradient.
+        """
         checked = [
             (index, group, items)
             for index, (group, items) in enumerate(work)
@@ -388,9 +706,14 @@ class Gluon(Optimizer):
         ]
         if not checked:
             return set()
-        flags = torch.stack(
-            [torch.isfinite(g).all().to("cpu") for _, _, items in checked for _, g in items]
-        ).tolist()  # one host synchronisation for all groups
+        finite = []
+        for _, _, items in checked:
+            for p, g in items:
+                ok = torch.isfinite(g).all()
+                if id(p) in prev_point:
+                    ok = ok & torch.isfinite(prev_point[id(p)]).all()
+                finite.append(ok.to("cpu"))
+        flags = torch.stack(finite).tolist()  # one host synchronisation for all groups
         skipped: set[int] = set()
         pos = 0
         for index, group, items in checked:
@@ -412,26 +735,41 @@ class Gluon(Optimizer):
             )
         return skipped
 
-    def _lmo_update(self, p: Tensor, g: Tensor, group: dict[str, Any]) -> None:
+    def _lmo_update(
+        self,
+        p: Tensor,
+        g: Tensor,
+        group: dict[str, Any],
+        g_prev: Tensor | None = None,
+        index: int = 0,
+    ) -> None:
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state["step"] += 1
         k = int(state["step"].item()) - 1  # a CPU scalar: no device synchronisation
 
-        beta = group["momentum"]
-        if group["radius"] == "theory_decay":
-            beta = 1.0 - (k + 1) ** -0.5  # Gluon Theorem 2
-        if beta > 0.0 or group["radius"] == "theory_decay":
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
-            buf = state["momentum_buffer"]
-            buf.lerp_(g, 1.0 - beta)
-            # Nesterov as torch.optim.Muon: g + beta (M - g), built out of place so that p.grad
-            # is never written (KellerJordan/Muon's in-place lerp_ overwrites it).
-            m = g.lerp(buf, beta) if group["nesterov"] else buf
+        if group["estimator"] != "ema":
+            m = self._vr_momentum(p, g, g_prev, group, state, k, index)
         else:
-            m = g
+            if len(state) > 2:  # left over from a variance-reduced estimator
+                for key in [key for key in state if key in _VR_ONLY_KEYS]:
+                    del state[key]
+            beta = group["momentum"]
+            if group["radius"] == "theory_decay":
+                beta = 1.0 - (k + 1) ** -0.5  # Gluon Theorem 2
+            if beta > 0.0 or group["radius"] == "theory_decay":
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(
+                        g, memory_format=torch.preserve_format
+                    )
+                buf = state["momentum_buffer"]
+                buf.lerp_(g, 1.0 - beta)
+                # Nesterov as torch.optim.Muon: g + beta (M - g), built out of place so that
+                # p.grad is never written (KellerJordan/Muon's in-place lerp_ overwrites it).
+                m = g.lerp(buf, beta) if group["nesterov"] else buf
+            else:
+                m = g
 
         transposed = group["transposed"]
         norm = resolve_norm(group, p)
@@ -462,6 +800,78 @@ class Gluon(Optimizer):
             # The factor goes into alpha, never into the low-precision direction: for the Muon
             # preset this is exactly torch.optim.Muon's `param.add_(update, alpha=-adjusted_lr)`.
             p.add_(update, alpha=-(radius * factor))
+
+    def _vr_momentum(
+        self,
+        p: Tensor,
+        g: Tensor,
+        g_prev: Tensor | None,
+        group: dict[str, Any],
+        state: dict[str, Any],
+        k: int,
+        index: int,
+    ) -> Tensor:
+        """Advance a variance-reduced estimator; return the momentum ``M^k`` for the LMO.
+
+        The first step (no buffers yet) sets ``M^0 = G^0 = g_0(X^0)``. A missing two-point
+        gradient (only possible when ``two_point`` or the estimator changed mid-run) is taken
+        to be ``g``, which makes that one step an EMA step. Before ``p`` changes, the step
+        records what the next one needs: ``X^k`` (exact) or ``g_k(X^k)`` (approx), in ``p``'s
+        dtype, copied out of ``p`` / ``p.grad``.
+        """
+        estimator = group["estimator"]
+        beta = group["momentum"]
+        exact = group["two_point"] == "exact"
+        buffers = _BUFFERS[estimator]
+        keep = {"step", "prev_point_grad", "prev_param" if exact else "prev_grad", *buffers}
+        for key in [key for key in state if key not in keep]:  # another estimator's leftovers
+            del state[key]
+        if not exact:
+            g_prev = state.get("prev_grad")
+        ready = all(key in state for key in buffers)
+        gp = g if g_prev is None else g_prev
+
+        if estimator == "storm_lowrank":
+            if ready:
+                m = _lowrank.reconstruct(
+                    state["lowrank_u"], state["lowrank_s"], state["lowrank_v"]
+                ).reshape(p.shape)
+                storm_(m, g, gp, beta)
+            else:
+                m = g.clone()
+            rows = p.shape[0]
+            u, s, v = _lowrank.rsvd(
+                m.reshape(rows, p.numel() // rows),
+                group["rank"],
+                oversampling=group["oversampling"],
+                seed=_lowrank.sketch_seed(group["rsvd_seed"], k, index, group["role"]),
+            )
+            state["lowrank_u"], state["lowrank_s"], state["lowrank_v"] = (
+                u.to(p.dtype),
+                s.to(p.dtype),
+                v.to(p.dtype),
+            )
+        elif not ready:
+            for key in buffers:
+                state[key] = g.clone(memory_format=torch.preserve_format)
+            m = state["momentum_buffer"]
+        else:
+            m = state["momentum_buffer"]
+            if estimator == "mvr1":
+                mvr1_(m, g, gp, beta)
+            elif estimator == "mvr2":
+                mvr2_(m, state["mvr_estimate"], g, gp, beta, group["mvr_q"])
+            elif estimator == "mvr3":
+                mvr3_(m, state["mvr_estimate"], g, gp, beta, group["mvr_q"])
+            else:
+                storm_(m, g, gp, beta)
+
+        key, source = ("prev_param", p) if exact else ("prev_grad", g)
+        if key in state:
+            state[key].copy_(source)
+        else:
+            state[key] = source.detach().clone(memory_format=torch.preserve_format)
+        return m
 
     def _adamw_update(self, p: Tensor, g: Tensor, group: dict[str, Any]) -> None:
         # torch.optim.AdamW's single-tensor update, in the same order of operations.

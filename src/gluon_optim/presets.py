@@ -1,8 +1,8 @@
 """Presets: role -> settings tables, and the factories that hand them to :class:`Gluon`.
 
 A preset is configuration only. :func:`param_groups` turns a model into one plain-data parameter
-group per role; :func:`muon`, :func:`scion`, :func:`unscion` and :func:`gluon` build the one
-optimizer from those groups.
+group per role; :func:`muon`, :func:`scion`, :func:`unscion`, :func:`gluon`, :func:`gluon_mvr`
+and :func:`limuon` build the one optimizer from those groups.
 
 =========  ================  ==============  ================  ==========  ==============
 role       muon              scion/unscion   (scale)           gluon       (default scale)
@@ -20,6 +20,15 @@ Scion's published NanoGPT values are lr 0.00036 with hidden scale 50 and head (t
 momentum alpha = 0.1 (beta = 0.9), so the radii are t = 0.018 and 1.08 (LIONS-EPFL/scion,
 ``examples/modded-nanogpt``). The embedding, conv, bias and norm scales of 50 are this library's
 choice (same radius as the hidden layers), not values from the paper.
+
+Two presets change the momentum estimator rather than the norms:
+
+* ``gluon_mvr``: the ``gluon`` column, with ``estimator="mvr1"``, ``"mvr2"`` or ``"mvr3"`` on
+  every role (Gluon-MVR, arXiv 2512.16598).
+* ``limuon``: the ``muon`` column's split, with hidden and conv matrices ``spectral`` under
+  shape rule ``none`` (LiMuon states no shape factor), polar factor by exact SVD or
+  Newton–Schulz, and ``estimator="storm_lowrank"`` (``"storm"`` with ``low_rank=False``);
+  AdamW elsewhere (LiMuon, arXiv 2509.14562).
 """
 
 from __future__ import annotations
@@ -33,9 +42,19 @@ from torch import Tensor, nn
 from gluon_optim.optimizer import DEFAULTS, Gluon
 from gluon_optim.roles import ROLES, ModuleRef, assign_roles
 
-__all__ = ["PRESETS", "gluon", "muon", "param_groups", "preset_table", "scion", "unscion"]
+__all__ = [
+    "PRESETS",
+    "gluon",
+    "gluon_mvr",
+    "limuon",
+    "muon",
+    "param_groups",
+    "preset_table",
+    "scion",
+    "unscion",
+]
 
-PRESETS = ("muon", "scion", "unscion", "gluon")
+PRESETS = ("muon", "scion", "unscion", "gluon", "gluon_mvr", "limuon")
 
 #: Scion's norm per role (Scion Recommendation 3.1 and Table 3; Gluon section 4.1).
 _SCION_NORMS: dict[str, dict[str, Any]] = {
@@ -71,6 +90,10 @@ def preset_table(preset: str, **options: Any) -> dict[str, dict[str, Any]]:
         return _scion_table(**options)
     if preset == "gluon":
         return _gluon_table(**options)
+    if preset == "gluon_mvr":
+        return _gluon_mvr_table(**options)
+    if preset == "limuon":
+        return _limuon_table(**options)
     raise ValueError(f"Unknown preset {preset!r}; expected one of {PRESETS}")
 
 
@@ -156,6 +179,76 @@ def _gluon_table(
     return table
 
 
+def _gluon_mvr_table(
+    *,
+    variant: int = 1,
+    lr: float | Tensor = DEFAULTS["lr"],
+    momentum: float = DEFAULTS["momentum"],
+    mvr_q: float = DEFAULTS["mvr_q"],
+    two_point: str = "exact",
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
+    **lmo_options: Any,
+) -> dict[str, dict[str, Any]]:
+    if isinstance(variant, bool) or variant not in (1, 2, 3):
+        raise ValueError(f"gluon_mvr: variant must be 1, 2 or 3, got {variant!r}")
+    return _gluon_table(
+        lr=lr,
+        settings=settings,
+        estimator=f"mvr{variant}",
+        momentum=momentum,
+        mvr_q=mvr_q,
+        two_point=two_point,
+        **lmo_options,
+    )
+
+
+def _limuon_table(
+    *,
+    rank: int = 8,
+    lr: float | Tensor = 0.02,
+    momentum: float = 0.1,
+    method: str = "svd",
+    oversampling: int = 5,
+    two_point: str = "exact",
+    low_rank: bool = True,
+    shape_rule: str = "none",
+    weight_decay: float = 0.0,
+    rsvd_seed: int = 0,
+    adamw_lr: float | Tensor = 3e-4,
+    adamw_betas: tuple[float, float] = (0.9, 0.95),
+    adamw_eps: float = 1e-10,
+    adamw_weight_decay: float = 0.0,
+    **lmo_options: Any,
+) -> dict[str, dict[str, Any]]:
+    if method not in ("svd", "newton_schulz"):
+        raise ValueError(f"limuon: unknown method {method!r}; expected 'svd' or 'newton_schulz'")
+    if not isinstance(low_rank, bool):
+        raise ValueError(f"limuon: low_rank must be True or False, got {low_rank!r}")
+    matrix = dict(
+        algorithm="lmo",
+        norm="spectral",
+        shape_rule=shape_rule,
+        polar_method=method,
+        estimator="storm_lowrank" if low_rank else "storm",
+        rank=rank,
+        oversampling=oversampling,
+        rsvd_seed=rsvd_seed,
+        two_point=two_point,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        **lmo_options,
+    )
+    adam = dict(
+        algorithm="adamw",
+        lr=adamw_lr,
+        betas=tuple(adamw_betas),
+        eps=adamw_eps,
+        weight_decay=adamw_weight_decay,
+    )
+    return {role: dict(matrix if role in ("hidden", "conv") else adam) for role in ROLES}
+
+
 def param_groups(
     model: nn.Module,
     preset: str = "gluon",
@@ -170,7 +263,8 @@ def param_groups(
     Args:
         model: the network; every trainable parameter must get exactly one role
             (see :func:`gluon_optim.roles.assign_roles`).
-        preset: ``"muon"``, ``"scion"``, ``"unscion"`` or ``"gluon"``.
+        preset: one of :data:`PRESETS`: ``"muon"``, ``"scion"``, ``"unscion"``, ``"gluon"``,
+            ``"gluon_mvr"`` or ``"limuon"``.
         head, embedding, roles: passed to :func:`~gluon_optim.roles.assign_roles`.
         **options: the preset's options (for ``gluon``: ``settings={role: {key: value}}``
             and any :data:`~gluon_optim.optimizer.DEFAULTS` key for every role).
@@ -332,3 +426,152 @@ def gluon(
         **options,
     )
     return Gluon(groups, lr=lr)
+
+
+def gluon_mvr(
+    model: nn.Module,
+    variant: int = 1,
+    *,
+    lr: float | Tensor = DEFAULTS["lr"],
+    momentum: float = DEFAULTS["momentum"],
+    mvr_q: float = DEFAULTS["mvr_q"],
+    two_point: str = "exact",
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
+    head: ModuleRef | None = None,
+    embedding: ModuleRef | None = None,
+    roles: Mapping[str, str] | None = None,
+    **options: Any,
+) -> Gluon:
+    """Gluon-MVR-1/2/3: the :func:`gluon` preset with a variance-reduced momentum on every role.
+
+    .. math::
+        \\text{MVR-1: } M^k = g_k(X^k) + \\beta (M^{k-1} - g_k(X^{k-1}))
+
+    MVR-2 runs that recursion with weight ``1 - mvr_q`` on a gradient estimate ``G`` and keeps
+    an EMA of it; MVR-3 adds ``beta (g_k(X^k) - g_k(X^{k-1}))`` to MVR-2 (our reconstruction:
+    the paper's Algorithm 5 could not be read). See :mod:`gluon_optim.estimators` and
+    ``docs/variance_reduction.md``.
+
+    With ``two_point="exact"`` (the paper's method) every step needs the current batch's
+    gradient at the previous iterate: call ``opt.step(closure)`` or compute it inside
+    ``with opt.previous_iterate(): ...``. ``two_point="approx"`` uses the previous step's
+    gradient instead (one gradient per step).
+
+    Args:
+        model: the network; roles and norms as :func:`gluon` (Scion's norm table, scale 1).
+        variant: 1, 2 or 3.
+        lr, momentum: the radius ``t = lr * scale`` and ``beta`` (weight on the old momentum,
+            as in Gluon; the paper's beta on the correction term is the same number for MVR-1).
+        mvr_q: MVR-2/3's ``q`` in ``[0, 1]``.
+        two_point: ``"exact"`` or ``"approx"``.
+        settings, head, embedding, roles, **options: as :func:`gluon`.
+
+    References:
+        Qian, Rammal, Kovalev, Richtárik, "Muon is Provably Faster with Momentum Variance
+        Reduction", arXiv 2512.16598, Algorithms 2, 4, 5.
+    """
+    groups = param_groups(
+        model,
+        "gluon_mvr",
+        head=head,
+        embedding=embedding,
+        roles=roles,
+        variant=variant,
+        lr=lr,
+        momentum=momentum,
+        mvr_q=mvr_q,
+        two_point=two_point,
+        settings=settings,
+        **options,
+    )
+    return Gluon(groups, lr=lr)
+
+
+def limuon(
+    model_or_params: nn.Module | Iterable[Tensor] | Iterable[tuple[str, Tensor]],
+    rank: int = 8,
+    *,
+    lr: float | Tensor = 0.02,
+    momentum: float = 0.1,
+    method: str = "svd",
+    oversampling: int = 5,
+    two_point: str = "exact",
+    low_rank: bool = True,
+    shape_rule: str = "none",
+    weight_decay: float = 0.0,
+    head: ModuleRef | None = None,
+    embedding: ModuleRef | None = None,
+    roles: Mapping[str, str] | None = None,
+    **options: Any,
+) -> Gluon:
+    """LiMuon: a STORM momentum with a randomized-SVD low-rank state, and a polar step.
+
+    .. math::
+        M_{t+1} = g(W_{t+1}) + (1 - \\beta)(\\hat M_t - g(W_t)),\\qquad
+        W_{t+1} = W_t - \\eta\\, U V^T \\text{ of } M_{t+1}
+
+    where ``M_hat`` is the rank-``rank`` randomized SVD of the previous momentum, stored as
+    factors: ``(m + n) r + r`` numbers per matrix instead of ``m n`` (option 2,
+    ``estimator="storm_lowrank"``). ``low_rank=False`` keeps the full momentum (option 1,
+    ``estimator="storm"``); a rank ``>= min(m, n)`` gives the same iterates as option 1 up to
+    rounding.
+
+    ``momentum`` is LiMuon's beta, the SMALL weight of the fresh gradient (the STORM
+    convention; the default 0.1 keeps 0.9 of the correction). It is the opposite of Muon's
+    momentum 0.95: ``storm`` with ``momentum=b`` is Gluon-MVR-1 with ``momentum=1-b``.
+
+    Given a model, hidden linear and conv weights (conv kernels flattened to
+    ``(C_out, C_in·k·k)``) take the LiMuon update and every other role AdamW (``adamw_lr``,
+    ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay``), as the :func:`muon` preset does.
+    Given a list of parameters, every one must be a matrix.
+
+    Args:
+        model_or_params: a model, or parameters / ``(name, parameter)`` pairs.
+        rank: rank ``r`` of the stored momentum (``storm_lowrank``).
+        lr: the step ``eta`` (radius ``t = lr``).
+        momentum: LiMuon's beta in ``(0, 1]``.
+        method: ``"svd"`` (exact polar factor, LiMuon's Algorithm 1) or ``"newton_schulz"``
+            (LiMuon-NS: Jordan's quintic coefficients, 5 steps in bfloat16 by default).
+        oversampling: extra sketch columns ``s`` (LiMuon asks for ``s >= 2``; 5 is our default).
+        two_point: ``"exact"`` (two gradients of the same batch per step, as the paper; use
+            ``opt.step(closure)`` or ``opt.previous_iterate()``) or ``"approx"``.
+        low_rank: ``False`` for option 1 (full-rank STORM momentum).
+        shape_rule: the spectral shape factor. LiMuon states none (``W - eta U V^T``), so the
+            default is ``"none"``; ``"muon"`` or ``"rms"`` rescale as Muon or Scion do.
+        weight_decay: decoupled, as torch.optim.Muon (LiMuon has none).
+        head, embedding, roles: role assignment (models only); see :func:`param_groups`.
+        **options: ``rsvd_seed``, ``ns_preset``, ``ns_steps``, the ``adamw_*`` options, or any
+            other group key for the LiMuon groups.
+
+    References:
+        Huang, Luo, Chen, "LiMuon: Light and Fast Muon Optimizer for Large Models",
+        arXiv 2509.14562, Algorithms 1-3.
+    """
+    opts = dict(
+        rank=rank,
+        lr=lr,
+        momentum=momentum,
+        method=method,
+        oversampling=oversampling,
+        two_point=two_point,
+        low_rank=low_rank,
+        shape_rule=shape_rule,
+        weight_decay=weight_decay,
+        **options,
+    )
+    if isinstance(model_or_params, nn.Module):
+        groups = param_groups(
+            model_or_params, "limuon", head=head, embedding=embedding, roles=roles, **opts
+        )
+        return Gluon(groups, lr=lr)
+    table = _limuon_table(**opts)["hidden"]
+    params = _named_list(model_or_params)
+    for i, item in enumerate(params):
+        p = item[1] if isinstance(item, tuple) else item
+        name = item[0] if isinstance(item, tuple) else f"params[{i}]"
+        if isinstance(p, torch.Tensor) and p.ndim < 2:
+            raise ValueError(
+                f"limuon: parameter {name!r} has shape {tuple(p.shape)}; LiMuon takes matrices. "
+                "Pass the model instead to route vectors to AdamW."
+            )
+    return Gluon([{"params": params, "role": "hidden", **table}], lr=lr)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from gluon_optim.lab import optimizers as optim_registry
 from gluon_optim.lab.data import ImageDataset, TokenDataset, load_data
-from gluon_optim.lab.models import build_model, model_task
+from gluon_optim.lab.models import GPTConfig, build_model, model_config, model_task
 
 SCHEDULES = ("constant", "wsd", "cosine")
 
@@ -289,7 +289,9 @@ def train(
     model = _model_for(config, data)
     block_size = 0
     if isinstance(data, TokenDataset):
-        block_size = config.block_size or int(model.config.block_size)
+        model_cfg = model_config(config.model, **config.model_options)
+        assert isinstance(model_cfg, GPTConfig)  # _model_for checked the task
+        block_size = config.block_size or model_cfg.block_size
     lr, options = optim_registry.resolve(
         config.optimizer, config.model, config.lr, config.opt_options
     )
