@@ -53,7 +53,9 @@ def test_lr_schedules() -> None:
     assert lr_multiplier(RunConfig(steps=10), 7) == 1.0
 
 
-@pytest.mark.parametrize("optimizer", ["unscion", "muon", "adamw", "torch-muon"])
+@pytest.mark.parametrize(
+    "optimizer", ["unscion", "muon", "adamw", "torch-muon", "gluon-mvr2", "limuon-ns"]
+)
 def test_resume_is_bit_identical(corpus: str, tmp_path: Path, optimizer: str) -> None:
     config = _config(corpus, optimizer=optimizer, lr=None, schedule="wsd", checkpoint_every=3)
     full = train(config, tmp_path / "full", progress=False)
@@ -131,6 +133,16 @@ def test_run_folder_contents(corpus: str, tmp_path: Path) -> None:
     assert {"step", "tokens", "loss", "lr", "step_time", "opt_state_bytes"} <= set(recs[0])
     assert [r["step"] for r in recs if "val_loss" in r] == [4, 8]
     assert result.optimizer_state_bytes == recs[-1]["opt_state_bytes"] > 0
+
+
+@pytest.mark.parametrize(("optimizer", "per_step"), [("gluon-mvr1", 2), ("gluon-mvr1-approx", 1)])
+def test_gradient_evaluations_are_counted(
+    corpus: str, tmp_path: Path, optimizer: str, per_step: int
+) -> None:
+    # Exact two-point mode evaluates the batch at X^(k-1) and X^k (once on the first step).
+    train(_config(corpus, optimizer=optimizer, grad_accum=2), tmp_path / "r", progress=False)
+    evals = [r["grad_evals"] for r in read_metrics(tmp_path / "r")]
+    assert evals == [2 + 2 * per_step * k for k in range(8)]
 
 
 def test_image_task_full_batch(tmp_path: Path) -> None:

@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--optimizers",
         default="adamw,muon,unscion",
-        help="comma-separated names, optionally name@lr (default %(default)s). " + names,
+        help="comma-separated specs name[@lr][:key=value]..., e.g. unscion@0.0005 or "
+        "limuon:rank=4 (default %(default)s). Names: " + names,
     )
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default %(default)s)")
     p.add_argument("--out", help="output folder (default runs/<time>-compare-<model>)")

@@ -45,6 +45,29 @@ def _run_all(
     return results
 
 
+def parse_spec(spec: str) -> tuple[str, float | None, dict[str, Any]]:
+    """``name[@lr][:key=value]...`` -> (name, lr or None, options); values parsed as JSON.
+
+    ``limuon@0.02:rank=4`` is LiMuon at lr 0.02 with rank 4; ``unscion`` its tuned default.
+    """
+    head, *pairs = spec.split(":")
+    name, _, lr_text = head.partition("@")
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"optimizer spec {spec!r}: expected key=value after ':', got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    try:
+        lr = float(lr_text) if lr_text else None
+    except ValueError:
+        raise ValueError(f"optimizer spec {spec!r}: lr {lr_text!r} is not a number") from None
+    return name, lr, options
+
+
 def compare(
     base: RunConfig,
     optimizers: Sequence[str],
@@ -56,8 +79,8 @@ def compare(
 ) -> dict[str, Any]:
     """Train every optimizer x seed on ``base``; write ``report.md``, ``compare.json``, a plot.
 
-    ``optimizers`` are names from :data:`gluon_optim.lab.optimizers.OPTIMIZERS`, optionally
-    with an lr as ``name@lr`` (``unscion@0.0005``).
+    ``optimizers`` are specs ``name[@lr][:key=value]...`` (:func:`parse_spec`) with names from
+    :data:`gluon_optim.lab.optimizers.OPTIMIZERS`: ``unscion@0.0005``, ``limuon:rank=4``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

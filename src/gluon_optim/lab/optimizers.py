@@ -70,6 +70,26 @@ def _gluon(model: nn.Module, lr: float, **options: Any) -> list[torch.optim.Opti
     return [go.gluon(model, lr=lr, **options)]
 
 
+def _mvr(variant: int, two_point: str) -> Factory:
+    # Unconstrained Scion's norms and scales, so against `unscion` only the estimator differs.
+    def build(model: nn.Module, lr: float, **options: Any) -> list[torch.optim.Optimizer]:
+        scales = {role: {"scale": s} for role, s in go.presets.SCION_SCALES.items()}
+        opts = {"momentum": 0.9, "two_point": two_point, "settings": scales, **options}
+        return [go.gluon_mvr(model, variant, lr=lr, **opts)]
+
+    return build
+
+
+def _limuon(method: str) -> Factory:
+    # Muon's shape rule, so against `muon` only the estimator (and state) differs; the paper
+    # states no shape factor.
+    def build(model: nn.Module, lr: float, **options: Any) -> list[torch.optim.Optimizer]:
+        opts = {"method": method, "shape_rule": "muon", **options}
+        return [go.limuon(model, lr=lr, **opts)]
+
+    return build
+
+
 OPTIMIZERS: dict[str, OptimizerEntry] = {
     e.name: e
     for e in [
@@ -119,6 +139,28 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
         ),
     ]
 }
+for _variant in (1, 2, 3):
+    for _mode in ("exact", "approx"):
+        _name = f"gluon-mvr{_variant}" + ("" if _mode == "exact" else "-approx")
+        OPTIMIZERS[_name] = OptimizerEntry(
+            _name,
+            _mvr(_variant, _mode),
+            f"gluon_optim.gluon_mvr variant {_variant}, {_mode} two-point gradient, "
+            "unscion's norms and scales",
+            {"gpt": {"lr": 3e-4}, "cnn": {"lr": 1.5e-4}, "vit": {"lr": 1.5e-4}},
+        )
+for _method, _suffix in (("svd", ""), ("newton_schulz", "-ns")):
+    OPTIMIZERS[f"limuon{_suffix}"] = OptimizerEntry(
+        f"limuon{_suffix}",
+        _limuon(_method),
+        f"gluon_optim.limuon ({_method}): STORM momentum with a rank-r randomized-SVD state "
+        "(--opt rank=R, --opt low_rank=false for full rank), AdamW on the rest",
+        {
+            "gpt": {"lr": 0.02, "adamw_lr": 3e-3},
+            "cnn": {"lr": 0.02, "adamw_lr": 3e-3},
+            "vit": {"lr": 0.02, "adamw_lr": 3e-3},
+        },
+    )
 
 
 def model_family(model_name: str) -> str:

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import gluon_optim as go
 from gluon_optim.lab import optimizers as optim_registry
 from gluon_optim.lab.data import ImageDataset, TokenDataset, load_data
 from gluon_optim.lab.models import GPTConfig, build_model, model_config, model_task
@@ -203,6 +205,41 @@ class _Progress:
             print(text, file=sys.stderr, flush=True)
 
 
+def needs_closure(optimizers: list[torch.optim.Optimizer]) -> bool:
+    """Whether a step needs ``step(closure)``: a variance-reduced group in exact two-point mode.
+
+    Such a group evaluates the same batch at the previous and the current iterate, which only
+    one optimizer object can orchestrate; the lab's optimizer entries respect that.
+    """
+    exact = [
+        opt
+        for opt in optimizers
+        if isinstance(opt, go.Gluon)
+        and any(
+            g["algorithm"] == "lmo"
+            and g["estimator"] in go.estimators.VR_ESTIMATORS
+            and g["two_point"] == "exact"
+            for g in opt.param_groups
+        )
+    ]
+    if exact and len(optimizers) > 1:
+        raise ValueError("an exact two-point optimizer must be the only optimizer of a run")
+    return bool(exact)
+
+
+def _step(
+    optimizers: list[torch.optim.Optimizer], closure: Callable[[], Tensor], two_point: bool
+) -> Tensor:
+    if two_point:
+        result: Any = optimizers[0].step(closure)  # type: ignore[arg-type]
+        assert isinstance(result, Tensor)
+        return result
+    loss = closure()
+    for opt in optimizers:
+        opt.step()
+    return loss
+
+
 def _loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     logits = model(x)
     return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
@@ -298,7 +335,7 @@ def train(
     optimizers = optim_registry.build(config.optimizer, model, lr, options)
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
 
-    start_step, elapsed = 0, 0.0
+    start_step, elapsed, resumed_evals = 0, 0.0, 0
     if resume:
         ckpt = torch.load(ckpt_path, weights_only=True)
         model.load_state_dict(ckpt["model"])
@@ -306,6 +343,7 @@ def train(
             opt.load_state_dict(sd)
         torch.set_rng_state(ckpt["rng"])
         start_step, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
+        resumed_evals = int(ckpt.get("grad_evals", 0))
         _truncate_metrics(run_path / "metrics.jsonl", start_step)
     else:
         resolved = dataclasses.asdict(config)
@@ -337,9 +375,35 @@ def train(
                 "rng": torch.get_rng_state(),
                 "step": step,
                 "elapsed": elapsed,
+                "grad_evals": grad_evals,
             },
             ckpt_path,
         )
+
+    two_point = needs_closure(optimizers)
+    grad_evals = resumed_evals
+
+    def closure_for(step: int) -> Callable[[], Tensor]:
+        def closure() -> Tensor:
+            # One gradient evaluation of this step's batch (all micro-batches). Variance-reduced
+            # optimizers in exact mode call it twice: at the previous and the current iterate.
+            nonlocal grad_evals
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            total = torch.zeros(())
+            for micro in range(config.grad_accum):
+                index = step * config.grad_accum + micro
+                if isinstance(data, TokenDataset):
+                    x, y = data.batch("train", index, config.batch_size, block_size, config.seed)
+                else:
+                    x, y = data.batch("train", index, config.batch_size, config.seed)
+                loss = _loss(model, x, y) / config.grad_accum
+                loss.backward()  # type: ignore[no-untyped-call]
+                total += loss.detach()
+            grad_evals += config.grad_accum
+            return total
+
+        return closure
 
     bar = _Progress(config.steps, f"{config.optimizer}/s{config.seed}", progress)
     metrics = (run_path / "metrics.jsonl").open("a")
@@ -353,20 +417,8 @@ def train(
             for opt, lrs in zip(optimizers, base_lrs, strict=True):
                 for g, base in zip(opt.param_groups, lrs, strict=True):
                     g["lr"] = base * mult
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for micro in range(config.grad_accum):
-                index = step * config.grad_accum + micro
-                if isinstance(data, TokenDataset):
-                    x, y = data.batch("train", index, config.batch_size, block_size, config.seed)
-                else:
-                    x, y = data.batch("train", index, config.batch_size, config.seed)
-                loss = _loss(model, x, y) / config.grad_accum
-                loss.backward()  # type: ignore[no-untyped-call]
-                loss_sum += loss.item()
-            for opt in optimizers:
-                opt.step()
+            loss_t = _step(optimizers, closure_for(step), two_point)
+            loss_sum = float(loss_t)
             dt = time.perf_counter() - t0
             elapsed += dt
             record: dict[str, Any] = {
@@ -374,6 +426,7 @@ def train(
                 "tokens": (step + 1) * per_step,
                 "loss": loss_sum,
                 "lr": optimizers[0].param_groups[0]["lr"],
+                "grad_evals": grad_evals,
                 "step_time": dt,
                 "time": elapsed,
                 "opt_state_bytes": state_bytes(optimizers),
