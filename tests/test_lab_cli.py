@@ -100,6 +100,8 @@ def test_compare_sweep_plot(
                 "0,1",
                 "--out",
                 str(cmp_dir),
+                "--target-loss",
+                "50",
                 *TINY,
             ]
         )
@@ -107,6 +109,7 @@ def test_compare_sweep_plot(
     )
     text = capsys.readouterr().out
     assert "| adamw |" in text and "| unscion-lr0.001 |" in text
+    assert "steps to target" in text and "| 2 | 2 |" in text  # reached at the first eval
     assert (cmp_dir / "report.md").exists() and (cmp_dir / "loss.png").stat().st_size > 1000
     rows = json.loads((cmp_dir / "compare.json").read_text())["rows"]
     assert [r["seeds"] for r in rows] == [2, 2]

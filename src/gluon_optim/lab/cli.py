@@ -208,6 +208,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         _csv(args.seeds, int),
         out,
         progress=not args.quiet,
+        target_loss=args.target_loss,
     )
     print(res["table"])
     print(f"\nreport: {res['report']}\nplot:   {res['plot']}")
@@ -307,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
         "limuon:rank=4 (default %(default)s). Names: " + names,
     )
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default %(default)s)")
+    p.add_argument(
+        "--target-loss",
+        type=float,
+        default=None,
+        help="also report the steps and gradient evaluations to reach this validation loss",
+    )
     p.add_argument("--out", help="output folder (default runs/<time>-compare-<model>)")
     p.set_defaults(func=cmd_compare)
 

@@ -76,6 +76,7 @@ def compare(
     *,
     progress: bool = True,
     title: str = "",
+    target_loss: float | None = None,
 ) -> dict[str, Any]:
     """Train every optimizer x seed on ``base``; write ``report.md``, ``compare.json``, a plot.
 
@@ -97,13 +98,30 @@ def compare(
             )
     results = _run_all(base, out, variants, progress)
     summaries = [{**dataclasses.asdict(r), "label": label} for label, r in results]
+    if target_loss is not None:
+        for s in summaries:
+            reached = (
+                report.target_reached(s["run_dir"], target_loss)
+                if math.isfinite(s["final_val_loss"])
+                else (None, None)
+            )
+            s["steps_to_target"], s["evals_to_target"] = reached
     rows = report.summary_rows(summaries)
     table = report.format_table(rows)
     groups: dict[str, list[str]] = {}
     for label, r in results:
         if math.isfinite(r.final_val_loss):
             groups.setdefault(label, []).append(r.run_dir)
-    plot = report.plot_runs(groups, out / "loss.png", title or f"{base.model} on {base.data}")
+    two_point = any(
+        r["grad_evals"] != r["step"] * base.grad_accum
+        for _, res in results
+        if math.isfinite(res.final_val_loss)
+        for r in report.read_metrics(res.run_dir)[-1:]
+    )
+    axes = ("step", "grad_evals", "time") if two_point else ("step", "time")
+    plot = report.plot_runs(
+        groups, out / "loss.png", title or f"{base.model} on {base.data}", axes=axes
+    )
     budget = (
         f"{base.steps} steps, batch {base.batch_size} x accum {base.grad_accum}, "
         f"schedule {base.schedule}, seeds {list(seeds)}"
@@ -112,7 +130,8 @@ def compare(
         f"# {title or 'Comparison'}",
         "",
         f"Model `{base.model}`, data `{base.data}`, {budget}.",
-        "Every number below was measured in this run (CPU time of the training loop only).",
+        "Every number below was measured in this run (CPU time of the training loop only)."
+        + (f" Target validation loss: {target_loss}." if target_loss is not None else ""),
         "",
         table,
         "",

@@ -123,7 +123,7 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
             "scion",
             _scion,
             "gluon_optim.scion (constrained): a norm per role, lr * scale = radius",
-            {"gpt": {"lr": 3e-4}, "cnn": {"lr": 3e-4}, "vit": {"lr": 3e-4}},
+            {"gpt": {"lr": 3e-4}, "cnn": {"lr": 3e-4}, "vit": {"lr": 1.5e-4}},
         ),
         OptimizerEntry(
             "unscion",
@@ -147,7 +147,8 @@ for _variant in (1, 2, 3):
             _mvr(_variant, _mode),
             f"gluon_optim.gluon_mvr variant {_variant}, {_mode} two-point gradient, "
             "unscion's norms and scales",
-            {"gpt": {"lr": 3e-4}, "cnn": {"lr": 1.5e-4}, "vit": {"lr": 1.5e-4}},
+            # gpt: from the gluon-mvr1 sweep (docs/lab.md); cnn/vit: unscion's, not swept.
+            {"gpt": {"lr": 1.5e-4}, "cnn": {"lr": 1.5e-4}, "vit": {"lr": 1.5e-4}},
         )
 for _method, _suffix in (("svd", ""), ("newton_schulz", "-ns")):
     OPTIMIZERS[f"limuon{_suffix}"] = OptimizerEntry(

@@ -11,6 +11,16 @@ from typing import Any
 
 from gluon_optim.lab.train import read_metrics
 
+__all__ = [
+    "format_table",
+    "load_summaries",
+    "mean_std",
+    "plot_runs",
+    "read_metrics",
+    "summary_rows",
+    "target_reached",
+]
+
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value); NaN-aware."""
@@ -46,6 +56,15 @@ def summary_rows(summaries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
         }
         if acc:
             row["val_acc_mean"], row["val_acc_std"] = mean_std([float(a) for a in acc])
+        if "steps_to_target" in runs[0]:
+            reached = [r for r in runs if r["steps_to_target"] is not None]
+            row["reached"] = len(reached)
+            row["steps_to_target"] = (
+                statistics.fmean(r["steps_to_target"] for r in reached) if reached else None
+            )
+            row["evals_to_target"] = (
+                statistics.fmean(r["evals_to_target"] for r in reached) if reached else None
+            )
         rows.append(row)
     return rows
 
@@ -55,7 +74,9 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     has_acc = any("val_acc_mean" in r for r in rows)
     head = ["optimizer", "lr", "seeds", "val loss (mean ± std)"]
     head += ["val acc"] if has_acc else []
+    has_target = any("steps_to_target" in r for r in rows)
     head += ["train time s", "median step ms", "opt state MiB"]
+    head += ["steps to target", "grad evals to target"] if has_target else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         loss = (
@@ -70,6 +91,11 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
             acc = r.get("val_acc_mean")
             cells.append("-" if acc is None else f"{100 * acc:.1f}% ± {100 * r['val_acc_std']:.1f}")
         cells += [f"{r['time_s_mean']:.1f}", f"{r['step_ms_median']:.1f}", f"{r['state_mib']:.2f}"]
+        if has_target:
+            for key in ("steps_to_target", "evals_to_target"):
+                value = r.get(key)
+                note = f" ({r['reached']}/{r['seeds']})" if r.get("reached") != r["seeds"] else ""
+                cells.append("not reached" if value is None else f"{value:.0f}{note}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -82,46 +108,66 @@ def _ema(values: Sequence[float], alpha: float = 0.1) -> list[float]:
     return out
 
 
-def plot_runs(
-    groups: Mapping[str, Sequence[str | Path]], path: str | Path, title: str = ""
-) -> Path:
-    """Loss against steps and against wall-clock seconds, one colour per label.
+def target_reached(run_dir: str | Path, target: float) -> tuple[int | None, int | None]:
+    """(step, gradient evaluations) of the first evaluation with validation loss <= target."""
+    for r in read_metrics(run_dir):
+        if "val_loss" in r and r["val_loss"] <= target:
+            return int(r["step"]), int(r.get("grad_evals", r["step"]))
+    return None, None
 
-    Thin lines: the smoothed training loss of each seed; markers and thick lines: validation
-    loss averaged over seeds at the evaluation steps.
+
+_AXES = {
+    "step": "step",
+    "grad_evals": "gradient evaluations (batches)",
+    "time": "wall-clock seconds (training only)",
+}
+
+
+def plot_runs(
+    groups: Mapping[str, Sequence[str | Path]],
+    path: str | Path,
+    title: str = "",
+    axes: Sequence[str] = ("step", "time"),
+) -> Path:
+    """Loss against steps (and gradient evaluations, wall-clock seconds), one colour per label.
+
+    The first panel shows the smoothed training loss of each seed as thin lines; on every
+    panel, markers and thick lines are the validation loss averaged over seeds at the
+    evaluation steps.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_step, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, panels = plt.subplots(1, len(axes), figsize=(5.5 * len(axes), 4.2), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, run_dirs) in enumerate(groups.items()):
         color = colors[i % len(colors)]
-        val_by_step: dict[int, list[float]] = {}
-        time_by_step: dict[int, list[float]] = {}
+        val: dict[int, list[dict[str, Any]]] = {}
         for run in run_dirs:
             recs = read_metrics(run)
-            steps = [r["step"] for r in recs]
-            ax_step.plot(steps, _ema([r["loss"] for r in recs]), color=color, alpha=0.25, lw=0.8)
+            if axes[0] == "step":
+                xs = [r["step"] for r in recs]
+                ys = _ema([r["loss"] for r in recs])
+                panels[0][0].plot(xs, ys, color=color, alpha=0.25, lw=0.8)
             for r in recs:
                 if "val_loss" in r:
-                    val_by_step.setdefault(r["step"], []).append(r["val_loss"])
-                    time_by_step.setdefault(r["step"], []).append(r["time"])
-        if val_by_step:
-            xs = sorted(val_by_step)
-            ys = [statistics.fmean(val_by_step[s]) for s in xs]
-            ts = [statistics.fmean(time_by_step[s]) for s in xs]
-            ax_step.plot(xs, ys, "o-", color=color, lw=2, ms=3, label=f"{label} (val)")
-            ax_time.plot(ts, ys, "o-", color=color, lw=2, ms=3, label=label)
-    ax_step.set_xlabel("step")
-    ax_step.set_ylabel("loss (thin: train, smoothed; thick: validation)")
-    ax_time.set_xlabel("wall-clock seconds (training only)")
-    ax_time.set_ylabel("validation loss")
-    for ax in (ax_step, ax_time):
+                    val.setdefault(r["step"], []).append(r)
+        if not val:
+            continue
+        steps = sorted(val)
+        ys = [statistics.fmean(r["val_loss"] for r in val[s]) for s in steps]
+        for ax, key in zip(panels[0], axes, strict=True):
+            xs = [statistics.fmean(r.get(key, r["step"]) for r in val[s]) for s in steps]
+            ax.plot(xs, ys, "o-", color=color, lw=2, ms=3, label=label)
+    for ax, key in zip(panels[0], axes, strict=True):
+        ax.set_xlabel(_AXES[key])
+        ax.set_ylabel("validation loss")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
+    if axes[0] == "step":
+        panels[0][0].set_ylabel("loss (thin: train, smoothed; thick: validation)")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
