@@ -172,7 +172,8 @@ def test_zero_gradient_gives_zero_step_in_the_optimizer(norm: str) -> None:
     shape = {"bias_rms": (5,), "spectral_conv": (4, 3, 3, 3)}.get(norm, (6, 4))
     p = nn.Parameter(torch.randn(*shape))
     x0 = p.detach().clone()
-    opt = go.Gluon([p], lr=0.1, norm=norm, radius="l0l1", l0=1.0, l1=1.0)
-    p.grad = torch.zeros_like(p)
-    opt.step()
-    assert torch.equal(p.detach(), x0)
+    for l0 in (1.0, 0.0):  # l0 = 0: the theorem's radius is 0/0 at a zero gradient
+        opt = go.Gluon([p], lr=0.1, norm=norm, radius="l0l1", l0=l0, l1=1.0)
+        p.grad = torch.zeros_like(p)
+        opt.step()
+        assert torch.equal(p.detach(), x0)

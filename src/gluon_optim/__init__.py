@@ -9,7 +9,7 @@ Quick start::
     print(go.describe(opt))                                # what happens to each parameter
 """
 
-from gluon_optim import estimators, lowrank, norms, polar
+from gluon_optim import estimators, lowrank, norms, polar, smoothness
 from gluon_optim.optimizer import DEFAULTS, Gluon, describe, resolve_norm
 from gluon_optim.presets import (
     PRESETS,
@@ -46,5 +46,6 @@ __all__ = [
     "preset_table",
     "resolve_norm",
     "scion",
+    "smoothness",
     "unscion",
 ]

@@ -787,7 +787,9 @@ class Gluon(Optimizer):
                 dual = factor * (operand * direction.to(operand.dtype)).sum()
             else:
                 dual = norm.dual(_to_operand(norm, g, transposed)).sum()
-            radius = radius * dual / (group["l0"] + group["l1"] * dual)
+            # With L0 = 0 a zero gradient would make 0/0; the clamp keeps the step exactly 0.
+            denom = (group["l0"] + group["l1"] * dual).clamp(min=torch.finfo(dual.dtype).tiny)
+            radius = radius * dual / denom
 
         if group["weight_decay"] != 0.0:
             p.mul_(1.0 - lr * group["weight_decay"])

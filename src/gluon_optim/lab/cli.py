@@ -148,6 +148,25 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         default=d.checkpoint_every,
         help="checkpoint every N steps (0: only at the end; default %(default)s)",
     )
+    g.add_argument(
+        "--radius",
+        choices=("constant", "l0l1", "theory_decay"),
+        default=None,
+        help="radius policy of the Gluon-family optimizers (Gluon Theorems 1 and 2)",
+    )
+    g.add_argument(
+        "--fit",
+        metavar="FILE",
+        default=None,
+        help="gluon optimizer: take each role's (L0, L1) from FILE (fits-role.json written by "
+        "`gluon-optim smoothness`) and use the l0l1 radius; lr then defaults to 1",
+    )
+    g.add_argument(
+        "--probe-every",
+        type=int,
+        default=0,
+        help="measure layer-wise smoothness every N steps into smoothness.jsonl (Gluon optimizers)",
+    )
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     g.add_argument(
         "--data-cache",
@@ -159,12 +178,17 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, **overrides: Any) -> RunConfig:
+    opt_options = _pairs(args.opt, "--opt")
+    if getattr(args, "fit", None):
+        opt_options["fit"] = args.fit
+    if getattr(args, "radius", None):
+        opt_options["radius"] = args.radius
     config = RunConfig(
         model=args.model,
         data=args.data,
         optimizer=getattr(args, "optimizer", "unscion"),
         lr=args.lr,
-        opt_options=_pairs(args.opt, "--opt"),
+        opt_options=opt_options,
         model_options=_pairs(args.model_opt, "--model-opt"),
         steps=args.steps,
         batch_size=args.batch_size,
@@ -177,6 +201,7 @@ def _config(args: argparse.Namespace, **overrides: Any) -> RunConfig:
         eval_batches=args.eval_batches,
         checkpoint_every=args.checkpoint_every,
         seed=getattr(args, "seed", 0),
+        probe_every=getattr(args, "probe_every", 0),
         threads=args.threads,
         data_cache=args.data_cache,
     )
@@ -243,6 +268,59 @@ def cmd_plot(args: argparse.Namespace) -> int:
         groups.setdefault(label, []).append(run)
     out = report.plot_runs(groups, args.out, args.title or "")
     print(f"plot: {out}")
+    return 0
+
+
+def cmd_smoothness(args: argparse.Namespace) -> int:
+    from gluon_optim.lab import smoothness as lab_smoothness
+
+    out = Path(args.out) if args.out else _default_out("smoothness")
+    factors = tuple(_csv(args.sweep, float)) if args.sweep else ()
+    for name in _csv(args.protocols):
+        overrides: dict[str, Any] = {"threads": args.threads, "data_cache": args.data_cache}
+        if args.steps:
+            overrides["steps"] = args.steps
+        if args.every:
+            overrides["probe_every"] = args.every
+        if args.data and name == "cnn":
+            overrides["data"] = args.data
+        if args.model_opt:
+            overrides["model_options"] = {
+                **lab_smoothness.PROTOCOLS[name].model_options,
+                **_pairs(args.model_opt, "--model-opt"),
+            }
+        res = lab_smoothness.run_protocol(
+            name,
+            out / name,
+            overrides=overrides,
+            sweep_factors=factors,
+            progress=not args.quiet,
+        )
+        print(f"\n== {name} ==")
+        print("| role | L0 | L1 | theory 1/L1 | tuned radius | swept radius |")
+        print("|---|---|---|---|---|---|")
+        for r in res["radii"]:
+            cells = [
+                lab_smoothness._fmt(r[k])
+                for k in ("l0", "l1", "theory_radius", "tuned_radius", "swept_radius")
+            ]
+            print(f"| {r['role']} | " + " | ".join(cells) + " |")
+        print(f"report: {res['report']}\nfits:   {res['fits_role']}")
+        if args.then_train:
+            base = dataclasses.replace(
+                lab_smoothness.PROTOCOLS[name], **{**overrides, "probe_every": 0}
+            )
+            theory = f"gluon@1.0:fit={res['fits_role']}"
+            cmp = experiments.compare(
+                base,
+                [base.optimizer, theory],
+                _csv(args.seeds, int),
+                out / name / "train",
+                progress=not args.quiet,
+                title=f"tuned {base.optimizer} vs Gluon with fitted l0l1 radii ({name})",
+            )
+            print(cmp["table"])
+            print(f"report: {cmp['report']}")
     return 0
 
 
@@ -331,6 +409,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default %(default)s)")
     p.add_argument("--out", help="output folder (default runs/<time>-sweep-<model>)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "smoothness",
+        help="the Gluon paper's layer-wise (L0, L1)-smoothness experiments (GPT and CNN)",
+    )
+    p.add_argument(
+        "--protocols",
+        default="gpt,cnn",
+        help="gpt (tied gpt-tiny, unconstrained Scion, constant lr, beta 0.9) and/or cnn "
+        "(cnn-small on digits, full batch, no momentum) (default %(default)s)",
+    )
+    p.add_argument("--steps", type=int, default=0, help="override the protocol's steps")
+    p.add_argument("--every", type=int, default=0, help="override the probe cadence")
+    p.add_argument(
+        "--data", default=None, help="cnn protocol data, e.g. cifar10:PATH (default digits)"
+    )
+    p.add_argument(
+        "--model-opt",
+        action="append",
+        metavar="KEY=VALUE",
+        help="model override, e.g. for the 124M shape on a GPU",
+    )
+    p.add_argument(
+        "--sweep",
+        default="0.25,0.5,1,2,4",
+        help="lr factors of a same-budget sweep for the 'swept' radii; '' to skip "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--then-train",
+        action="store_true",
+        help="afterwards compare the tuned optimizer with Gluon at the fitted radii",
+    )
+    p.add_argument("--seeds", default="0,1,2", help="seeds for --then-train (default %(default)s)")
+    p.add_argument("--out", help="output folder (default runs/<time>-smoothness)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--data-cache", default=None, help="cache folder for the tokenised corpus")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_smoothness)
 
     p = sub.add_parser("plot", help="plot loss against steps and wall-clock from run folders")
     p.add_argument("runs", nargs="+", help="run folders (runs of one optimizer are averaged)")

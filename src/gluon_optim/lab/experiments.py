@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,14 @@ def _run_all(
             (run_dir / "summary.json").write_text(json.dumps(dataclasses.asdict(result)) + "\n")
         results.append((label, result))
     return results
+
+
+def _label(name: str, lr: float | None, options: dict[str, Any]) -> str:
+    # A folder-safe label: file paths (fit=...) are reduced to the option's name.
+    parts = [name] + ([f"lr{lr:g}"] if lr is not None else [])
+    for key, value in options.items():
+        parts.append(key if key == "fit" else f"{key}{value}")
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", "-".join(parts)).strip("-")
 
 
 def parse_spec(spec: str) -> tuple[str, float | None, dict[str, Any]]:
@@ -87,15 +96,13 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     variants = []
     for spec in optimizers:
-        name, _, lr_text = spec.partition("@")
-        lr = float(lr_text) if lr_text else None
+        name, lr, options = parse_spec(spec)
+        config = dataclasses.replace(
+            base, optimizer=name, lr=lr, opt_options={**base.opt_options, **options}
+        )
+        label = _label(name, lr, options)
         for seed in seeds:
-            variants.append(
-                (
-                    spec.replace("@", "-lr"),
-                    dataclasses.replace(base, optimizer=name, lr=lr, seed=seed),
-                )
-            )
+            variants.append((label, dataclasses.replace(config, seed=seed)))
     results = _run_all(base, out, variants, progress)
     summaries = [{**dataclasses.asdict(r), "label": label} for label, r in results]
     if target_loss is not None:

@@ -67,6 +67,14 @@ def _unscion(model: nn.Module, lr: float, **options: Any) -> list[torch.optim.Op
 
 
 def _gluon(model: nn.Module, lr: float, **options: Any) -> list[torch.optim.Optimizer]:
+    # fit=FILE: Gluon's Theorem 1 radius with the (L0, L1) of each role fitted by
+    # `gluon-optim smoothness` (fits-role.json); explicit settings still win per key.
+    fit = options.pop("fit", None)
+    if fit is not None:
+        theory = go.smoothness.radius_settings(go.smoothness.load_fits(fit), by="role")
+        user = options.pop("settings", None) or {}
+        roles = set(theory) | set(user)
+        options["settings"] = {r: {**theory.get(r, {}), **user.get(r, {})} for r in roles}
     return [go.gluon(model, lr=lr, **options)]
 
 
@@ -179,6 +187,8 @@ def resolve(
     entry = get(name)
     defaults = dict(entry.defaults.get(model_family(model_name), {}))
     tuned_lr = defaults.pop("lr", 1e-3)
+    if "fit" in options:
+        tuned_lr = 1.0  # the fitted radii are the theorem's step sizes: lr multiplies them
     return (tuned_lr if lr is None else lr), {**defaults, **options}
 
 

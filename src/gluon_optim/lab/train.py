@@ -65,6 +65,7 @@ class RunConfig:
     eval_batches: int = 8
     checkpoint_every: int = 0  # 0: only at the end
     seed: int = 0
+    probe_every: int = 0  # > 0: attach a SmoothnessProbe (smoothness.jsonl in the run folder)
     threads: int | None = None
     data_cache: str | None = None
 
@@ -78,6 +79,7 @@ class RunConfig:
             ("eval_every", self.eval_every >= 1),
             ("eval_batches", self.eval_batches >= 1),
             ("checkpoint_every", self.checkpoint_every >= 0),
+            ("probe_every", self.probe_every >= 0),
             ("warmup", 0 <= self.warmup < self.steps or self.warmup == 0),
             ("decay_frac", 0.0 <= self.decay_frac <= 1.0),
             ("lr", self.lr is None or (self.lr > 0 and math.isfinite(self.lr))),
@@ -345,6 +347,7 @@ def train(
         start_step, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
         resumed_evals = int(ckpt.get("grad_evals", 0))
         _truncate_metrics(run_path / "metrics.jsonl", start_step)
+        _truncate_metrics(run_path / "smoothness.jsonl", start_step)
     else:
         resolved = dataclasses.asdict(config)
         _write_json(run_path / "config.json", {"config": resolved, "lr": lr, "options": options})
@@ -380,6 +383,20 @@ def train(
             ckpt_path,
         )
 
+    probe = None
+    if config.probe_every:
+        if not isinstance(optimizers[0], go.Gluon) or len(optimizers) > 1:
+            raise ValueError(
+                f"probe_every needs one gluon_optim.Gluon optimizer; {config.optimizer!r} is not"
+            )
+        # Measures (k, k+1) pairs whose k+1 is a multiple of probe_every; a pair cut by a
+        # checkpoint boundary is dropped, never half-measured.
+        probe = go.smoothness.SmoothnessProbe(
+            optimizers[0],
+            config.probe_every,
+            sink=run_path / "smoothness.jsonl",
+            start_step=start_step + 1,  # number steps as metrics.jsonl does, from 1
+        )
     two_point = needs_closure(optimizers)
     grad_evals = resumed_evals
 
@@ -446,6 +463,8 @@ def train(
         save(end)
     finally:
         metrics.close()
+        if probe is not None:
+            probe.remove()
     if math.isnan(val_loss):  # nothing left to run (resuming a finished run)
         val_loss, val_acc = evaluate(model, data, config, block_size)
     step_times = [r["step_time"] for r in read_metrics(run_path)]

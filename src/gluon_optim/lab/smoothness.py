@@ -1,0 +1,217 @@
+"""The Gluon paper's smoothness experiments on the lab, scaled down (``gluon-optim smoothness``).
+
+Two protocols, as in Riabinin et al. (arXiv 2505.13416, section 5 and the official experiment
+code):
+
+* ``gpt``: a GPT with a tied embedding trained by unconstrained Scion at a constant lr with
+  momentum beta = 0.9, measuring every ``every`` steps (the paper: NanoGPT-124M, every 50 of
+  5100 steps);
+* ``cnn``: the CNN trained full batch by unconstrained Scion with no momentum, measuring every
+  ``every`` steps (the paper: CIFAR-10, every epoch).
+
+Each experiment trains with a :class:`gluon_optim.smoothness.SmoothnessProbe` attached, fits
+``L_hat ~ L0 + L1 ||g||_*`` per parameter and per role, plots ``L_hat`` against ``||g||_*``
+per role with the fitted line, and writes a report with the fitted constants, the theoretical
+radii ``1/L1`` next to the radii the configuration used and, with ``sweep=True``, next to the
+best radii of an lr sweep at the same budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from gluon_optim import smoothness as sm
+from gluon_optim.lab import experiments
+from gluon_optim.lab.optimizers import resolve
+from gluon_optim.lab.train import RunConfig, train
+from gluon_optim.presets import SCION_SCALES
+
+#: The two protocols; any field can be overridden.
+PROTOCOLS: dict[str, RunConfig] = {
+    "gpt": RunConfig(
+        model="gpt-tiny",
+        data="stdlib",
+        optimizer="unscion",
+        model_options={"tied": True},
+        opt_options={"momentum": 0.9},
+        steps=600,
+        batch_size=16,
+        schedule="constant",
+        eval_every=100,
+        probe_every=10,
+    ),
+    "cnn": RunConfig(
+        model="cnn-small",
+        data="digits",
+        optimizer="unscion",
+        opt_options={"momentum": 0.0},
+        steps=300,
+        batch_size=0,  # full batch
+        schedule="constant",
+        eval_every=100,
+        probe_every=5,
+    ),
+}
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}g}"
+
+
+def plot_role(records: list[dict[str, Any]], fit: sm.Fit, role: str, path: Path) -> Path:
+    """``L_hat`` against ``||g||_*`` for one role (one colour per parameter), with the fit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    by_param: dict[str, list[tuple[float, float]]] = {}
+    for r in records:
+        if r.get("L_hat") is not None and r.get("grad_dual") is not None:
+            by_param.setdefault(str(r["param"]), []).append((r["grad_dual"], r["L_hat"]))
+    for name, pts in by_param.items():
+        xs, ys = zip(*pts, strict=True)
+        ax.scatter(xs, ys, s=9, alpha=0.6, label=name if len(by_param) <= 8 else None)
+    xs_all = [x for pts in by_param.values() for x, _ in pts]
+    if fit.l0 is not None and fit.l1 is not None and xs_all:
+        lo, hi = 0.0, max(xs_all) * 1.05
+        ax.plot(
+            [lo, hi],
+            [fit.l0 + fit.l1 * lo, fit.l0 + fit.l1 * hi],
+            "k-",
+            lw=1.5,
+            label=f"L0={fit.l0:.3g}, L1={fit.l1:.3g}",
+        )
+    ax.set_xlabel("||g||_*  (dual norm of the minibatch gradient)")
+    ax.set_ylabel("L_hat = ||g_{k+1} - g_k||_* / ||X_{k+1} - X_k||")
+    ax.set_title(f"role {role}: {len(xs_all)} points")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_protocol(
+    name: str,
+    out_dir: str | Path,
+    *,
+    overrides: dict[str, Any] | None = None,
+    sweep_factors: tuple[float, ...] = (),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train protocol ``name`` with the probe, fit, plot and report into ``out_dir``.
+
+    Returns a dict with the per-parameter and per-role fits, the radius table and the paths.
+    ``sweep_factors`` (e.g. ``(0.25, 0.5, 1, 2, 4)``) adds an lr sweep of the same optimizer at
+    the same budget (without the probe), whose best lr gives the "swept" radii.
+    """
+    if name not in PROTOCOLS:
+        raise ValueError(
+            f"Unknown smoothness protocol {name!r}; expected one of {sorted(PROTOCOLS)}"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.replace(PROTOCOLS[name], **(overrides or {}))
+    run_dir = out / "run"
+    result = train(config, run_dir, progress=progress)
+    records = sm.read_records(run_dir / "smoothness.jsonl")
+    by_param = sm.fit_records(records, by="param")
+    by_role = sm.fit_records(records, by="role")
+    sm.save_fits(out / "fits-param.json", by_param)
+    sm.save_fits(out / "fits-role.json", by_role)
+
+    lr, options = resolve(config.optimizer, config.model, config.lr, config.opt_options)
+    scales = {**SCION_SCALES, **options.get("scales", {})}
+    swept_lr = None
+    if sweep_factors:
+        base = dataclasses.replace(config, probe_every=0)
+        res = experiments.sweep(
+            base,
+            [config.optimizer],
+            [lr * f for f in sweep_factors],
+            out / "sweep",
+            progress=progress,
+        )
+        best = res["best"].get(config.optimizer)
+        swept_lr = best["lr"] if best else None
+
+    plots = {}
+    for role, fit in by_role.items():
+        role_records = [r for r in records if r.get("role") == role]
+        plots[role] = plot_role(role_records, fit, role, out / f"smoothness-{role}.png").name
+
+    radius_rows = []
+    for role, fit in by_role.items():
+        theory = 1.0 / fit.l1 if fit.l1 else None
+        tuned = lr * scales.get(role, 1.0)
+        swept = swept_lr * scales.get(role, 1.0) if swept_lr is not None else None
+        radius_rows.append(
+            {
+                "role": role,
+                "l0": fit.l0,
+                "l1": fit.l1,
+                "mse_rel": fit.mse_rel,
+                "n_points": fit.n_points,
+                "theory_radius": theory,
+                "tuned_radius": tuned,
+                "swept_radius": swept,
+                "note": fit.note,
+            }
+        )
+
+    lines = [
+        f"# Layer-wise smoothness: protocol `{name}`",
+        "",
+        f"`{config.model}` (options {config.model_options}) on `{config.data}`, optimizer "
+        f"`{config.optimizer}` at constant lr {lr:g} with {options}, {config.steps} steps, batch "
+        f"{'full' if config.batch_size <= 0 else config.batch_size}, probe every "
+        f"{config.probe_every} steps. Final validation loss {_fmt(result.final_val_loss)}.",
+        "",
+        "## Fitted constants per parameter",
+        "",
+        "| parameter | role | L0 | L1 | MSE_rel | points | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, fit in by_param.items():
+        lines.append(
+            f"| {key} | {fit.role} | {_fmt(fit.l0)} | {_fmt(fit.l1)} | {_fmt(fit.mse_rel, 3)} | "
+            f"{fit.n_points} | {fit.note} |"
+        )
+    lines += [
+        "",
+        "## Radii per role: theory 1/L1 against the configuration and the sweep",
+        "",
+        "| role | L0 | L1 | MSE_rel | theory 1/L1 | tuned lr*scale | best swept lr*scale |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in radius_rows:
+        lines.append(
+            f"| {r['role']} | {_fmt(r['l0'])} | {_fmt(r['l1'])} | {_fmt(r['mse_rel'], 3)} | "
+            f"{_fmt(r['theory_radius'])} | {_fmt(r['tuned_radius'])} | "
+            f"{_fmt(r['swept_radius']) if sweep_factors else 'not swept'} |"
+        )
+    lines += ["", *[f"![{role}]({png})" for role, png in plots.items()], ""]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    payload = {
+        "protocol": name,
+        "config": dataclasses.asdict(config),
+        "lr": lr,
+        "swept_lr": swept_lr,
+        "radii": radius_rows,
+        "fits_param": {k: dataclasses.asdict(f) for k, f in by_param.items()},
+    }
+    (out / "smoothness.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return {
+        "report": str(out / "report.md"),
+        "fits_role": str(out / "fits-role.json"),
+        "radii": radius_rows,
+        "by_param": by_param,
+        "plots": plots,
+    }

@@ -1,0 +1,126 @@
+"""`gluon-optim smoothness` and training with fitted radii, on tiny budgets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gluon_optim import smoothness
+from gluon_optim.lab import cli
+from gluon_optim.lab.train import RunConfig, train
+
+CNN = [
+    "--protocols",
+    "cnn",
+    "--steps",
+    "12",
+    "--every",
+    "3",
+    "--model-opt",
+    "widths=[8, 16]",
+    "--quiet",
+]
+
+
+def test_smoothness_protocol_then_train(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sm"
+    assert (
+        cli.main(
+            [
+                "smoothness",
+                *CNN,
+                "--sweep",
+                "0.5,1",
+                "--then-train",
+                "--seeds",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "| conv |" in text and "theory 1/L1" in text
+    report = (out / "cnn" / "report.md").read_text()
+    assert "Fitted constants per parameter" in report and "nan" not in report.lower()
+    records = smoothness.read_records(out / "cnn" / "run" / "smoothness.jsonl")
+    assert {r["step"] for r in records} == {3, 6, 9, 12}
+    fits = smoothness.load_fits(out / "cnn" / "fits-role.json")
+    assert {"conv", "head", "norm"} <= set(fits)
+    assert all(f.l1 is not None and f.l1 > 0 for f in fits.values())
+    for role in ("conv", "head"):
+        assert (out / "cnn" / f"smoothness-{role}.png").stat().st_size > 1000
+    swept = json.loads((out / "cnn" / "smoothness.json").read_text())["swept_lr"]
+    assert swept is not None
+    rows = json.loads((out / "cnn" / "train" / "compare.json").read_text())["rows"]
+    assert [r["optimizer"] for r in rows] == ["unscion", "gluon-lr1-fit"]
+
+
+def test_train_with_fitted_radii(tmp_path: Path) -> None:
+    fits = {
+        role: smoothness.Fit(l0=1e-6, l1=l1, mse_rel=0.1, n_points=10, role=role)
+        for role, l1 in (("conv", 20.0), ("head", 500.0), ("norm", 50.0), ("bias", 50.0))
+    }
+    path = tmp_path / "fits.json"
+    smoothness.save_fits(path, fits)
+    out = tmp_path / "run"
+    assert (
+        cli.main(
+            [
+                "train",
+                "--model",
+                "cnn-small",
+                "--data",
+                "digits",
+                "--optimizer",
+                "gluon",
+                "--fit",
+                str(path),
+                "--model-opt",
+                "widths=[8, 16]",
+                "--steps",
+                "3",
+                "--batch-size",
+                "32",
+                "--eval-every",
+                "3",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["lr"] == 1.0 and cfg["options"]["fit"] == str(path)
+    groups = (out / "groups.txt").read_text()
+    assert "conv" in groups
+
+
+def test_probe_in_the_training_loop_survives_resume(tmp_path: Path) -> None:
+    config = RunConfig(
+        model="cnn-small",
+        data="digits",
+        optimizer="unscion",
+        steps=8,
+        batch_size=32,
+        probe_every=2,
+        checkpoint_every=3,
+        eval_every=4,
+        model_options={"widths": [8, 16]},
+    )
+    train(config, tmp_path / "full", progress=False)
+    train(config, tmp_path / "part", progress=False, stop_after=5)
+    train(RunConfig(), tmp_path / "part", resume=True, progress=False)
+    full = smoothness.read_records(tmp_path / "full" / "smoothness.jsonl")
+    part = smoothness.read_records(tmp_path / "part" / "smoothness.jsonl")
+    # Steps are numbered as in metrics.jsonl. The pair (5, 6) straddles the stop: its first
+    # half was taken before it, so it is dropped, never half-measured; every other record is
+    # the uninterrupted run's, value for value.
+    assert sorted({r["step"] for r in full}) == [2, 4, 6, 8]
+    assert sorted({r["step"] for r in part}) == [2, 4, 8]
+    key = lambda r: (r["step"], r["param"])  # noqa: E731
+    assert sorted(part, key=key) == sorted((r for r in full if r["step"] != 6), key=key)
