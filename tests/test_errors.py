@@ -70,7 +70,7 @@ def test_norm_that_does_not_fit_names_the_parameter(tiny: TinyNet) -> None:
         go.Gluon([("fc.weight", tiny.fc.weight)], norm="spectral_conv")
     with pytest.raises(ValueError, match="transposed=True needs a 2-D parameter"):
         go.Gluon([tiny.fc.bias], transposed=True)
-    with pytest.raises(ValueError, match="Muon takes matrices"):
+    with pytest.raises(ValueError, match="muon takes matrices"):
         go.muon(list(tiny.parameters()))
 
 

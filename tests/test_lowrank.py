@@ -293,7 +293,7 @@ def test_limuon_preset_groups(tiny: TinyNet) -> None:
     )
     with pytest.raises(ValueError, match="limuon: unknown method 'qr'"):
         go.limuon(tiny, method="qr")
-    with pytest.raises(ValueError, match="LiMuon takes matrices"):
+    with pytest.raises(ValueError, match="limuon takes matrices"):
         go.limuon(list(tiny.parameters()))
     with pytest.raises(ValueError, match="Invalid rank: 0"):
         go.limuon(tiny, 0)

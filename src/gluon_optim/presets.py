@@ -289,6 +289,22 @@ def _named_list(params: Iterable[Any]) -> list[Any]:
     return items
 
 
+def _matrices_only(
+    preset: str, params: Iterable[Any], settings: dict[str, Any], lr: float | Tensor
+) -> Gluon:
+    """One group of matrices for a matrix-only preset given parameters instead of a model."""
+    items = _named_list(params)
+    for i, item in enumerate(items):
+        p = item[1] if isinstance(item, tuple) else item
+        name = item[0] if isinstance(item, tuple) else f"params[{i}]"
+        if isinstance(p, torch.Tensor) and p.ndim < 2:
+            raise ValueError(
+                f"{preset}: parameter {name!r} has shape {tuple(p.shape)}; {preset} takes "
+                "matrices. Pass the model instead to route vectors to AdamW."
+            )
+    return Gluon([{"params": items, "role": "hidden", **settings}], lr=lr)
+
+
 def muon(
     model_or_params: nn.Module | Iterable[Tensor] | Iterable[tuple[str, Tensor]],
     *,
@@ -334,17 +350,7 @@ def muon(
             model_or_params, "muon", head=head, embedding=embedding, roles=roles, **opts
         )
         return Gluon(groups, lr=lr)
-    table = _muon_table(**opts)["hidden"]
-    params = _named_list(model_or_params)
-    for i, item in enumerate(params):
-        p = item[1] if isinstance(item, tuple) else item
-        name = item[0] if isinstance(item, tuple) else f"params[{i}]"
-        if isinstance(p, torch.Tensor) and p.ndim < 2:
-            raise ValueError(
-                f"muon: parameter {name!r} has shape {tuple(p.shape)}; Muon takes matrices. "
-                "Pass the model instead to route vectors to AdamW."
-            )
-    return Gluon([{"params": params, "role": "hidden", **table}], lr=lr)
+    return _matrices_only("muon", model_or_params, _muon_table(**opts)["hidden"], lr)
 
 
 def scion(
@@ -564,14 +570,4 @@ def limuon(
             model_or_params, "limuon", head=head, embedding=embedding, roles=roles, **opts
         )
         return Gluon(groups, lr=lr)
-    table = _limuon_table(**opts)["hidden"]
-    params = _named_list(model_or_params)
-    for i, item in enumerate(params):
-        p = item[1] if isinstance(item, tuple) else item
-        name = item[0] if isinstance(item, tuple) else f"params[{i}]"
-        if isinstance(p, torch.Tensor) and p.ndim < 2:
-            raise ValueError(
-                f"limuon: parameter {name!r} has shape {tuple(p.shape)}; LiMuon takes matrices. "
-                "Pass the model instead to route vectors to AdamW."
-            )
-    return Gluon([{"params": params, "role": "hidden", **table}], lr=lr)
+    return _matrices_only("limuon", model_or_params, _limuon_table(**opts)["hidden"], lr)
