@@ -141,8 +141,10 @@ def test_gradient_evaluations_are_counted(
 ) -> None:
     # Exact two-point mode evaluates the batch at X^(k-1) and X^k (once on the first step).
     train(_config(corpus, optimizer=optimizer, grad_accum=2), tmp_path / "r", progress=False)
-    evals = [r["grad_evals"] for r in read_metrics(tmp_path / "r")]
-    assert evals == [2 + 2 * per_step * k for k in range(8)]
+    recs = read_metrics(tmp_path / "r")
+    assert [r["grad_evals"] for r in recs] == [2 + 2 * per_step * k for k in range(8)]
+    # The previous iterate (exact) or gradient (approx) is two-point state, not momentum.
+    assert recs[-1]["opt_state_two_point"] == recs[-1]["opt_state_momentum"] > 0
 
 
 def test_image_task_full_batch(tmp_path: Path) -> None:

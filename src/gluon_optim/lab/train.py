@@ -207,6 +207,18 @@ class _Progress:
             print(text, file=sys.stderr, flush=True)
 
 
+def _state_split(optimizers: list[torch.optim.Optimizer]) -> dict[str, int]:
+    # Momentum versus two-point state (previous iterate / gradient), as Gluon counts them, so a
+    # low-rank momentum's saving is never confused with the copies its correction needs.
+    if not all(isinstance(opt, go.Gluon) for opt in optimizers):
+        return {}
+    split = [opt.state_bytes() for opt in optimizers if isinstance(opt, go.Gluon)]
+    return {
+        "opt_state_momentum": sum(s["momentum"] for s in split),
+        "opt_state_two_point": sum(s["two_point"] for s in split),
+    }
+
+
 def needs_closure(optimizers: list[torch.optim.Optimizer]) -> bool:
     """Whether a step needs ``step(closure)``: a variance-reduced group in exact two-point mode.
 
@@ -447,6 +459,7 @@ def train(
                 "step_time": dt,
                 "time": elapsed,
                 "opt_state_bytes": state_bytes(optimizers),
+                **_state_split(optimizers),
             }
             if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
                 val_loss, val_acc = evaluate(model, data, config, block_size)
