@@ -49,11 +49,15 @@ PROTOCOLS: dict[str, RunConfig] = {
         data="digits",
         optimizer="unscion",
         opt_options={"momentum": 0.0},
-        steps=300,
+        # Full-batch training memorises the 1347 digits in about 60 steps, after which every
+        # gradient, and so L_hat, collapses towards 0 and the fit only sees the early phase;
+        # 50 steps measured at every step keeps the protocol in the regime the paper's
+        # CIFAR-10 run (where the loss never vanishes) observes. Use more steps on CIFAR-10.
+        steps=50,
         batch_size=0,  # full batch
         schedule="constant",
-        eval_every=100,
-        probe_every=5,
+        eval_every=25,
+        probe_every=1,
     ),
 }
 
