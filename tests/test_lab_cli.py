@@ -47,7 +47,7 @@ def test_help_through_the_console_entry_point() -> None:
         text=True,
         check=True,
     ).stdout
-    for command in ("demo", "train", "compare", "sweep", "plot"):
+    for command in ("demo", "train", "compare", "sweep", "smoothness", "bench", "plot"):
         assert command in out
     train_help = subprocess.run(
         [sys.executable, "-m", "gluon_optim.lab.cli", "train", "--help"],
@@ -193,3 +193,31 @@ def test_bad_input_is_a_clear_error(
         cli.main(["train", "--data", corpus, "--opt", "momentum", *TINY])
     with pytest.raises(SystemExit):
         cli.main(["train", "--optimizer", "sgd"])
+
+
+def test_bench_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench"
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--widths",
+                "16",
+                "--n-layer",
+                "1",
+                "--repeats",
+                "2",
+                "--warmup",
+                "1",
+                "--sizes",
+                "8",
+                "--scaling-repeats",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert "torch.optim.Muon" in capsys.readouterr().out
+    assert (out / "bench.json").exists() and (out / "scaling.png").exists()
