@@ -97,6 +97,18 @@ def preset_table(preset: str, **options: Any) -> dict[str, dict[str, Any]]:
     raise ValueError(f"Unknown preset {preset!r}; expected one of {PRESETS}")
 
 
+def _with_adamw(
+    matrix: dict[str, Any],
+    lr: float | Tensor,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> dict[str, dict[str, Any]]:
+    """Hidden and conv matrices get ``matrix``; every other role torch.optim.AdamW's update."""
+    adam = dict(algorithm="adamw", lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    return {role: dict(matrix if role in ("hidden", "conv") else adam) for role in ROLES}
+
+
 def _muon_table(
     *,
     lr: float | Tensor = 0.02,
@@ -124,14 +136,7 @@ def _muon_table(
         ns_steps=ns_steps,
         **lmo_options,
     )
-    adam = dict(
-        algorithm="adamw",
-        lr=adamw_lr,
-        betas=tuple(adamw_betas),
-        eps=adamw_eps,
-        weight_decay=adamw_weight_decay,
-    )
-    return {role: dict(matrix if role in ("hidden", "conv") else adam) for role in ROLES}
+    return _with_adamw(matrix, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
 
 
 def _scion_table(
@@ -239,14 +244,7 @@ def _limuon_table(
         weight_decay=weight_decay,
         **lmo_options,
     )
-    adam = dict(
-        algorithm="adamw",
-        lr=adamw_lr,
-        betas=tuple(adamw_betas),
-        eps=adamw_eps,
-        weight_decay=adamw_weight_decay,
-    )
-    return {role: dict(matrix if role in ("hidden", "conv") else adam) for role in ROLES}
+    return _with_adamw(matrix, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
 
 
 def param_groups(
