@@ -183,6 +183,22 @@ def _where(group: Mapping[str, Any], index: int | None) -> str:
     return f" (param group {index}{role})" if index is not None else f" (new param group{role})"
 
 
+def _to_host(flags: list[Tensor]) -> list[bool]:
+    """Boolean scalars to Python, with one transfer per device rather than one per tensor.
+
+    Copying each flag to the host on its own would synchronise once per parameter on a GPU.
+    """
+    by_device: dict[torch.device, list[int]] = {}
+    for i, f in enumerate(flags):
+        by_device.setdefault(f.device, []).append(i)
+    out = [False] * len(flags)
+    for positions in by_device.values():
+        values = torch.stack([flags[i] for i in positions]).tolist()
+        for i, v in zip(positions, values, strict=True):
+            out[i] = bool(v)
+    return out
+
+
 def _check_hyperparameters(group: Mapping[str, Any], index: int | None) -> None:
     """Raise ``ValueError`` naming the first invalid option of ``group``."""
     where = _where(group, index)
@@ -444,6 +460,14 @@ class Gluon(Optimizer):
         for group in self.param_groups:
             for key, value in DEFAULTS.items():
                 group.setdefault(key, value)
+
+    def needs_closure(self) -> bool:
+        """Whether :meth:`step` needs a closure (or a :meth:`previous_iterate` block).
+
+        True when some group uses a variance-reduced estimator with ``two_point="exact"``: its
+        step evaluates the same batch at the previous and the current iterate.
+        """
+        return any(_exact_two_point(group) for group in self.param_groups)
 
     # -- the two-point gradient ---------------------------------------------------------------
     @contextlib.contextmanager
@@ -712,8 +736,8 @@ class Gluon(Optimizer):
                 ok = torch.isfinite(g).all()
                 if id(p) in prev_point:
                     ok = ok & torch.isfinite(prev_point[id(p)]).all()
-                finite.append(ok.to("cpu"))
-        flags = torch.stack(finite).tolist()  # one host synchronisation for all groups
+                finite.append(ok)
+        flags = _to_host(finite)
         skipped: set[int] = set()
         pos = 0
         for index, group, items in checked:
