@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 import gluon_optim as go
+from gluon_optim.lab.train import state_bytes
 from gluon_optim.norms import shape_factor
 from gluon_optim.polar import newton_schulz, polar_svd, relative_error
 
@@ -180,15 +181,6 @@ def _set_grads(params: Sequence[nn.Parameter], grads: Sequence[Tensor]) -> None:
             p.grad.copy_(g)
 
 
-def _state_bytes(opt: Optimizer) -> int:
-    total = 0
-    for state in opt.state.values():
-        for value in state.values():
-            if isinstance(value, Tensor):
-                total += value.numel() * value.element_size()
-    return total
-
-
 def _direction_error(entry: _Entry, grads: Sequence[Tensor]) -> float | None:
     """Mean relative Frobenius error of the first step's direction against ``polar_svd(g)``.
 
@@ -302,7 +294,7 @@ def bench_step(
                     "min_ms": min(ts),
                     "max_ms": max(ts),
                     "polar_error": _direction_error(entry, g),
-                    "state_bytes_per_param": _state_bytes(opt) / n_params,
+                    "state_bytes_per_param": state_bytes([opt]) / n_params,
                     "note": entry.note,
                 }
             )

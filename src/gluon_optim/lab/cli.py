@@ -297,14 +297,7 @@ def cmd_smoothness(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         print(f"\n== {name} ==")
-        print("| role | L0 | L1 | theory 1/L1 | tuned radius | swept radius |")
-        print("|---|---|---|---|---|---|")
-        for r in res["radii"]:
-            cells = [
-                lab_smoothness._fmt(r[k])
-                for k in ("l0", "l1", "theory_radius", "tuned_radius", "swept_radius")
-            ]
-            print(f"| {r['role']} | " + " | ".join(cells) + " |")
+        print(lab_smoothness.format_radii(res["radii"]))
         print(f"report: {res['report']}\nfits:   {res['fits_role']}")
         if args.then_train:
             base = dataclasses.replace(

@@ -66,6 +66,21 @@ def _fmt(v: float | None, digits: int = 4) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}g}"
 
 
+def format_radii(rows: list[dict[str, Any]]) -> str:
+    """The per-role table: fitted constants, theory ``1/L1``, tuned and swept ``lr * scale``."""
+    lines = [
+        "| role | L0 | L1 | MSE_rel | theory 1/L1 | tuned lr*scale | best swept lr*scale |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        swept = "not swept" if r["swept_radius"] is None else _fmt(r["swept_radius"])
+        lines.append(
+            f"| {r['role']} | {_fmt(r['l0'])} | {_fmt(r['l1'])} | {_fmt(r['mse_rel'], 3)} | "
+            f"{_fmt(r['theory_radius'])} | {_fmt(r['tuned_radius'])} | {swept} |"
+        )
+    return "\n".join(lines)
+
+
 def plot_role(records: list[dict[str, Any]], fit: sm.Fit, role: str, path: Path) -> Path:
     """``L_hat`` against ``||g||_*`` for one role (one colour per parameter), with the fit."""
     import matplotlib
@@ -192,15 +207,8 @@ def run_protocol(
         "",
         "## Radii per role: theory 1/L1 against the configuration and the sweep",
         "",
-        "| role | L0 | L1 | MSE_rel | theory 1/L1 | tuned lr*scale | best swept lr*scale |",
-        "|---|---|---|---|---|---|---|",
+        format_radii(radius_rows),
     ]
-    for r in radius_rows:
-        lines.append(
-            f"| {r['role']} | {_fmt(r['l0'])} | {_fmt(r['l1'])} | {_fmt(r['mse_rel'], 3)} | "
-            f"{_fmt(r['theory_radius'])} | {_fmt(r['tuned_radius'])} | "
-            f"{_fmt(r['swept_radius']) if sweep_factors else 'not swept'} |"
-        )
     lines += ["", *[f"![{role}]({png})" for role, png in plots.items()], ""]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     payload = {

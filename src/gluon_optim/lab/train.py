@@ -207,35 +207,29 @@ class _Progress:
             print(text, file=sys.stderr, flush=True)
 
 
-def _state_split(optimizers: list[torch.optim.Optimizer]) -> dict[str, int]:
-    # Momentum versus two-point state (previous iterate / gradient), as Gluon counts them, so a
-    # low-rank momentum's saving is never confused with the copies its correction needs.
+def _state_metrics(optimizers: list[torch.optim.Optimizer]) -> dict[str, int]:
+    """Optimizer-state bytes for ``metrics.jsonl``, in one pass over the state.
+
+    For Gluon the total is split into momentum and two-point copies (previous iterate or
+    gradient), so a low-rank momentum's saving is never confused with what its correction needs.
+    """
     if not all(isinstance(opt, go.Gluon) for opt in optimizers):
-        return {}
+        return {"opt_state_bytes": state_bytes(optimizers)}
     split = [opt.state_bytes() for opt in optimizers if isinstance(opt, go.Gluon)]
     return {
+        "opt_state_bytes": sum(s["total"] for s in split),
         "opt_state_momentum": sum(s["momentum"] for s in split),
         "opt_state_two_point": sum(s["two_point"] for s in split),
     }
 
 
 def needs_closure(optimizers: list[torch.optim.Optimizer]) -> bool:
-    """Whether a step needs ``step(closure)``: a variance-reduced group in exact two-point mode.
+    """Whether a step needs ``step(closure)`` (:meth:`gluon_optim.Gluon.needs_closure`).
 
-    Such a group evaluates the same batch at the previous and the current iterate, which only
-    one optimizer object can orchestrate; the lab's optimizer entries respect that.
+    Such an optimizer evaluates the same batch at the previous and the current iterate, which
+    only one optimizer object can orchestrate; the lab's optimizer entries respect that.
     """
-    exact = [
-        opt
-        for opt in optimizers
-        if isinstance(opt, go.Gluon)
-        and any(
-            g["algorithm"] == "lmo"
-            and g["estimator"] in go.estimators.VR_ESTIMATORS
-            and g["two_point"] == "exact"
-            for g in opt.param_groups
-        )
-    ]
+    exact = [opt for opt in optimizers if isinstance(opt, go.Gluon) and opt.needs_closure()]
     if exact and len(optimizers) > 1:
         raise ValueError("an exact two-point optimizer must be the only optimizer of a run")
     return bool(exact)
@@ -358,8 +352,8 @@ def train(
         torch.set_rng_state(ckpt["rng"])
         start_step, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
         resumed_evals = int(ckpt.get("grad_evals", 0))
-        _truncate_metrics(run_path / "metrics.jsonl", start_step)
-        _truncate_metrics(run_path / "smoothness.jsonl", start_step)
+        _truncate_jsonl(run_path / "metrics.jsonl", start_step)
+        _truncate_jsonl(run_path / "smoothness.jsonl", start_step)
     else:
         resolved = dataclasses.asdict(config)
         _write_json(run_path / "config.json", {"config": resolved, "lr": lr, "options": options})
@@ -458,8 +452,7 @@ def train(
                 "grad_evals": grad_evals,
                 "step_time": dt,
                 "time": elapsed,
-                "opt_state_bytes": state_bytes(optimizers),
-                **_state_split(optimizers),
+                **_state_metrics(optimizers),
             }
             if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
                 val_loss, val_acc = evaluate(model, data, config, block_size)
@@ -511,7 +504,7 @@ def train(
     return result
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def _truncate_jsonl(path: Path, step: int) -> None:
     # Lines written after the checkpoint belong to steps that will be run again.
     if not path.exists():
         return
