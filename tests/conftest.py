@@ -50,6 +50,27 @@ def lm_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
 
 
+def closure_losses(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> tuple[float, float]:
+    """Train ``steps`` closure steps over 3 fixed batches; total loss on them before and after.
+
+    For optimizers that evaluate each batch at two iterates (``step(closure)``).
+    """
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 23, (4, 10), generator=gen) for _ in range(3)]
+    first = sum(lm_loss(model, x).item() for x in batches)
+    for k in range(steps):
+        x = batches[k % 3]
+
+        def closure(x: torch.Tensor = x) -> torch.Tensor:
+            opt.zero_grad()
+            loss = lm_loss(model, x)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return first, sum(lm_loss(model, x).item() for x in batches)
+
+
 @pytest.fixture
 def tiny() -> TinyNet:
     return TinyNet()

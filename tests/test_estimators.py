@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import gluon_optim as go
-from conftest import TinyNet, lm_loss
+from conftest import TinyNet, closure_losses, lm_loss
 
 F64 = torch.float64
 SHAPE = (5, 3)
@@ -648,18 +648,5 @@ def test_gluon_mvr_preset(tiny: TinyNet) -> None:
 @pytest.mark.parametrize("variant", [1, 2, 3])
 def test_gluon_mvr_trains_in_exact_mode(variant: int, tiny: TinyNet) -> None:
     opt = go.gluon_mvr(tiny, variant, lr=0.02)
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 23, (4, 10), generator=gen) for _ in range(3)]
-    first = sum(lm_loss(tiny, x).item() for x in batches)
-    for k in range(15):
-        x = batches[k % 3]
-
-        def closure(x: torch.Tensor = x) -> torch.Tensor:
-            opt.zero_grad()
-            loss = lm_loss(tiny, x)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-    last = sum(lm_loss(tiny, x).item() for x in batches)
+    first, last = closure_losses(tiny, opt, 15)
     assert last < 0.93 * first

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import gluon_optim as go
-from conftest import TinyNet, lm_loss
+from conftest import TinyNet, closure_losses
 from gluon_optim.lowrank import reconstruct, rsvd, sketch_seed
 
 F64 = torch.float64
@@ -303,20 +303,8 @@ def test_limuon_preset_groups(tiny: TinyNet) -> None:
 
 def test_limuon_trains_in_exact_mode(tiny: TinyNet) -> None:
     opt = go.limuon(tiny, 4, lr=0.02, adamw_lr=1e-2)
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 23, (4, 10), generator=gen) for _ in range(3)]
-    first = sum(lm_loss(tiny, x).item() for x in batches)
-    for k in range(25):
-        x = batches[k % 3]
-
-        def closure(x: torch.Tensor = x) -> torch.Tensor:
-            opt.zero_grad()
-            loss = lm_loss(tiny, x)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-    assert sum(lm_loss(tiny, x).item() for x in batches) < 0.8 * first
+    first, last = closure_losses(tiny, opt, 25)
+    assert last < 0.8 * first
     rank = 4
     expected = ((20 + 12) * rank + rank + (20 + 60) * rank + rank) * 4  # fc, conv: float32
     adamw = sum(
