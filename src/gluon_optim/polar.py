@@ -6,8 +6,13 @@ scaled copy of it. Two ways to compute it:
 
 * :func:`newton_schulz`: odd matrix polynomials ``X <- a X + b (X X^T) X + c (X X^T)^2 X``
   applied to ``G / ||G||_F``, in a low-precision compute dtype (bfloat16 by default). Cheap,
-  approximate, matrix products only.
+  approximate, matrix products only. ``form="gram"`` runs the same polynomials on the small
+  Gram matrix ``X X^T`` (:func:`gram_newton_schulz`), which needs fewer multiply-adds for
+  rectangular matrices; ``form="auto"`` picks the cheaper form per shape by a FLOP count.
 * :func:`polar_svd`: the exact factor from ``torch.linalg.svd``, the test oracle.
+
+:func:`polar_express_schedule` recomputes the Polar Express coefficients (Amsel et al. 2025,
+Algorithm 1) from first principles; the tests check it against the published numbers.
 
 Both are pure: they never write into their input, and a zero matrix maps to a zero matrix (the
 polynomials fix 0; the SVD path keeps only singular directions with a non-negligible singular
@@ -19,24 +24,46 @@ leading ones.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "GRAM_RESTARTS",
+    "NS_FORMS",
     "NS_PRESETS",
+    "COMPILE_BACKENDS",
     "NewtonSchulzPreset",
     "PolarMethod",
+    "compiled_newton_schulz",
+    "gram_newton_schulz",
     "newton_schulz",
+    "ns_cost",
+    "polar_express_schedule",
     "polar",
     "polar_svd",
     "relative_error",
 ]
 
 PolarMethod = Literal["newton_schulz", "svd"]
+NsForm = Literal["standard", "gram", "auto"]
 Coefficients = tuple[float, float, float]
+
+#: Ways to evaluate the Newton–Schulz polynomials (see :func:`newton_schulz`).
+NS_FORMS: tuple[str, ...] = ("standard", "gram", "auto")
+
+#: Iterations before which :func:`gram_newton_schulz` rebuilds ``X`` and its Gram matrix from
+#: scratch. Dao et al. (2026) restart once, after the second iteration, for half precision; we
+#: measured the same (docs/performance.md): without a restart, bfloat16 round-off in ``X X^T``
+#: is amplified by the early, steep polynomials (``a`` near 8) until it swamps the small singular
+#: values, and ill-conditioned inputs blow up (relative error 1e7 on a ``sigma_i ~ i^-1.5``
+#: spectrum); restarting after iteration 1 is not enough (error 1.0 there), after iteration 2 is.
+GRAM_RESTARTS: tuple[int, ...] = (2,)
 
 
 @dataclass(frozen=True)
@@ -80,6 +107,96 @@ def _polar_express_coefficients() -> tuple[Coefficients, ...]:
     return safe + (raw[-1],)
 
 
+def _solve4(a: list[list[float]], b: list[float]) -> list[float]:
+    """Solve a small dense linear system by Gaussian elimination with partial pivoting."""
+    n = len(b)
+    m = [row[:] + [rhs] for row, rhs in zip(a, b, strict=True)]
+    for col in range(n):
+        piv = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if m[piv][col] == 0.0:
+            raise ZeroDivisionError("singular system")
+        m[col], m[piv] = m[piv], m[col]
+        for r in range(col + 1, n):
+            f = m[r][col] / m[col][col]
+            for c in range(col, n + 1):
+                m[r][c] -= f * m[col][c]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        x[r] = (m[r][n] - sum(m[r][c] * x[c] for c in range(r + 1, n))) / m[r][r]
+    return x
+
+
+def _optimal_odd_quintic(lo: float, hi: float) -> Coefficients:
+    """The odd quintic ``p`` minimising ``max |1 - p(x)|`` over ``[lo, hi]`` (Remez exchange).
+
+    By equioscillation the optimum touches ``1 -/+ E`` alternately at ``lo``, at the two
+    interior extrema of ``p`` (roots of ``p'(x) = a + 3b x^2 + 5c x^4``, a quadratic in
+    ``x^2``) and at ``hi``; the exchange iterates those four points to a fixed point.
+    """
+    xs = [lo + (hi - lo) * t for t in (0.0, 1 / 3, 2 / 3, 1.0)]
+    a = b = c = 0.0
+    for _ in range(100):
+        rows = [[x, x**3, x**5, (-1.0) ** i] for i, x in enumerate(xs)]
+        a, b, c, _err = _solve4(rows, [1.0] * 4)
+        disc = 9 * b * b - 20 * a * c
+        if c == 0.0 or disc < 0.0:
+            break
+        roots = sorted(((-3 * b + sign * math.sqrt(disc)) / (10 * c)) for sign in (-1.0, 1.0))
+        inner = [math.sqrt(r) for r in roots if r > 0.0 and lo < math.sqrt(r) < hi]
+        if len(inner) != 2:
+            break
+        new = [lo, inner[0], inner[1], hi]
+        if max(abs(u - v) for u, v in zip(new, xs, strict=True)) < 1e-15:
+            break
+        xs = new
+    return a, b, c
+
+
+#: Polar Express's cushion for degree 5: each polynomial is fitted on
+#: ``[max(lo, cushion * hi), hi]`` so that none is too steep near 0 for bfloat16.
+POLAR_EXPRESS_CUSHION = 0.02407327424182761
+
+
+def polar_express_schedule(
+    steps: int, lower: float = 1e-3, *, cushion: float = POLAR_EXPRESS_CUSHION
+) -> tuple[Coefficients, ...]:
+    """The greedy minimax quintic schedule of Polar Express (Amsel et al. 2025, Algorithm 1).
+
+    Starting from singular values in ``[lower, 1]``, step ``t`` takes the odd quintic that best
+    maps ``[max(l_t, cushion * u_t), u_t]`` to 1 in the max norm, rescales it so that
+    ``1 - p(l_t) = p(u_t) - 1`` (re-centring after the cushion), and moves to
+    ``[l_{t+1}, u_{t+1}] = [p(l_t), 2 - p(l_t)]``. Once the interval has collapsed to 1 the
+    step is the classical quintic ``(15/8, -10/8, 3/8)``. No safety factor is applied here; the
+    ``polar_express`` preset divides by 1.01 as the paper does.
+
+    With ``lower=1e-3`` this reproduces the paper's published coefficients (to 1e-12; tested).
+    A larger ``lower`` gives schedules that converge in fewer steps for well-conditioned inputs
+    and worse ones for ill-conditioned inputs (docs/performance.md measures 4-step ones).
+    """
+    if steps < 1:
+        raise ValueError(f"polar_express_schedule: steps must be >= 1, got {steps}")
+    if not 0.0 < lower < 1.0:
+        raise ValueError(f"polar_express_schedule: lower must be in (0, 1), got {lower}")
+    lo, hi = lower, 1.0
+    out: list[Coefficients] = []
+    for _ in range(steps):
+        fit_lo = max(lo, cushion * hi)
+        if hi - fit_lo < 1e-6:  # collapsed: the limit polynomial (the fit is ill-posed)
+            a, b, c = 15 / 8, -10 / 8, 3 / 8
+        else:
+            a, b, c = _optimal_odd_quintic(fit_lo, hi)
+        s = 2.0 / (_quintic(a, b, c, lo) + _quintic(a, b, c, hi))
+        a, b, c = a * s, b * s, c * s
+        out.append((a, b, c))
+        lo = _quintic(a, b, c, lo)
+        hi = 2.0 - lo
+    return tuple(out)
+
+
+def _quintic(a: float, b: float, c: float, x: float) -> float:
+    return a * x + b * x**3 + c * x**5
+
+
 NS_PRESETS: dict[str, NewtonSchulzPreset] = {
     # Keller Jordan's quintic, used unchanged by torch.optim.Muon and the Scion code: chosen for a
     # steep slope at zero; it does not converge to U V^T but leaves singular values in roughly
@@ -105,6 +222,55 @@ NS_PRESETS: dict[str, NewtonSchulzPreset] = {
 }
 
 
+def ns_cost(
+    m: int, n: int, steps: int, form: str, restarts: tuple[int, ...] = GRAM_RESTARTS
+) -> int:
+    """Multiply-adds of ``steps`` quintic iterations on an ``m x n`` matrix, in units of ``k^3``.
+
+    ``k = min(m, n)`` and ``r = max(m, n) / k`` (rounded up). The standard form costs
+    ``2r + 1`` per step (``A = X X^T``, ``A^2``, ``(bA + cA^2) X``). The Gram form costs ``r``
+    for ``R = X X^T``, per step 1 for ``R^2``, 1 for ``Q <- P Q`` (free on the first step after a
+    (re)start, where ``Q = P``) and 2 for ``R <- P R P`` (skipped before a restart and on the last
+    step), ``2r`` per restart (``X <- Q X`` and a fresh ``X X^T``) and ``r`` for the final
+    ``Q X``. Used by ``form="auto"`` and by the benchmark's FLOP column.
+    """
+    k = min(m, n)
+    r = -(-max(m, n) // k)
+    if form == "standard":
+        return steps * (2 * r + 1)
+    if form != "gram":
+        raise ValueError(f"ns_cost: form must be 'standard' or 'gram', got {form!r}")
+    cost = 2 * r  # the first X X^T and the final Q X
+    fresh = True
+    for j in range(steps):
+        if j in restarts and j > 0:
+            cost += 2 * r
+            fresh = True
+        cost += 1  # R^2
+        if not fresh:
+            cost += 1  # Q <- P Q
+        fresh = False
+        if j + 1 < steps and (j + 1) not in restarts:
+            cost += 2  # R <- P R P
+    return cost
+
+
+def _choose_form(form: str, m: int, n: int, steps: int) -> str:
+    if form == "auto":
+        gram = ns_cost(m, n, steps, "gram")
+        return "gram" if gram < ns_cost(m, n, steps, "standard") else "standard"
+    if form not in ("standard", "gram"):
+        raise ValueError(f"newton_schulz: form must be one of {NS_FORMS}, got {form!r}")
+    return form
+
+
+def _addmm(bias: Tensor, a: Tensor, b: Tensor, beta: float, alpha: float = 1.0) -> Tensor:
+    # beta * bias + alpha * a @ b in one call, for single matrices and for stacks.
+    if a.ndim == 2:
+        return torch.addmm(bias, a, b, beta=beta, alpha=alpha)
+    return torch.baddbmm(bias, a, b, beta=beta, alpha=alpha)
+
+
 def newton_schulz(
     g: Tensor,
     *,
@@ -112,6 +278,7 @@ def newton_schulz(
     steps: int = 5,
     dtype: torch.dtype | None = torch.bfloat16,
     eps: float = 1e-7,
+    form: NsForm | str = "standard",
 ) -> Tensor:
     """Approximate ``polar(g) = U V^T`` with quintic Newton–Schulz iterations.
 
@@ -121,8 +288,8 @@ def newton_schulz(
 
     computed on the wide orientation (``m <= n``, transposing tall inputs) so that the Gram
     matrix ``A_j`` is the smaller one. For a single 2-D input with the ``jordan`` preset in
-    bfloat16 the operations are those of ``torch.optim.Muon`` in the same order, so results agree
-    bit for bit.
+    bfloat16 and ``form="standard"`` the operations are those of ``torch.optim.Muon`` in the
+    same order, so results agree bit for bit.
 
     Args:
         g: input of shape ``(..., m, n)``; not modified.
@@ -130,6 +297,9 @@ def newton_schulz(
         steps: number of iterations (>= 1).
         dtype: compute dtype (``None``: the input's dtype). The result has this dtype.
         eps: floor on the normalising Frobenius norm; a zero input returns zeros.
+        form: ``"standard"`` (the recurrence above), ``"gram"`` (:func:`gram_newton_schulz`:
+            the same polynomials on ``X X^T``) or ``"auto"`` (whichever :func:`ns_cost` says
+            is cheaper for this shape: Gram for aspect ratios of 2 and more at 5 steps).
 
     Returns:
         The approximate polar factor, same shape as ``g``, in ``dtype``.
@@ -139,6 +309,82 @@ def newton_schulz(
     if steps < 1:
         raise ValueError(f"newton_schulz: steps must be >= 1, got {steps}")
     spec = NS_PRESETS[preset] if isinstance(preset, str) else preset
+    chosen = _choose_form(form, g.size(-2), g.size(-1), steps)
+    x, undo = _normalised_wide(g, spec, dtype, eps)
+    if chosen == "gram":
+        x = _gram_iterations(x, spec.schedule(steps), GRAM_RESTARTS)
+    else:
+        for a, b, c in spec.schedule(steps):
+            gram = x @ x.mT
+            update = _addmm(gram, gram, gram, beta=b, alpha=c)
+            x = _addmm(x, update, x, beta=a)
+    return undo(x)
+
+
+def gram_newton_schulz(
+    g: Tensor,
+    *,
+    preset: str | NewtonSchulzPreset = "polar_express",
+    steps: int = 5,
+    dtype: torch.dtype | None = torch.bfloat16,
+    eps: float = 1e-7,
+    restarts: tuple[int, ...] = GRAM_RESTARTS,
+) -> Tensor:
+    """Newton–Schulz in Gram form: the same iterates as :func:`newton_schulz`, fewer FLOPs.
+
+    Every iterate is ``X_j = Q_j X_0`` with ``Q_j`` a polynomial in ``R_0 = X_0 X_0^T``, so
+    with ``P_j = a_j I + b_j R_j + c_j R_j^2`` the recurrence runs on ``k x k`` matrices
+    (``k = min(m, n)``) and touches the long side only at the ends:
+
+    .. math::
+        Q_{j+1} = P_j Q_j, \\qquad R_{j+1} = X_{j+1} X_{j+1}^T = P_j R_j P_j, \\qquad
+        X_J = Q_J X_0 .
+
+    In exact arithmetic the result equals the standard form's. In bfloat16 the Gram matrix's
+    round-off is amplified by the steep first polynomials, so the iteration restarts
+    (``X <- Q X``, ``R <- X X^T``, ``Q <- I``) before each index in ``restarts``
+    (Dao et al., "Gram Newton-Schulz", 2026; see :data:`GRAM_RESTARTS`). For an ``m x rm``
+    matrix and 5 steps this is ``4r + 14`` multiply-adds per ``k^3`` against ``10r + 5``
+    (:func:`ns_cost`): fewer from aspect ratio 2 on; for square matrices it is more and less
+    stable, which is why ``newton_schulz(form="auto")`` keeps those standard.
+
+    Args as :func:`newton_schulz`, plus ``restarts`` (iteration indices; ``()`` for none).
+    """
+    if g.ndim < 2:
+        raise ValueError(f"gram_newton_schulz: input must have at least 2 dimensions, got {g.ndim}")
+    if steps < 1:
+        raise ValueError(f"gram_newton_schulz: steps must be >= 1, got {steps}")
+    spec = NS_PRESETS[preset] if isinstance(preset, str) else preset
+    x, undo = _normalised_wide(g, spec, dtype, eps)
+    return undo(_gram_iterations(x, spec.schedule(steps), tuple(restarts)))
+
+
+def _gram_iterations(x: Tensor, schedule: list[Coefficients], restarts: tuple[int, ...]) -> Tensor:
+    # x: normalised, wide (..., k, n) with k <= n. See gram_newton_schulz for the algebra.
+    r = x @ x.mT
+    q: Tensor | None = None  # None stands for the identity: Q = P needs no product
+    last = len(schedule) - 1
+    for j, (a, b, c) in enumerate(schedule):
+        if j in restarts and j > 0 and q is not None:
+            x = q @ x
+            r = x @ x.mT
+            q = None
+        p = _addmm(r, r, r, beta=b, alpha=c)
+        p.diagonal(dim1=-2, dim2=-1).add_(a)
+        q = p if q is None else p @ q
+        if j < last and (j + 1) not in restarts:
+            r = p @ r @ p
+    assert q is not None  # the schedule has at least one step
+    return q @ x
+
+
+def _normalised_wide(
+    g: Tensor, spec: NewtonSchulzPreset, dtype: torch.dtype | None, eps: float
+) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``G / (s ||G||_F)`` cast to ``dtype``, in the wide orientation, batch dims flattened.
+
+    Returns it with the function that undoes the orientation and the flattening.
+    """
     x = g.to(dtype) if dtype is not None else g
     transposed = g.size(-2) > g.size(-1)
     if transposed:
@@ -153,20 +399,39 @@ def newton_schulz(
     # an in-place division would then rescale the caller's tensor (the aliasing bug fixed in
     # pytorch/pytorch#190597).
     x = x / norm.clamp(min=eps)
-    for a, b, c in spec.schedule(steps):
-        if x.ndim == 2:
-            gram = x @ x.T
-            update = torch.addmm(gram, gram, gram, beta=b, alpha=c)
-            x = torch.addmm(x, update, x, beta=a)
-        else:
-            gram = x @ x.mT
-            update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-            x = torch.baddbmm(x, update, x, beta=a)
-    if len(batch_shape) > 1:
-        x = x.reshape(*batch_shape, *x.shape[-2:])
-    if transposed:
-        x = x.mT
-    return x
+
+    def undo(y: Tensor) -> Tensor:
+        if len(batch_shape) > 1:
+            y = y.reshape(*batch_shape, *y.shape[-2:])
+        return y.mT if transposed else y
+
+    return x, undo
+
+
+#: ``torch.compile`` backends accepted by :func:`compiled_newton_schulz` (and the ``compile``
+#: group key): ``inductor`` generates fused kernels (a C++ compiler on CPU, Triton on GPU);
+#: ``aot_eager`` and ``eager`` only trace, for debugging and for the tests.
+COMPILE_BACKENDS: tuple[str, ...] = ("inductor", "aot_eager", "eager")
+
+
+@cache
+def compiled_newton_schulz(backend: str = "inductor") -> Callable[..., Tensor]:
+    """:func:`newton_schulz` under ``torch.compile(fullgraph=True, dynamic=False)``.
+
+    One compiled function per backend, shared by every caller; it specialises (and recompiles)
+    per input shape, dtype and Newton–Schulz setting, all of which are fixed during training.
+    Learning rates and other hyperparameters never enter it, so changing them (a scheduler)
+    never recompiles; the tests check that with dynamo's frame counters.
+    """
+    if backend not in COMPILE_BACKENDS:
+        raise ValueError(
+            f"compiled_newton_schulz: unknown backend {backend!r}; expected one of "
+            f"{list(COMPILE_BACKENDS)}"
+        )
+    compiled: Callable[..., Tensor] = torch.compile(
+        newton_schulz, backend=backend, fullgraph=True, dynamic=False
+    )
+    return compiled
 
 
 def polar_svd(g: Tensor, *, dtype: torch.dtype | None = None, rtol: float | None = None) -> Tensor:
@@ -204,14 +469,15 @@ def polar(
     preset: str | NewtonSchulzPreset = "jordan",
     steps: int = 5,
     dtype: torch.dtype | None = torch.bfloat16,
+    form: NsForm | str = "standard",
 ) -> Tensor:
     """Dispatch to :func:`newton_schulz` or :func:`polar_svd` by ``method``.
 
     For ``method="svd"`` the ``dtype`` is raised to at least float32 (an SVD in bfloat16 does not
-    exist), and ``preset``/``steps`` are ignored.
+    exist), and ``preset``/``steps``/``form`` are ignored.
     """
     if method == "newton_schulz":
-        return newton_schulz(g, preset=preset, steps=steps, dtype=dtype)
+        return newton_schulz(g, preset=preset, steps=steps, dtype=dtype, form=form)
     if method == "svd":
         svd_dtype = None if dtype in (None, torch.bfloat16, torch.float16) else dtype
         return polar_svd(g, dtype=svd_dtype)
