@@ -33,7 +33,14 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from gluon_optim.polar import NS_PRESETS, PolarMethod, polar
+from gluon_optim.polar import (
+    COMPILE_BACKENDS,
+    NS_FORMS,
+    NS_PRESETS,
+    PolarMethod,
+    compiled_newton_schulz,
+    polar,
+)
 
 __all__ = [
     "NORMS",
@@ -181,6 +188,8 @@ class _PolarNorm(Norm):
     ns_preset: str = "jordan"
     ns_steps: int = 5
     compute_dtype: str = "bfloat16"
+    ns_form: str = "standard"
+    compile: str = ""  # a torch.compile backend for Newton–Schulz ("" = eager PyTorch)
 
     def __post_init__(self) -> None:
         if self.method not in ("newton_schulz", "svd"):
@@ -197,14 +206,30 @@ class _PolarNorm(Norm):
             raise ValueError(
                 f"Unknown compute_dtype {self.compute_dtype!r}; expected one of {sorted(_DTYPES)}"
             )
+        if self.ns_form not in NS_FORMS:
+            raise ValueError(f"Unknown ns_form {self.ns_form!r}; expected one of {list(NS_FORMS)}")
+        if self.compile not in ("", *COMPILE_BACKENDS):
+            raise ValueError(
+                f"Unknown compile backend {self.compile!r}; expected '' or one of "
+                f"{list(COMPILE_BACKENDS)}"
+            )
 
     def _polar(self, m: Tensor) -> Tensor:
+        if self.compile and self.method == "newton_schulz":
+            return compiled_newton_schulz(self.compile)(
+                m,
+                preset=self.ns_preset,
+                steps=self.ns_steps,
+                dtype=_DTYPES[self.compute_dtype],
+                form=self.ns_form,
+            )
         return polar(
             m,
             method=self.method,
             preset=self.ns_preset,
             steps=self.ns_steps,
             dtype=_DTYPES[self.compute_dtype],
+            form=self.ns_form,
         )
 
     def dual(self, g: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from gluon_optim import lowrank as _lowrank
 from gluon_optim import norms as _norms
 from gluon_optim.estimators import ESTIMATORS, VR_ESTIMATORS, mvr1_, mvr2_, mvr3_, storm_
-from gluon_optim.polar import NS_PRESETS
+from gluon_optim.polar import COMPILE_BACKENDS, NS_FORMS, NS_PRESETS
 
 __all__ = ["DEFAULTS", "Gluon", "describe", "resolve_norm"]
 
@@ -60,6 +60,12 @@ DEFAULTS: dict[str, Any] = {
     "ns_preset": "jordan",
     "ns_steps": 5,
     "compute_dtype": "bfloat16",
+    "ns_form": "standard",  # "standard" | "gram" | "auto" (see gluon_optim.polar.newton_schulz)
+    # Batch the group's EMA step: foreach momentum updates, same-shape LMOs stacked into one
+    # call. None: on when every parameter of the group is on a GPU (on CPU it does not pay).
+    "foreach": None,
+    # torch.compile backend for Newton–Schulz: "" (eager PyTorch), "inductor", "aot_eager", ...
+    "compile": "",
     # -- adamw groups -----------------------------------------------------------------------
     "betas": (0.9, 0.95),
     "eps": 1e-8,
@@ -76,6 +82,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "two_point": ("exact", "approx"),
     "nonfinite": ("raise", "skip", "ignore"),
     "polar_method": ("newton_schulz", "svd"),
+    "ns_form": NS_FORMS,
+    "compile": ("", *COMPILE_BACKENDS),
 }
 
 # Keys torch or its schedulers may add to a group after construction.
@@ -112,12 +120,24 @@ def _exact_two_point(group: Mapping[str, Any]) -> bool:
 
 @lru_cache(maxsize=256)
 def _build_norm(
-    name: str, shape_rule: str, method: str, preset: str, steps: int, dtype: str
+    name: str,
+    shape_rule: str,
+    method: str,
+    preset: str,
+    steps: int,
+    dtype: str,
+    form: str,
+    backend: str,
 ) -> _norms.Norm:
     cls = _norms.NORMS[name]
     if cls in (_norms.Spectral, _norms.SpectralConv):
         opts: dict[str, object] = dict(
-            method=method, ns_preset=preset, ns_steps=steps, compute_dtype=dtype
+            method=method,
+            ns_preset=preset,
+            ns_steps=steps,
+            compute_dtype=dtype,
+            ns_form=form,
+            compile=backend,
         )
         if cls is _norms.Spectral:
             opts["shape_rule"] = shape_rule
@@ -141,6 +161,8 @@ def resolve_norm(group: Mapping[str, Any], p: Tensor) -> _norms.Norm:
         group["ns_preset"],
         group["ns_steps"],
         group["compute_dtype"],
+        group["ns_form"],
+        group["compile"],
     )
 
 
@@ -199,6 +221,27 @@ def _to_host(flags: list[Tensor]) -> list[bool]:
     return out
 
 
+def _use_foreach(group: Mapping[str, Any], items: list[tuple[Tensor, Tensor]]) -> bool:
+    """Whether an LMO group takes the batched path (see the ``foreach`` group key)."""
+    if group["estimator"] != "ema" or group["radius"] == "theory_decay":
+        return False
+    if group["foreach"] is None:
+        return all(p.is_cuda for p, _ in items)
+    return bool(group["foreach"])
+
+
+def _all_finite(t: Tensor) -> Tensor:
+    """A device-side boolean: whether every entry of ``t`` is finite.
+
+    ``aminmax`` propagates NaN and shows an infinity in the minimum or the maximum, so the two
+    extrema are finite exactly when every entry is. It is one fused reduction without a
+    temporary, about 20x faster on CPU than ``isfinite(t).all()`` (docs/performance.md).
+    """
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    return torch.isfinite(torch.stack(torch.aminmax(t))).all()
+
+
 def _check_hyperparameters(group: Mapping[str, Any], index: int | None) -> None:
     """Raise ``ValueError`` naming the first invalid option of ``group``."""
     where = _where(group, index)
@@ -230,6 +273,10 @@ def _check_hyperparameters(group: Mapping[str, Any], index: int | None) -> None:
     for key in ("nesterov", "constrained", "transposed"):
         if not isinstance(group[key], bool):
             raise ValueError(f"Invalid {key}: {group[key]!r}{where}; expected True or False")
+    if group["foreach"] is not None and not isinstance(group["foreach"], bool):
+        raise ValueError(
+            f"Invalid foreach: {group['foreach']!r}{where}; expected None, True or False"
+        )
     if group["algorithm"] == "adamw":
         if group["estimator"] != "ema":
             raise ValueError(
@@ -706,6 +753,9 @@ class Gluon(Optimizer):
             position: dict[int, int] = {}
             if group["estimator"] == "storm_lowrank":  # the sketch seed uses it
                 position = {id(q): j for j, q in enumerate(group["params"])}
+            if _use_foreach(group, items):
+                self._lmo_update_foreach(items, group)
+                continue
             for p, g in items:
                 self._lmo_update(p, g, group, prev_point.get(id(p)), position.get(id(p), 0))
 
@@ -733,9 +783,9 @@ class Gluon(Optimizer):
         finite = []
         for _, _, items in checked:
             for p, g in items:
-                ok = torch.isfinite(g).all()
+                ok = _all_finite(g)
                 if id(p) in prev_point:
-                    ok = ok & torch.isfinite(prev_point[id(p)]).all()
+                    ok = ok & _all_finite(prev_point[id(p)])
                 finite.append(ok)
         flags = _to_host(finite)
         skipped: set[int] = set()
@@ -795,12 +845,84 @@ class Gluon(Optimizer):
             else:
                 m = g
 
-        transposed = group["transposed"]
         norm = resolve_norm(group, p)
-        operand = _to_operand(norm, m, transposed)
-        direction = norm.direction(operand)
-        factor = norm.factor(operand.shape)
+        operand = _to_operand(norm, m, group["transposed"])
+        self._apply_lmo(p, g, operand, norm.direction(operand), norm, group, k)
 
+    def _lmo_update_foreach(
+        self, items: list[tuple[Tensor, Tensor]], group: dict[str, Any]
+    ) -> None:
+        """The EMA step of a whole group, batched; the same arithmetic as :meth:`_lmo_update`.
+
+        Momentum and Nesterov go through ``torch._foreach_lerp_`` / ``_foreach_lerp`` (one
+        multi-tensor kernel instead of one per parameter), and parameters whose LMO operands
+        share norm, shape, dtype and device are stacked and get their directions from one
+        batched call (``baddbmm`` Newton–Schulz for the spectral norms). Only used for
+        ``estimator="ema"`` with a step-independent momentum (not ``theory_decay``).
+        """
+        grads = [g for _, g in items]
+        for p, _ in items:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            elif len(state) > 2:  # left over from a variance-reduced estimator
+                for key in [key for key in state if key in _VR_ONLY_KEYS]:
+                    del state[key]
+            state["step"] += 1
+        beta = group["momentum"]
+        moms = grads
+        if beta > 0.0:
+            bufs = []
+            for p, g in items:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(
+                        g, memory_format=torch.preserve_format
+                    )
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_lerp_(bufs, grads, 1.0 - beta)
+            moms = list(torch._foreach_lerp(grads, bufs, beta)) if group["nesterov"] else bufs
+
+        norms = [resolve_norm(group, p) for p, _ in items]
+        operands = [
+            _to_operand(norm, m, group["transposed"]) for norm, m in zip(norms, moms, strict=True)
+        ]
+        buckets: dict[tuple[Any, ...], list[int]] = {}
+        for j, (norm, op) in enumerate(zip(norms, operands, strict=True)):
+            # Only norms that act on the last one or two dims batch over a new leading one.
+            batched = norm.kind == "matrix" or (norm.kind == "vector" and op.ndim >= 1)
+            key = (norm, tuple(op.shape), op.dtype, op.device) if batched else (j,)
+            buckets.setdefault(key, []).append(j)
+        directions: list[Tensor | None] = [None] * len(items)
+        for idx in buckets.values():
+            if len(idx) == 1:
+                directions[idx[0]] = norms[idx[0]].direction(operands[idx[0]])
+                continue
+            stacked = norms[idx[0]].direction(torch.stack([operands[j] for j in idx]))
+            for j, d in zip(idx, stacked.unbind(0), strict=True):
+                directions[j] = d
+        for j, (p, g) in enumerate(items):
+            direction = directions[j]
+            assert direction is not None
+            k = int(self.state[p]["step"].item()) - 1  # CPU scalar, no device synchronisation
+            self._apply_lmo(p, g, operands[j], direction, norms[j], group, k)
+
+    def _apply_lmo(
+        self,
+        p: Tensor,
+        g: Tensor,
+        operand: Tensor,
+        direction: Tensor,
+        norm: _norms.Norm,
+        group: dict[str, Any],
+        k: int,
+    ) -> None:
+        """``X <- X + t lmo(M)`` with the group's radius policy, weight decay and constraint.
+
+        ``operand`` is the momentum as the norm sees it and ``direction`` its LMO direction.
+        """
+        transposed = group["transposed"]
+        factor = norm.factor(operand.shape)
         lr = group["lr"]
         radius: float | Tensor = lr * group["scale"]
         if group["radius"] == "theory_decay":
