@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gluon_optim.polar import (
+    GRAM_MIN_DIM,
     GRAM_RESTARTS,
     NS_PRESETS,
     gram_newton_schulz,
@@ -86,12 +87,14 @@ def test_gram_zero_input_and_no_aliasing() -> None:
 
 
 def test_auto_picks_the_cheaper_form() -> None:
-    g = torch.randn(24, 72, dtype=torch.float64)
-    auto = newton_schulz(g, preset="polar_express", dtype=None, form="auto")
-    gram = newton_schulz(g, preset="polar_express", dtype=None, form="gram")
-    assert torch.equal(auto, gram)
-    sq = torch.randn(24, 24)
-    assert torch.equal(newton_schulz(sq, form="auto"), newton_schulz(sq))  # bit for bit
+    g = torch.randn(GRAM_MIN_DIM, 3 * GRAM_MIN_DIM)
+    auto = newton_schulz(g, preset="polar_express", form="auto")
+    assert torch.equal(auto, newton_schulz(g, preset="polar_express", form="gram"))
+    assert torch.equal(newton_schulz(g.T, form="auto"), newton_schulz(g.T, form="gram"))
+    # Square, or short side below GRAM_MIN_DIM: the standard form, bit for bit.
+    for shape in ((GRAM_MIN_DIM, GRAM_MIN_DIM), (GRAM_MIN_DIM - 1, 4 * GRAM_MIN_DIM)):
+        x = torch.randn(*shape)
+        assert torch.equal(newton_schulz(x, form="auto"), newton_schulz(x))
 
 
 def test_ns_cost_counts() -> None:

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "GRAM_MIN_DIM",
     "GRAM_RESTARTS",
     "NS_FORMS",
     "NS_PRESETS",
@@ -255,8 +256,17 @@ def ns_cost(
     return cost
 
 
+#: ``form="auto"`` keeps matrices whose short side is below this standard: there the extra
+#: small products cost more in per-call overhead than the multiply-adds they save (on the
+#: 2-core CPU of docs/performance.md the Gram form is 6-14% slower at k = 32-64 and 4-37%
+#: faster from k = 128 on, aspect ratios 3-4).
+GRAM_MIN_DIM = 128
+
+
 def _choose_form(form: str, m: int, n: int, steps: int) -> str:
     if form == "auto":
+        if min(m, n) < GRAM_MIN_DIM:
+            return "standard"
         gram = ns_cost(m, n, steps, "gram")
         return "gram" if gram < ns_cost(m, n, steps, "standard") else "standard"
     if form not in ("standard", "gram"):
@@ -299,7 +309,8 @@ def newton_schulz(
         eps: floor on the normalising Frobenius norm; a zero input returns zeros.
         form: ``"standard"`` (the recurrence above), ``"gram"`` (:func:`gram_newton_schulz`:
             the same polynomials on ``X X^T``) or ``"auto"`` (whichever :func:`ns_cost` says
-            is cheaper for this shape: Gram for aspect ratios of 2 and more at 5 steps).
+            is cheaper for this shape: Gram for aspect ratios of 2 and more at 5 steps, once
+            the short side reaches :data:`GRAM_MIN_DIM`).
 
     Returns:
         The approximate polar factor, same shape as ``g``, in ``dtype``.
