@@ -31,6 +31,11 @@ typecheck: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/gluon-optim demo
 
+## bench: step time against the peers, polar-factor scaling, tokens/s (about 20 minutes on 2 cores)
+bench: $(STAMP)
+	$(VENV)/bin/gluon-optim bench --widths 256,384,768 --train --train-model gpt-small \
+		--train-batch-size 8 --train-steps 6 --train-warmup 2 --out runs/bench
+
 ## accuracy: Newton–Schulz error per preset and parity errors against the peers
 accuracy: $(STAMP)
 	$(PY) benchmarks/accuracy.py
