@@ -85,6 +85,22 @@ def test_foreach_equals_loop_in_float64(name: str) -> None:
     assert _max_diff(loop, batched) < 1e-12
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m, **kw: go.gluon(m, lr=0.05, radius="theory_decay", **kw),
+        lambda m, **kw: go.gluon_mvr(m, 1, lr=0.02, two_point="approx", **kw),
+    ],
+    ids=["theory_decay", "mvr1-approx"],
+)
+def test_foreach_falls_back_to_the_loop(make: Callable[..., torch.optim.Optimizer]) -> None:
+    # A step-dependent momentum or a variance-reduced estimator takes the per-parameter loop
+    # whatever foreach says, so the two settings give the same bits.
+    loop = _train(lambda m: make(m, foreach=False))
+    batched = _train(lambda m: make(m, foreach=True))
+    assert _max_diff(loop, batched) == 0.0
+
+
 @pytest.mark.parametrize("name", ["muon", "scion"])
 def test_foreach_within_bf16_roundoff(name: str) -> None:
     # A stacked bf16 product may round differently from one matrix at a time; the iterates stay
@@ -237,3 +253,23 @@ def test_compile_option_is_validated() -> None:
         go.muon(RepeatNet(), compile="tensorrt")
     with pytest.raises(ValueError, match="backend"):
         go.polar.compiled_newton_schulz("nope")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_groups_batch_by_default_and_match_the_cpu_loop() -> None:
+    from gluon_optim.optimizer import _use_foreach
+
+    kw = dict(ns_preset="polar_express", ns_form="auto", compute_dtype="float64")
+    cpu = _train(lambda m: go.muon(m, lr=0.02, adamw_lr=1e-2, foreach=False, **kw))
+    torch.manual_seed(0)
+    model = RepeatNet().cuda()
+    opt = go.muon(model, lr=0.02, adamw_lr=1e-2, **kw)
+    lmo = [g for g in opt.param_groups if g["algorithm"] == "lmo"]
+    assert all(_use_foreach(g, [(p, p) for p in g["params"]]) for g in lmo)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x = torch.randint(0, 17, (4, 9), generator=gen).cuda()
+        opt.zero_grad()
+        lm_loss(model, x).backward()
+        opt.step()
+    assert _max_diff(cpu, model.cpu()) < 1e-6
