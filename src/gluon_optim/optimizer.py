@@ -221,6 +221,21 @@ def _to_host(flags: list[Tensor]) -> list[bool]:
     return out
 
 
+def _drop_vr_leftovers(state: dict[str, Any]) -> None:
+    """Remove what a variance-reduced estimator left in ``state`` (an EMA step follows)."""
+    if len(state) > 2:
+        for key in [key for key in state if key in _VR_ONLY_KEYS]:
+            del state[key]
+
+
+def _momentum_buffer(state: dict[str, Any], g: Tensor) -> Tensor:
+    """The EMA momentum buffer of ``state``, created at zero like ``g`` on first use."""
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+    buf: Tensor = state["momentum_buffer"]
+    return buf
+
+
 def _use_foreach(group: Mapping[str, Any], items: list[tuple[Tensor, Tensor]]) -> bool:
     """Whether an LMO group takes the batched path (see the ``foreach`` group key)."""
     if group["estimator"] != "ema" or group["radius"] == "theory_decay":
@@ -817,27 +832,16 @@ class Gluon(Optimizer):
         g_prev: Tensor | None = None,
         index: int = 0,
     ) -> None:
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["step"] += 1
-        k = int(state["step"].item()) - 1  # a CPU scalar: no device synchronisation
-
+        state, k = self._begin_step(p)
         if group["estimator"] != "ema":
             m = self._vr_momentum(p, g, g_prev, group, state, k, index)
         else:
-            if len(state) > 2:  # left over from a variance-reduced estimator
-                for key in [key for key in state if key in _VR_ONLY_KEYS]:
-                    del state[key]
+            _drop_vr_leftovers(state)
             beta = group["momentum"]
             if group["radius"] == "theory_decay":
                 beta = 1.0 - (k + 1) ** -0.5  # Gluon Theorem 2
             if beta > 0.0 or group["radius"] == "theory_decay":
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(
-                        g, memory_format=torch.preserve_format
-                    )
-                buf = state["momentum_buffer"]
+                buf = _momentum_buffer(state, g)
                 buf.lerp_(g, 1.0 - beta)
                 # Nesterov as torch.optim.Muon: g + beta (M - g), built out of place so that
                 # p.grad is never written (KellerJordan/Muon's in-place lerp_ overwrites it).
@@ -861,25 +865,16 @@ class Gluon(Optimizer):
         ``estimator="ema"`` with a step-independent momentum (not ``theory_decay``).
         """
         grads = [g for _, g in items]
+        states, steps = [], []
         for p, _ in items:
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            elif len(state) > 2:  # left over from a variance-reduced estimator
-                for key in [key for key in state if key in _VR_ONLY_KEYS]:
-                    del state[key]
-            state["step"] += 1
+            state, k = self._begin_step(p)
+            _drop_vr_leftovers(state)
+            states.append(state)
+            steps.append(k)
         beta = group["momentum"]
         moms = grads
         if beta > 0.0:
-            bufs = []
-            for p, g in items:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(
-                        g, memory_format=torch.preserve_format
-                    )
-                bufs.append(state["momentum_buffer"])
+            bufs = [_momentum_buffer(state, g) for state, g in zip(states, grads, strict=True)]
             torch._foreach_lerp_(bufs, grads, 1.0 - beta)
             moms = list(torch._foreach_lerp(grads, bufs, beta)) if group["nesterov"] else bufs
 
@@ -904,8 +899,15 @@ class Gluon(Optimizer):
         for j, (p, g) in enumerate(items):
             direction = directions[j]
             assert direction is not None
-            k = int(self.state[p]["step"].item()) - 1  # CPU scalar, no device synchronisation
-            self._apply_lmo(p, g, operands[j], direction, norms[j], group, k)
+            self._apply_lmo(p, g, operands[j], direction, norms[j], group, steps[j])
+
+    def _begin_step(self, p: Tensor) -> tuple[dict[str, Any], int]:
+        """``p``'s state with its step counter advanced, and this step's 0-based index ``k``."""
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["step"] += 1
+        return state, int(state["step"].item()) - 1  # a CPU scalar: no device synchronisation
 
     def _apply_lmo(
         self,
@@ -1023,13 +1025,11 @@ class Gluon(Optimizer):
 
     def _adamw_update(self, p: Tensor, g: Tensor, group: dict[str, Any]) -> None:
         # torch.optim.AdamW's single-tensor update, in the same order of operations.
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state, k = self._begin_step(p)
+        if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] += 1
-        step = state["step"].item()
+        step = float(k + 1)
         beta1, beta2 = group["betas"]
         lr = group["lr"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
