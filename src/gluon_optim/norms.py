@@ -38,7 +38,6 @@ from gluon_optim.polar import (
     NS_FORMS,
     NS_PRESETS,
     PolarMethod,
-    compiled_newton_schulz,
     polar,
 )
 
@@ -215,14 +214,6 @@ class _PolarNorm(Norm):
             )
 
     def _polar(self, m: Tensor) -> Tensor:
-        if self.compile and self.method == "newton_schulz":
-            return compiled_newton_schulz(self.compile)(
-                m,
-                preset=self.ns_preset,
-                steps=self.ns_steps,
-                dtype=_DTYPES[self.compute_dtype],
-                form=self.ns_form,
-            )
         return polar(
             m,
             method=self.method,
@@ -230,6 +221,7 @@ class _PolarNorm(Norm):
             steps=self.ns_steps,
             dtype=_DTYPES[self.compute_dtype],
             form=self.ns_form,
+            compile=self.compile,
         )
 
     def dual(self, g: Tensor) -> Tensor:

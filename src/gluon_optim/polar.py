@@ -315,11 +315,7 @@ def newton_schulz(
     Returns:
         The approximate polar factor, same shape as ``g``, in ``dtype``.
     """
-    if g.ndim < 2:
-        raise ValueError(f"newton_schulz: input must have at least 2 dimensions, got {g.ndim}")
-    if steps < 1:
-        raise ValueError(f"newton_schulz: steps must be >= 1, got {steps}")
-    spec = NS_PRESETS[preset] if isinstance(preset, str) else preset
+    spec = _checked_preset("newton_schulz", g, steps, preset)
     chosen = _choose_form(form, g.size(-2), g.size(-1), steps)
     x, undo = _normalised_wide(g, spec, dtype, eps)
     if chosen == "gram":
@@ -361,13 +357,20 @@ def gram_newton_schulz(
 
     Args as :func:`newton_schulz`, plus ``restarts`` (iteration indices; ``()`` for none).
     """
-    if g.ndim < 2:
-        raise ValueError(f"gram_newton_schulz: input must have at least 2 dimensions, got {g.ndim}")
-    if steps < 1:
-        raise ValueError(f"gram_newton_schulz: steps must be >= 1, got {steps}")
-    spec = NS_PRESETS[preset] if isinstance(preset, str) else preset
+    spec = _checked_preset("gram_newton_schulz", g, steps, preset)
     x, undo = _normalised_wide(g, spec, dtype, eps)
     return undo(_gram_iterations(x, spec.schedule(steps), tuple(restarts)))
+
+
+def _checked_preset(
+    caller: str, g: Tensor, steps: int, preset: str | NewtonSchulzPreset
+) -> NewtonSchulzPreset:
+    """Validate a Newton–Schulz call's input and step count; return the preset it names."""
+    if g.ndim < 2:
+        raise ValueError(f"{caller}: input must have at least 2 dimensions, got {g.ndim}")
+    if steps < 1:
+        raise ValueError(f"{caller}: steps must be >= 1, got {steps}")
+    return NS_PRESETS[preset] if isinstance(preset, str) else preset
 
 
 def _gram_iterations(x: Tensor, schedule: list[Coefficients], restarts: tuple[int, ...]) -> Tensor:
@@ -481,14 +484,18 @@ def polar(
     steps: int = 5,
     dtype: torch.dtype | None = torch.bfloat16,
     form: NsForm | str = "standard",
+    compile: str = "",
 ) -> Tensor:
     """Dispatch to :func:`newton_schulz` or :func:`polar_svd` by ``method``.
 
-    For ``method="svd"`` the ``dtype`` is raised to at least float32 (an SVD in bfloat16 does not
-    exist), and ``preset``/``steps``/``form`` are ignored.
+    ``compile`` names a :data:`COMPILE_BACKENDS` entry to run Newton–Schulz through
+    :func:`compiled_newton_schulz` (``""``: eagerly). For ``method="svd"`` the ``dtype`` is
+    raised to at least float32 (an SVD in bfloat16 does not exist), and
+    ``preset``/``steps``/``form``/``compile`` are ignored.
     """
     if method == "newton_schulz":
-        return newton_schulz(g, preset=preset, steps=steps, dtype=dtype, form=form)
+        ns = compiled_newton_schulz(compile) if compile else newton_schulz
+        return ns(g, preset=preset, steps=steps, dtype=dtype, form=form)
     if method == "svd":
         svd_dtype = None if dtype in (None, torch.bfloat16, torch.float16) else dtype
         return polar_svd(g, dtype=svd_dtype)
