@@ -43,6 +43,7 @@ from gluon_optim.optimizer import DEFAULTS, Gluon
 from gluon_optim.roles import ROLES, ModuleRef, assign_roles
 
 __all__ = [
+    "FAST_NS",
     "PRESETS",
     "gluon",
     "gluon_mvr",
@@ -55,6 +56,12 @@ __all__ = [
 ]
 
 PRESETS = ("muon", "scion", "unscion", "gluon", "gluon_mvr", "limuon")
+
+#: The fast Newton–Schulz recipe (docs/performance.md), as group settings for any preset:
+#: ``go.muon(model, **FAST_NS)``. Polar Express coefficients at torch's 5 steps, evaluated in
+#: Gram form where that needs fewer multiply-adds. Not the default: the ``muon`` preset stays
+#: bit-identical to torch.optim.Muon.
+FAST_NS: dict[str, str] = {"ns_preset": "polar_express", "ns_form": "auto"}
 
 #: Scion's norm per role (Scion Recommendation 3.1 and Table 3; Gluon section 4.1).
 _SCION_NORMS: dict[str, dict[str, Any]] = {

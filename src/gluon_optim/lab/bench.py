@@ -48,7 +48,7 @@ import gluon_optim as go
 from gluon_optim.lab import optimizers as optim_registry
 from gluon_optim.lab.data import TokenDataset, load_data
 from gluon_optim.lab.models import GPTConfig, build_model, model_config, model_task
-from gluon_optim.lab.train import needs_closure
+from gluon_optim.lab.train import needs_closure, state_bytes
 from gluon_optim.lowrank import rsvd
 from gluon_optim.norms import shape_factor
 from gluon_optim.polar import COMPILE_BACKENDS, newton_schulz, polar_svd, relative_error
@@ -108,22 +108,21 @@ def _torch_muon(params: list[nn.Parameter], lr: float) -> Optimizer:
     return torch.optim.Muon(params, lr=lr, weight_decay=0.0, adjust_lr_fn="original")
 
 
-def _go_muon(preset: str, steps: int, **fast: Any) -> Factory:
+def _go_muon(steps: int, **options: Any) -> Factory:
     def build(params: list[nn.Parameter], lr: float) -> Optimizer:
-        return go.muon(params, lr=lr, ns_preset=preset, ns_steps=steps, **fast)
+        return go.muon(params, lr=lr, ns_steps=steps, **options)
 
     return build
 
 
-def _go_gluon_spectral(**fast: Any) -> Factory:
+def _go_gluon_spectral(**options: Any) -> Factory:
     def build(params: list[nn.Parameter], lr: float) -> Optimizer:
-        return go.Gluon(params, lr=lr, norm="spectral", momentum=0.9, **fast)
+        return go.Gluon(params, lr=lr, norm="spectral", momentum=0.9, **options)
 
     return build
 
 
-#: The fast Muon recipe of docs/performance.md: Polar Express, Gram form where it is cheaper.
-FAST = {"ns_form": "auto"}
+FAST = go.presets.FAST_NS  # the fast recipe: Polar Express, Gram form where it is cheaper
 
 
 def _pto_muon(params: list[nn.Parameter], lr: float) -> Optimizer:
@@ -248,25 +247,24 @@ def _heavyball_entries() -> list[_Entry]:
 
 
 def _entries(compile_backend: str = "") -> list[_Entry]:
-    pe = "polar_express"
     entries = [
         _Entry("torch.optim.Muon", _torch_muon, "muon", "reference; adjust_lr_fn='original'"),
-        _Entry("go.muon jordan5", _go_muon("jordan", 5), "muon", "default: torch's kernel"),
-        _Entry("go.muon jordan5 gram", _go_muon("jordan", 5, **FAST), "muon", "ns_form=auto"),
-        _Entry("go.muon pe4 gram", _go_muon(pe, 4, **FAST), "muon", "4 steps: not equal accuracy"),
-        _Entry("go.muon pe5", _go_muon(pe, 5), "muon"),
-        _Entry("go.muon pe5 gram", _go_muon(pe, 5, **FAST), "muon", "the fast recipe"),
+        _Entry("go.muon jordan5", _go_muon(5), "muon", "default: torch's kernel"),
+        _Entry("go.muon jordan5 gram", _go_muon(5, ns_form="auto"), "muon", "ns_form=auto"),
+        _Entry("go.muon pe4 gram", _go_muon(4, **FAST), "muon", "4 steps: not equal accuracy"),
+        _Entry("go.muon pe5", _go_muon(5, ns_preset="polar_express"), "muon"),
+        _Entry("go.muon pe5 gram", _go_muon(5, **FAST), "muon", "the fast recipe"),
         _Entry(
             "go.muon pe5 gram foreach",
-            _go_muon(pe, 5, foreach=True, **FAST),
+            _go_muon(5, foreach=True, **FAST),
             "muon",
             "+ foreach=True (stacked same-shape NS)",
         ),
-        _Entry("go.muon pe6 gram", _go_muon(pe, 6, **FAST), "muon", "6 steps: HeavyBall-level"),
+        _Entry("go.muon pe6 gram", _go_muon(6, **FAST), "muon", "6 steps: HeavyBall-level"),
         _Entry("go.Gluon spectral/rms", _go_gluon_spectral(), "rms", "Scion hidden update"),
         _Entry(
             "go.Gluon spectral/rms pe5 gram",
-            _go_gluon_spectral(ns_preset=pe, **FAST),
+            _go_gluon_spectral(**FAST),
             "rms",
             "Scion hidden update, fast recipe",
         ),
@@ -275,7 +273,7 @@ def _entries(compile_backend: str = "") -> list[_Entry]:
         entries.append(
             _Entry(
                 f"go.muon pe5 gram compile={compile_backend}",
-                _go_muon(pe, 5, compile=compile_backend, **FAST),
+                _go_muon(5, compile=compile_backend, **FAST),
                 "muon",
                 "torch.compile of Newton–Schulz; compile time is in the warm-up",
             )
@@ -381,25 +379,6 @@ def _direction_error(
         c = shape_factor(entry.shape_rule, g.size(0), g.size(1))
         errors.append(relative_error(-p / c, polar))
     return statistics.fmean(errors)
-
-
-def _state_bytes(opt: Optimizer) -> int:
-    """Bytes of the tensors in ``opt.state``, nested containers included.
-
-    HeavyBall keeps each parameter's state one level down (``state[p][0][name]``), which
-    :func:`gluon_optim.lab.train.state_bytes` (flat states only) would count as empty.
-    """
-
-    def walk(x: object) -> int:
-        if isinstance(x, Tensor):
-            return x.numel() * x.element_size()
-        if isinstance(x, Mapping):
-            return sum(walk(v) for v in x.values())
-        if isinstance(x, list | tuple):
-            return sum(walk(v) for v in x)
-        return 0
-
-    return sum(walk(state) for state in opt.state.values())
 
 
 def _quartiles(times: Sequence[float]) -> tuple[float, float]:
@@ -508,7 +487,7 @@ def bench_step(
                     "max_ms": max(ts),
                     "polar_error": _direction_error(entry, g, polars, seed),
                     "polar_error_decay": _direction_error(entry, decay, decay_polars, seed),
-                    "state_bytes_per_param": _state_bytes(opt) / n_params,
+                    "state_bytes_per_param": state_bytes([opt]) / n_params,
                     "note": entry.note,
                 }
             )
@@ -895,7 +874,7 @@ def bench_train(
                 "tokens_per_s": tokens / (median / 1e3),
                 "opt_median_ms": opt_median,
                 "opt_share": None if opt_median is None else opt_median / median,
-                "state_bytes_per_param": sum(_state_bytes(o) for o in run.optimizers) / n_params,
+                "state_bytes_per_param": state_bytes(run.optimizers) / n_params,
                 "loss_first": run.losses[0],
                 "loss_last": run.losses[-1],
             }

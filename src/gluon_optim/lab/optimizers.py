@@ -98,8 +98,16 @@ def _limuon(method: str) -> Factory:
     return build
 
 
-#: The fast Newton–Schulz recipe (both keys are plain group settings of go.muon).
-_FAST: dict[str, Any] = {"ns_preset": "polar_express", "ns_form": "auto"}
+_FAMILIES = ("gpt", "cnn", "vit")
+
+
+def _every_family(**values: Any) -> dict[str, dict[str, Any]]:
+    """The same tuned defaults for every model family."""
+    return {family: dict(values) for family in _FAMILIES}
+
+
+#: Muon's tuned lr (docs/lab.md), shared by the optimizers compared against it.
+_MUON = {"lr": 0.02, "adamw_lr": 3e-3}
 
 OPTIMIZERS: dict[str, OptimizerEntry] = {
     e.name: e
@@ -114,33 +122,21 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
             "muon",
             _muon,
             "gluon_optim.muon: Muon on hidden/conv matrices + AdamW (adamw_lr) on the rest",
-            {
-                "gpt": {"lr": 0.02, "adamw_lr": 3e-3},
-                "cnn": {"lr": 0.02, "adamw_lr": 3e-3},
-                "vit": {"lr": 0.02, "adamw_lr": 3e-3},
-            },
+            _every_family(**_MUON),
         ),
         OptimizerEntry(
             "muon-fast",
             _muon,
             "gluon_optim.muon with the fast recipe: Polar Express coefficients, Gram-form "
             "Newton–Schulz where it is cheaper (docs/performance.md)",
-            {
-                # muon's tuned lr, not re-swept; docs/performance.md compares the two runs.
-                "gpt": {"lr": 0.02, "adamw_lr": 3e-3, **_FAST},
-                "cnn": {"lr": 0.02, "adamw_lr": 3e-3, **_FAST},
-                "vit": {"lr": 0.02, "adamw_lr": 3e-3, **_FAST},
-            },
+            # muon's tuned lr, not re-swept; docs/performance.md compares the two runs.
+            _every_family(**_MUON, **go.presets.FAST_NS),
         ),
         OptimizerEntry(
             "torch-muon",
             _torch_muon,
             "torch.optim.Muon on 2-D hidden matrices + torch.optim.AdamW (adamw_lr) on the rest",
-            {
-                "gpt": {"lr": 0.02, "adamw_lr": 3e-3},
-                "cnn": {"lr": 0.02, "adamw_lr": 3e-3},
-                "vit": {"lr": 0.02, "adamw_lr": 3e-3},
-            },
+            _every_family(**_MUON),
         ),
         OptimizerEntry(
             "scion",
@@ -158,7 +154,7 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
             "gluon",
             _gluon,
             "gluon_optim.gluon: Scion's norm table with scale 1; set anything with --opt",
-            {"gpt": {"lr": 0.02}, "cnn": {"lr": 0.02}, "vit": {"lr": 0.02}},
+            _every_family(lr=0.02),
         ),
     ]
 }
@@ -171,7 +167,7 @@ for _variant in (1, 2, 3):
             f"gluon_optim.gluon_mvr variant {_variant}, {_mode} two-point gradient, "
             "unscion's norms and scales",
             # gpt: from the gluon-mvr1 sweep (docs/lab.md); cnn/vit: unscion's, not swept.
-            {"gpt": {"lr": 1.5e-4}, "cnn": {"lr": 1.5e-4}, "vit": {"lr": 1.5e-4}},
+            _every_family(lr=1.5e-4),
         )
 for _method, _suffix in (("svd", ""), ("newton_schulz", "-ns")):
     OPTIMIZERS[f"limuon{_suffix}"] = OptimizerEntry(
@@ -179,17 +175,13 @@ for _method, _suffix in (("svd", ""), ("newton_schulz", "-ns")):
         _limuon(_method),
         f"gluon_optim.limuon ({_method}): STORM momentum with a rank-r randomized-SVD state "
         "(--opt rank=R, --opt low_rank=false for full rank), AdamW on the rest",
-        {
-            "gpt": {"lr": 0.02, "adamw_lr": 3e-3},
-            "cnn": {"lr": 0.02, "adamw_lr": 3e-3},
-            "vit": {"lr": 0.02, "adamw_lr": 3e-3},
-        },
+        _every_family(**_MUON),
     )
 
 
 def model_family(model_name: str) -> str:
     """``gpt``, ``cnn`` or ``vit`` from a model preset name."""
-    for family in ("gpt", "cnn", "vit"):
+    for family in _FAMILIES:
         if model_name.startswith(family):
             return family
     return "gpt"

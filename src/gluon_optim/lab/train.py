@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,14 +130,22 @@ class RunResult:
 
 
 def state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
-    """Bytes held in optimizer state tensors (momentum buffers, Adam moments, ...)."""
-    total = 0
-    for opt in optimizers:
-        for state in opt.state.values():
-            for value in state.values():
-                if isinstance(value, Tensor):
-                    total += value.numel() * value.element_size()
-    return total
+    """Bytes held in optimizer state tensors (momentum buffers, Adam moments, ...).
+
+    Containers inside a parameter's state are walked too: HeavyBall, for one, keeps each
+    parameter's tensors one level down (``state[p][0][name]``).
+    """
+
+    def walk(x: object) -> int:
+        if isinstance(x, Tensor):
+            return x.numel() * x.element_size()
+        if isinstance(x, Mapping):
+            return sum(walk(v) for v in x.values())
+        if isinstance(x, list | tuple):
+            return sum(walk(v) for v in x)
+        return 0
+
+    return sum(walk(state) for opt in optimizers for state in opt.state.values())
 
 
 def code_version() -> dict[str, Any]:
