@@ -145,6 +145,51 @@ class Norm(ABC):
     def norm(self, x: Tensor) -> Tensor:
         """The primal norm ``||x||`` (one value per layer of the batch)."""
 
+    # -- a parameter as this norm sees it ------------------------------------------------------
+    def operand_shape(
+        self, shape: torch.Size | tuple[int, ...], transposed: bool = False
+    ) -> tuple[int, ...]:
+        """The shape :meth:`operand` gives a tensor of ``shape``.
+
+        A vector is never silently read as a one-column matrix: it keeps its shape, and a matrix
+        norm's shape check then rejects it.
+        """
+        if self.kind == "matrix" and len(shape) >= 2:
+            if transposed:
+                return (shape[1], shape[0])
+            return (shape[0], math.prod(shape[1:]))
+        return tuple(shape)
+
+    def operand(self, t: Tensor, transposed: bool = False) -> Tensor:
+        """``t`` (shaped like a parameter) as this norm reads it: a view, never a copy.
+
+        Matrix norms see a ``(d_out, d_in)`` matrix: conv kernels are flattened to
+        ``(C_out, C_in*k*k)`` (shape rules then use the flattened shape, never kernel dimensions)
+        and ``transposed`` parameters, stored ``(d_in, d_out)`` as ``nn.Embedding.weight``, are
+        transposed. Other norms see the tensor as it is.
+        """
+        if self.kind == "matrix":
+            return t.T if transposed else t.reshape(t.shape[0], -1)
+        return t
+
+    def restore(self, t: Tensor, like: Tensor, transposed: bool = False) -> Tensor:
+        """The inverse of :meth:`operand`: ``t`` back in the shape of the parameter ``like``."""
+        if self.kind == "matrix":
+            return t.T if transposed else t.reshape(like.shape)
+        return t
+
+    def dual_of(self, t: Tensor, transposed: bool = False) -> Tensor:
+        """``||t||_*`` of a parameter-shaped tensor, one scalar for the whole parameter.
+
+        A parameter that holds several layers of this norm (a 2-D tensor under ``bias_rms``) is
+        their product space with the max primal norm, whose dual is the sum of the duals.
+        """
+        return self.dual(self.operand(t, transposed)).sum()
+
+    def norm_of(self, t: Tensor, transposed: bool = False) -> Tensor:
+        """``||t||`` of a parameter-shaped tensor: the max over the layers it holds."""
+        return self.norm(self.operand(t, transposed)).amax()
+
     # -- shapes -----------------------------------------------------------------------------
     def shape_error(self, shape: torch.Size | tuple[int, ...]) -> str | None:
         """Why a tensor of ``shape`` does not fit this norm, or ``None`` when it does."""
