@@ -1,0 +1,388 @@
+r"""The trajectory-smoothness probe: measure each layer's ``L_hat`` along a Gluon run.
+
+Layer-wise (L0, L1)-smoothness (Riabinin et al., "Gluon: Making Muon & Scion Great Again!",
+arXiv 2505.13416, Assumption 1 and Section 5) bounds the change of each layer's gradient, in the
+layer's dual norm, by ``(L0_i + L1_i ||grad_i f(X)||_(i)*)`` times the layer's step in its own
+norm. :class:`SmoothnessProbe` measures that ratio along a real run, as the paper's experiment
+code does: it attaches to a :class:`~gluon_optim.Gluon` through its step hooks and, every
+``every`` steps, records for each LMO parameter and two consecutive steps ``(k, k + 1)``
+
+.. math::
+    \hat L_i = \frac{\|g_i^{k+1} - g_i^k\|_{(i)*}}{\|X_i^{k+1} - X_i^k\|_{(i)}},\qquad
+    \|g_i^{k+1}\|_{(i)*}
+
+with raw minibatch gradients ``g`` and the layer's own norm pair. Plotted against each other,
+these points are what :func:`~gluon_optim.smoothness.fit_l0_l1` fits. The probe never changes
+the numerics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NotRequired, TypedDict, cast
+
+import torch
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from gluon_optim import norms as _norms
+from gluon_optim.optimizer import Gluon, _to_operand, resolve_norm
+
+__all__ = ["SmoothnessProbe", "SmoothnessRecord", "param_entries"]
+
+# torch.linalg.LinAlgError (a RuntimeError) is what a non-converging SVD raises; typeshed-style
+# stubs do not re-export it, hence getattr.
+_LinAlgError: type[Exception] = getattr(torch.linalg, "LinAlgError", RuntimeError)
+
+
+class SmoothnessRecord(TypedDict):
+    """One measurement of one parameter: the pair of steps ``(k, k + 1)``, ``step = k + 1``.
+
+    Every float is finite or ``None`` (JSON ``null``); ``note`` says why a value is missing.
+    ``L_hat_euclid`` and ``grad_fro`` are present when the probe runs with ``euclidean=True``.
+    """
+
+    step: int
+    param: str
+    role: str
+    norm: str
+    L_hat: float | None
+    grad_dual: float | None
+    update_norm: float | None
+    L_hat_euclid: NotRequired[float | None]
+    grad_fro: NotRequired[float | None]
+    note: str
+
+
+def param_entries(optimizer: Gluon) -> Iterator[tuple[str, dict[str, Any], Tensor]]:
+    """``(key, group, p)`` for every parameter of an LMO group, in ``state_dict`` order.
+
+    The key is the name from the group's ``param_names`` when it has them, else
+    ``params[j]`` with ``j`` the parameter's position over all groups (the integer id
+    ``state_dict()`` gives it), which is unique where the optimizer's own group-local
+    ``params[i]`` is not.
+    """
+    j = 0
+    for group in optimizer.param_groups:
+        names = group.get("param_names")
+        for i, p in enumerate(group["params"]):
+            key = str(names[i]) if names else f"params[{j}]"
+            j += 1
+            if group["algorithm"] == "lmo":
+                yield key, group, p
+
+
+@dataclass
+class _First:
+    """The first point of a pair: ``X^k`` copied before step ``k``, ``g_k`` after it."""
+
+    step: int
+    params: dict[int, Tensor]
+    grads: dict[int, Tensor | None] | None = None
+
+
+@dataclass
+class _Second:
+    """A pair waiting for ``g_{k+1}``: ``dX = X^{k+1} - X^k`` and ``g_k``."""
+
+    step: int
+    updates: dict[int, Tensor]
+    grads: dict[int, Tensor | None]
+
+
+def _wide(t: Tensor) -> torch.dtype:
+    # Differences of bfloat16/float16 tensors are taken in float32 (a difference of two
+    # nearby half-precision numbers is exact there, not in half precision); float64 stays.
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+class SmoothnessProbe:
+    r"""Measure layer-wise trajectory smoothness during training, without changing it.
+
+    Every ``every`` optimizer steps the probe measures the pair of consecutive steps
+    ``(k, k + 1)`` with ``(k + 1) % every == 0`` (with ``every=50``: steps 49 -> 50, 99 -> 100,
+    ..., the cadence of the paper's NanoGPT code), and records for each parameter ``X_i`` of an
+    LMO group, with the norm pair of its group (:func:`~gluon_optim.resolve_norm`, applied to the
+    operand the optimizer uses: conv kernels as the norm sees them, embeddings transposed):
+
+    .. math::
+        \hat L_i = \frac{\|g_i^{k+1} - g_i^k\|_{(i)*}}{\|X_i^{k+1} - X_i^k\|_{(i)}},\qquad
+        \text{grad\_dual} = \|g_i^{k+1}\|_{(i)*},\qquad
+        \text{update\_norm} = \|X_i^{k+1} - X_i^k\|_{(i)}
+
+    where ``g^k = p.grad`` is the raw minibatch gradient of step ``k`` (a different batch at each
+    step, never the momentum), exactly what the optimizer received. With ``euclidean=True`` the
+    Frobenius versions ``L_hat_euclid = ||dg||_F / ||dX||_F`` and ``grad_fro = ||g^{k+1}||_F`` are
+    recorded too. A batched norm (``bias_rms`` on a matrix) sums its dual norms and takes the
+    largest primal norm: the dual pair of the product of per-row balls.
+
+    When the values are taken, through ``register_step_pre_hook`` / ``register_step_post_hook``:
+    ``X^k`` before step ``k`` (parameters not yet moved), ``g^k`` after step ``k`` (``.grad``
+    holds the gradient that step used, also when ``step(closure)`` computed it inside the step;
+    the optimizer never writes ``.grad``), ``X^{k+1}`` before step ``k + 1`` and ``g^{k+1}`` after
+    it. Copies exist only from the start of step ``k`` to the end of step ``k + 1``: two per
+    LMO parameter (four around a step when ``every=1``), in the parameter's dtype, float32 for
+    half-precision differences. Everything runs under ``torch.no_grad()`` on copies, reads no
+    random numbers and writes nothing the optimizer reads: parameters, gradients and state are
+    bit-identical with and without the probe.
+
+    Never crashes a run, never writes NaN: a zero update (``||dX|| = 0``: a frozen layer, lr 0,
+    a skipped step) or a non-finite value gives ``None`` and a ``note``; a parameter without a
+    gradient at either step is recorded with ``None`` values and a note; a step that raised
+    drops the pair it belonged to; a sink that cannot be written warns once and the records stay
+    in :attr:`records`. AdamW groups (``algorithm="adamw"``) have no norm and are skipped.
+
+    Args:
+        optimizer: the :class:`~gluon_optim.Gluon` to watch.
+        every: measure the pair ``(k, k + 1)`` whenever ``(k + 1) % every == 0``.
+        euclidean: also record the Frobenius-norm versions.
+        exact_dual: compute the dual of spectral norms (``spectral``, ``spectral_conv``) with
+            an exact SVD (the nuclear norm) instead of the group's own polar method. The
+            default, like the paper's code, uses ``-<dG, lmo(dG)>`` with the optimizer's LMO
+            (Newton–Schulz in bfloat16: cheap, and the dual norm that LMO implies, but it
+            under-weights small singular values); the SVD is the clean estimate and costs
+            ``O(m n min(m, n))`` per matrix and measurement.
+        sink: a JSONL file; every record is appended as one line as soon as it is measured
+            (a resumed run continues the same file). Write from one rank only under DDP.
+        start_step: the step number of the optimizer's next step (for a probe attached to a
+            resumed run, so that ``step`` and the cadence follow the run's count).
+
+    Attributes:
+        records: every :class:`SmoothnessRecord` so far, in measurement order.
+    """
+
+    def __init__(
+        self,
+        optimizer: Gluon,
+        every: int = 50,
+        *,
+        euclidean: bool = True,
+        exact_dual: bool = False,
+        sink: str | Path | None = None,
+        start_step: int = 0,
+    ) -> None:
+        if not isinstance(optimizer, Gluon):
+            raise TypeError(
+                f"SmoothnessProbe needs a gluon_optim.Gluon optimizer, got "
+                f"{type(optimizer).__name__}; the layer norms come from its groups"
+            )
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"SmoothnessProbe: every must be an int >= 1, got {every!r}")
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"SmoothnessProbe: start_step must be an int >= 0, got {start_step!r}")
+        self.optimizer = optimizer
+        self.every = every
+        self.euclidean = bool(euclidean)
+        self.exact_dual = bool(exact_dual)
+        self.sink = Path(sink) if sink is not None else None
+        self.records: list[SmoothnessRecord] = []
+        self._next = start_step  # the number of the next step() call
+        self._current = -1  # the step between a pre-hook and its post-hook
+        self._first: _First | None = None
+        self._second: _Second | None = None
+        self._sink_failed = False
+        self._handles: list[RemovableHandle] = [
+            optimizer.register_step_pre_hook(self._pre_hook),
+            optimizer.register_step_post_hook(self._post_hook),
+        ]
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Detach the hooks and free every copy; :attr:`records` stay. Safe to call twice."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._first = None
+        self._second = None
+
+    def __enter__(self) -> SmoothnessProbe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def _pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        n = self._next
+        self._next += 1
+        self._current = n
+        # A pair still waiting for its second gradient belongs to a step that raised before its
+        # post-hook: drop it.
+        self._second = None
+        with torch.no_grad():
+            first = self._first
+            self._first = None
+            if first is not None and first.step == n - 1 and first.grads is not None:
+                updates: dict[int, Tensor] = {}
+                for _, _, p in param_entries(self.optimizer):
+                    x0 = first.params.get(id(p))
+                    if x0 is not None:
+                        dt = _wide(p)
+                        updates[id(p)] = p.detach().to(dt) - x0.to(dt)
+                first.params = {}  # X^k is no longer needed once dX exists
+                self._second = _Second(first.step, updates, first.grads)
+            if (n + 1) % self.every == 0:
+                self._first = _First(
+                    n,
+                    {
+                        id(p): p.detach().clone(memory_format=torch.preserve_format)
+                        for _, _, p in param_entries(self.optimizer)
+                    },
+                )
+
+    def _post_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        n = self._current
+        with torch.no_grad():
+            entries = list(param_entries(self.optimizer))
+            # .grad now holds g_n, the gradient this step used (the optimizer never writes it).
+            # The pair that ends here reads it in place; only the pair that starts here keeps a
+            # copy, because the next backward pass will overwrite or free it.
+            now: dict[int, Tensor | None] = {id(p): p.grad for _, _, p in entries}
+            second, self._second = self._second, None
+            if second is not None and second.step == n - 1:
+                self._emit([self._measure(second, now, key, g, p) for key, g, p in entries])
+            if self._first is not None and self._first.step == n:
+                self._first.grads = {
+                    i: None if g is None else g.detach().clone(memory_format=torch.preserve_format)
+                    for i, g in now.items()
+                }
+
+    # -- one measurement --------------------------------------------------------------------------
+    def _norm(self, group: Mapping[str, Any], p: Tensor) -> _norms.Norm:
+        norm = resolve_norm(group, p)
+        if self.exact_dual and isinstance(norm, (_norms.Spectral, _norms.SpectralConv)):
+            norm = dataclasses.replace(norm, method="svd")
+        return norm
+
+    def _measure(
+        self,
+        pair: _Second,
+        grads: Mapping[int, Tensor | None],
+        key: str,
+        group: dict[str, Any],
+        p: Tensor,
+    ) -> SmoothnessRecord:
+        k = pair.step
+        norm = self._norm(group, p)
+        rec: SmoothnessRecord = {
+            "step": k + 1,
+            "param": key,
+            "role": str(group.get("role", "")),
+            "norm": norm.name,
+            "L_hat": None,
+            "grad_dual": None,
+            "update_norm": None,
+            "note": "",
+        }
+        if self.euclidean:
+            rec["L_hat_euclid"] = None
+            rec["grad_fro"] = None
+        dx = pair.updates.get(id(p))
+        g0 = pair.grads.get(id(p))
+        g1 = grads.get(id(p))
+        notes: list[str] = []
+        if dx is None:
+            notes.append(f"not in the optimizer at step {k}")
+        if g0 is None:
+            notes.append(f"no gradient at step {k}")
+        if g1 is None:
+            notes.append(f"no gradient at step {k + 1}")
+        if dx is None or g0 is None or g1 is None:
+            return _finish(rec, notes)
+
+        dt = _wide(g1)
+        g1w = g1.to(dt)
+        dg = g1w - g0.to(dt)
+        # One host synchronisation for the three finiteness checks. Norms are only taken of
+        # finite tensors: an SVD of a NaN matrix may raise instead of returning NaN.
+        ok_dx, ok_g0, ok_g1 = torch.stack([torch.isfinite(t).all() for t in (dx, g0, g1)]).tolist()
+        if not ok_dx:
+            notes.append(f"non-finite update X^{k + 1} - X^{k}")
+        if not ok_g0:
+            notes.append(f"non-finite gradient at step {k}")
+        if not ok_g1:
+            notes.append(f"non-finite gradient at step {k + 1}")
+
+        transposed = group["transposed"]
+        values: dict[str, Tensor] = {}
+        try:
+            if ok_g1:
+                values["grad_dual"] = norm.dual(_to_operand(norm, g1w, transposed)).sum()
+                values["grad_fro"] = torch.linalg.vector_norm(g1w)
+            if ok_dx:
+                values["update_norm"] = norm.norm(_to_operand(norm, dx, transposed)).amax()
+                values["update_fro"] = torch.linalg.vector_norm(dx)
+            if ok_g0 and ok_g1:
+                values["dgrad_dual"] = norm.dual(_to_operand(norm, dg, transposed)).sum()
+                values["dgrad_fro"] = torch.linalg.vector_norm(dg)
+            got: dict[str, float] = {}
+            if values:  # one host synchronisation for every norm of this parameter
+                flat = torch.stack([v.double() for v in values.values()]).tolist()
+                got = dict(zip(values, flat, strict=True))
+        except _LinAlgError as err:  # an SVD that did not converge
+            return _finish(rec, [*notes, f"norm computation failed: {err}"])
+
+        rec["grad_dual"] = _finite(got.get("grad_dual"))
+        rec["update_norm"] = _finite(got.get("update_norm"))
+        rec["L_hat"], why = _ratio(got.get("dgrad_dual"), got.get("update_norm"))
+        if why:
+            notes.append(why)
+        if self.euclidean:
+            rec["grad_fro"] = _finite(got.get("grad_fro"))
+            rec["L_hat_euclid"], why_fro = _ratio(got.get("dgrad_fro"), got.get("update_fro"))
+            if why_fro and why_fro != why:
+                notes.append(f"Frobenius: {why_fro}")
+        return _finish(rec, notes)
+
+    def _emit(self, records: list[SmoothnessRecord]) -> None:
+        self.records.extend(records)
+        if self.sink is None or self._sink_failed or not records:
+            return
+        lines = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
+        try:
+            self.sink.parent.mkdir(parents=True, exist_ok=True)
+            with self.sink.open("a", encoding="utf-8") as fh:
+                fh.write(lines)
+        except OSError as err:
+            # A full disk must not end a long training run: keep the records in memory.
+            self._sink_failed = True
+            warnings.warn(
+                f"SmoothnessProbe: cannot write {self.sink} ({err}); records are kept in "
+                "probe.records only from now on",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+
+def _finish(rec: SmoothnessRecord, notes: list[str]) -> SmoothnessRecord:
+    """``rec`` with its note, keys in the documented order (the note last) for readable JSONL."""
+    keys = ["step", "param", "role", "norm", "L_hat", "grad_dual", "update_norm"]
+    if "L_hat_euclid" in rec:
+        keys += ["L_hat_euclid", "grad_fro"]
+    out: dict[str, Any] = {key: rec.get(key) for key in keys}
+    out["note"] = "; ".join(notes)
+    return cast(SmoothnessRecord, out)
+
+
+def _finite(v: float | None) -> float | None:
+    return v if v is not None and math.isfinite(v) else None
+
+
+def _ratio(num: float | None, den: float | None) -> tuple[float | None, str]:
+    """``num / den`` when it is a finite number, else ``None`` and the reason."""
+    if num is None or den is None:
+        return None, ""
+    if not (math.isfinite(num) and math.isfinite(den)):
+        return None, "non-finite norm"
+    if den == 0.0:
+        return None, "zero update ||X^(k+1) - X^k|| = 0 (frozen layer, lr 0 or a skipped step)"
+    r = num / den
+    if not math.isfinite(r):
+        return None, "ratio overflows (update too small)"
+    return r, ""
