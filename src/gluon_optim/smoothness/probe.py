@@ -13,7 +13,10 @@ code does: it attaches to a :class:`~gluon_optim.Gluon` through its step hooks a
 
 with raw minibatch gradients ``g`` and the layer's own norm pair. Plotted against each other,
 these points are what :func:`~gluon_optim.smoothness.fit_l0_l1` fits. The probe never changes
-the numerics.
+the numerics. Its norms are the optimizer's own, through public API only:
+:func:`~gluon_optim.optimizer.resolve_norm` picks a parameter's norm and
+:meth:`~gluon_optim.norms.Norm.dual_of` / :meth:`~gluon_optim.norms.Norm.norm_of` read the
+parameter as that norm's operand (flattened conv kernels, transposed embeddings).
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from gluon_optim import norms as _norms
-from gluon_optim.optimizer import Gluon, _to_operand, resolve_norm
+from gluon_optim.norms import Norm, Spectral, SpectralConv
+from gluon_optim.optimizer import Gluon, resolve_norm
 
 __all__ = ["SmoothnessProbe", "SmoothnessRecord", "param_entries"]
 
@@ -254,9 +257,9 @@ class SmoothnessProbe:
                 }
 
     # -- one measurement --------------------------------------------------------------------------
-    def _norm(self, group: Mapping[str, Any], p: Tensor) -> _norms.Norm:
+    def _norm(self, group: Mapping[str, Any], p: Tensor) -> Norm:
         norm = resolve_norm(group, p)
-        if self.exact_dual and isinstance(norm, (_norms.Spectral, _norms.SpectralConv)):
+        if self.exact_dual and isinstance(norm, (Spectral, SpectralConv)):
             norm = dataclasses.replace(norm, method="svd")
         return norm
 
@@ -313,13 +316,13 @@ class SmoothnessProbe:
         values: dict[str, Tensor] = {}
         try:
             if ok_g1:
-                values["grad_dual"] = norm.dual(_to_operand(norm, g1w, transposed)).sum()
+                values["grad_dual"] = norm.dual_of(g1w, transposed)
                 values["grad_fro"] = torch.linalg.vector_norm(g1w)
             if ok_dx:
-                values["update_norm"] = norm.norm(_to_operand(norm, dx, transposed)).amax()
+                values["update_norm"] = norm.norm_of(dx, transposed)
                 values["update_fro"] = torch.linalg.vector_norm(dx)
             if ok_g0 and ok_g1:
-                values["dgrad_dual"] = norm.dual(_to_operand(norm, dg, transposed)).sum()
+                values["dgrad_dual"] = norm.dual_of(dg, transposed)
                 values["dgrad_fro"] = torch.linalg.vector_norm(dg)
             got: dict[str, float] = {}
             if values:  # one host synchronisation for every norm of this parameter
