@@ -213,6 +213,15 @@ def _points(data: Data, euclidean: bool) -> tuple[list[float], list[float], int]
     return xs, ys, len(pairs) - len(xs)
 
 
+def _nonnegative(name: str, v: float) -> float:
+    """``v`` as a float, or a ``ValueError`` unless it is a finite number ``>= 0``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"fit_l0_l1: {name} must be a number, got {v!r}")
+    if not (math.isfinite(v) and v >= 0.0):
+        raise ValueError(f"fit_l0_l1: {name} must be finite and >= 0, got {v}")
+    return float(v)
+
+
 def fit_l0_l1(
     data: Data,
     penalty: float = 5.0,
@@ -249,20 +258,13 @@ def fit_l0_l1(
         A :class:`Fit`. Fewer than 3 finite points give ``l0 = l1 = None`` and a note; no input
         data makes this raise or return NaN.
     """
-    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)):
-        raise ValueError(f"fit_l0_l1: penalty must be a number, got {penalty!r}")
-    if not (math.isfinite(penalty) and penalty >= 0.0):
-        raise ValueError(f"fit_l0_l1: penalty must be finite and >= 0, got {penalty}")
-    if isinstance(lower, bool) or not isinstance(lower, (int, float)):
-        raise ValueError(f"fit_l0_l1: lower must be a number, got {lower!r}")
-    if not (math.isfinite(lower) and lower >= 0.0):
-        raise ValueError(f"fit_l0_l1: lower must be finite and >= 0, got {lower}")
+    lam, lo = _nonnegative("penalty", penalty), _nonnegative("lower", lower)
     xs, ys, dropped = _points(data, euclidean)
     notes = [f"dropped {dropped} missing or non-finite point(s)"] if dropped else []
     if len(xs) < 3:
         notes.insert(0, f"too few points to fit ({len(xs)} finite, need 3)")
         return Fit(None, None, None, len(xs), "; ".join(notes), role)
-    a, b, identified = _solve(xs, ys, float(penalty), float(lower))
+    a, b, identified = _solve(xs, ys, lam, lo)
     if not identified:
         notes.append("all gradient norms equal: only L0 + L1 * ||g||_* is identified")
     rel = [((y - a - b * x) / y) ** 2 for x, y in zip(xs, ys, strict=True) if y > 0.0]

@@ -25,7 +25,7 @@ import dataclasses
 import json
 import math
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict, cast
@@ -273,61 +273,20 @@ class SmoothnessProbe:
     ) -> SmoothnessRecord:
         k = pair.step
         norm = self._norm(group, p)
-        rec: SmoothnessRecord = {
-            "step": k + 1,
-            "param": key,
-            "role": str(group.get("role", "")),
-            "norm": norm.name,
-            "L_hat": None,
-            "grad_dual": None,
-            "update_norm": None,
-            "note": "",
-        }
-        if self.euclidean:
-            rec["L_hat_euclid"] = None
-            rec["grad_fro"] = None
-        dx = pair.updates.get(id(p))
-        g0 = pair.grads.get(id(p))
-        g1 = grads.get(id(p))
-        notes: list[str] = []
-        if dx is None:
-            notes.append(f"not in the optimizer at step {k}")
-        if g0 is None:
-            notes.append(f"no gradient at step {k}")
-        if g1 is None:
-            notes.append(f"no gradient at step {k + 1}")
+        rec = _empty_record(k + 1, key, str(group.get("role", "")), norm.name, self.euclidean)
+        dx, g0, g1 = pair.updates.get(id(p)), pair.grads.get(id(p)), grads.get(id(p))
+        missing = (
+            (dx, f"not in the optimizer at step {k}"),
+            (g0, f"no gradient at step {k}"),
+            (g1, f"no gradient at step {k + 1}"),
+        )
+        notes = [why for t, why in missing if t is None]
         if dx is None or g0 is None or g1 is None:
             return _finish(rec, notes)
-
-        dt = _wide(g1)
-        g1w = g1.to(dt)
-        dg = g1w - g0.to(dt)
-        # One host synchronisation for the three finiteness checks. Norms are only taken of
-        # finite tensors: an SVD of a NaN matrix may raise instead of returning NaN.
-        ok_dx, ok_g0, ok_g1 = torch.stack([torch.isfinite(t).all() for t in (dx, g0, g1)]).tolist()
-        if not ok_dx:
-            notes.append(f"non-finite update X^{k + 1} - X^{k}")
-        if not ok_g0:
-            notes.append(f"non-finite gradient at step {k}")
-        if not ok_g1:
-            notes.append(f"non-finite gradient at step {k + 1}")
-
-        transposed = group["transposed"]
-        values: dict[str, Tensor] = {}
+        ok, bad = _finiteness(k, dx, g0, g1)
+        notes += bad
         try:
-            if ok_g1:
-                values["grad_dual"] = norm.dual_of(g1w, transposed)
-                values["grad_fro"] = torch.linalg.vector_norm(g1w)
-            if ok_dx:
-                values["update_norm"] = norm.norm_of(dx, transposed)
-                values["update_fro"] = torch.linalg.vector_norm(dx)
-            if ok_g0 and ok_g1:
-                values["dgrad_dual"] = norm.dual_of(dg, transposed)
-                values["dgrad_fro"] = torch.linalg.vector_norm(dg)
-            got: dict[str, float] = {}
-            if values:  # one host synchronisation for every norm of this parameter
-                flat = torch.stack([v.double() for v in values.values()]).tolist()
-                got = dict(zip(values, flat, strict=True))
+            got = _norm_values(norm, group["transposed"], dx, g0, g1, ok)
         except _LinAlgError as err:  # an SVD that did not converge
             return _finish(rec, [*notes, f"norm computation failed: {err}"])
 
@@ -361,6 +320,65 @@ class SmoothnessProbe:
                 RuntimeWarning,
                 stacklevel=2,
             )
+
+
+def _empty_record(step: int, key: str, role: str, norm: str, euclidean: bool) -> SmoothnessRecord:
+    """A record of one parameter with every value still ``None``."""
+    rec: SmoothnessRecord = {
+        "step": step,
+        "param": key,
+        "role": role,
+        "norm": norm,
+        "L_hat": None,
+        "grad_dual": None,
+        "update_norm": None,
+        "note": "",
+    }
+    if euclidean:
+        rec["L_hat_euclid"] = None
+        rec["grad_fro"] = None
+    return rec
+
+
+def _finiteness(k: int, dx: Tensor, g0: Tensor, g1: Tensor) -> tuple[list[bool], list[str]]:
+    """Whether ``dX``, ``g^k``, ``g^{k+1}`` are finite (one host synchronisation); why not."""
+    ok: list[bool] = torch.stack([torch.isfinite(t).all() for t in (dx, g0, g1)]).tolist()
+    whys = (
+        f"non-finite update X^{k + 1} - X^{k}",
+        f"non-finite gradient at step {k}",
+        f"non-finite gradient at step {k + 1}",
+    )
+    return ok, [why for good, why in zip(ok, whys, strict=True) if not good]
+
+
+def _norm_values(
+    norm: Norm, transposed: bool, dx: Tensor, g0: Tensor, g1: Tensor, ok: Sequence[bool]
+) -> dict[str, float]:
+    """The norms of one measurement, in one host synchronisation.
+
+    ``grad_dual`` / ``grad_fro`` of ``g^{k+1}``, ``update_norm`` / ``update_fro`` of ``dX`` and
+    ``dgrad_dual`` / ``dgrad_fro`` of ``g^{k+1} - g^k``, each only when the tensors it reads
+    are finite (``ok``, as :func:`_finiteness` gives it): an SVD of a NaN matrix may raise
+    instead of returning NaN. A non-converging SVD raises.
+    """
+    ok_dx, ok_g0, ok_g1 = ok
+    dt = _wide(g1)
+    g1w = g1.to(dt)
+    dg = g1w - g0.to(dt)
+    values: dict[str, Tensor] = {}
+    if ok_g1:
+        values["grad_dual"] = norm.dual_of(g1w, transposed)
+        values["grad_fro"] = torch.linalg.vector_norm(g1w)
+    if ok_dx:
+        values["update_norm"] = norm.norm_of(dx, transposed)
+        values["update_fro"] = torch.linalg.vector_norm(dx)
+    if ok_g0 and ok_g1:
+        values["dgrad_dual"] = norm.dual_of(dg, transposed)
+        values["dgrad_fro"] = torch.linalg.vector_norm(dg)
+    if not values:
+        return {}
+    flat = torch.stack([v.double() for v in values.values()]).tolist()
+    return dict(zip(values, flat, strict=True))
 
 
 def _finish(rec: SmoothnessRecord, notes: list[str]) -> SmoothnessRecord:
