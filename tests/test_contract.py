@@ -33,13 +33,17 @@ CASES = [
         ),
         0.02,
     ),
-    Case("gluon-l0l1", lambda m, lr: go.gluon(m, lr=lr, radius="l0l1", l0=0.01, l1=40.0), 1.0),
+    Case(
+        "gluon-l0l1", lambda m, lr: go.gluon(m, lr=lr, radius_policy="l0l1", l0=0.01, l1=40.0), 1.0
+    ),
     Case(
         "gluon-l0l1-momentum",
-        lambda m, lr: go.gluon(m, lr=lr, radius="l0l1", l1=40.0, radius_source="momentum"),
+        lambda m, lr: go.gluon(m, lr=lr, radius_policy="l0l1", l1=40.0, radius_source="momentum"),
         1.0,
     ),
-    Case("gluon-theory-decay", lambda m, lr: go.gluon(m, lr=lr, radius="theory_decay"), 0.05),
+    Case(
+        "gluon-theory-decay", lambda m, lr: go.gluon(m, lr=lr, radius_policy="theory_decay"), 0.05
+    ),
     Case(
         "gluon-sign-euclid",
         lambda m, lr: go.gluon(

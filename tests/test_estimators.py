@@ -139,8 +139,10 @@ def test_matches_float64_reference(estimator: str, two_point: str, norm: str) ->
     prob = LeastSquares(seed=1)
     beta = 0.3 if estimator == "storm" else 0.7
     ref = _reference(prob, estimator, two_point, norm, beta=beta)
+    # STORM / LiMuon option 1 (its beta weighs the fresh gradient) is mvr1 with momentum 1 - beta.
+    ours, momentum = ("mvr1", 1 - beta) if estimator == "storm" else (estimator, beta)
     w, opt = _optimizer(
-        prob, norm=norm, estimator=estimator, two_point=two_point, momentum=beta, mvr_q=0.3
+        prob, norm=norm, estimator=ours, two_point=two_point, momentum=momentum, mvr_q=0.3
     )
     for k, (ours, expected) in enumerate(zip(_run(prob, w, opt), ref, strict=True)):
         torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12, msg=f"step {k}")
@@ -152,7 +154,7 @@ def test_theory_decay_decays_the_radius_and_keeps_the_momentum() -> None:
     prob = LeastSquares(seed=2)
     ref = _reference(prob, "mvr1", "exact", "euclidean", beta=0.6, decay=True)
     w, opt = _optimizer(
-        prob, norm="euclidean", estimator="mvr1", momentum=0.6, radius="theory_decay"
+        prob, norm="euclidean", estimator="mvr1", momentum=0.6, radius_policy="theory_decay"
     )
     for ours, expected in zip(_run(prob, w, opt), ref, strict=True):
         torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
@@ -207,11 +209,19 @@ def test_mvr3_with_q_one_is_mvr1() -> None:
 
 @pytest.mark.parametrize("two_point", ["exact", "approx"])
 def test_storm_is_mvr1_with_one_minus_beta(two_point: str) -> None:
-    # LiMuon's beta multiplies the fresh gradient: storm(b) = mvr1(1 - b). 1 - 0.25 is exact in
-    # binary, and the two run the same operations, so the iterates agree bit for bit.
+    # LiMuon's beta multiplies the fresh gradient: the full-rank limuon preset with beta b is
+    # mvr1 with momentum 1 - b. 1 - 0.25 is exact in binary, and the two run the same
+    # operations, so the iterates agree bit for bit.
     prob = LeastSquares(seed=6)
-    w, opt = _optimizer(
-        prob, norm="spectral", estimator="storm", momentum=0.25, two_point=two_point
+    w = nn.Parameter(prob.w0.clone())
+    opt = go.limuon(
+        [w],
+        lr=0.05,
+        beta=0.25,
+        low_rank=False,
+        shape_rule="rms",
+        two_point=two_point,
+        compute_dtype="float64",
     )
     v, mvr1 = _optimizer(
         prob, norm="spectral", estimator="mvr1", momentum=0.75, two_point=two_point
@@ -224,7 +234,7 @@ def test_storm_is_mvr1_with_one_minus_beta(two_point: str) -> None:
 
 def test_first_step_uses_the_gradient() -> None:
     prob = LeastSquares(seed=7)
-    for estimator in ("mvr1", "mvr2", "mvr3", "storm"):
+    for estimator in ("mvr1", "mvr2", "mvr3"):
         w, opt = _optimizer(prob, norm="euclidean", estimator=estimator, momentum=0.5)
         opt.step(_closure(prob, w, opt, 0))
         g0 = prob.grad(prob.w0, 0)
@@ -235,7 +245,7 @@ def test_first_step_uses_the_gradient() -> None:
 
 
 # -- the two-point gradient ------------------------------------------------------------------------
-@pytest.mark.parametrize("estimator", ["mvr1", "mvr2", "mvr3", "storm"])
+@pytest.mark.parametrize("estimator", ["mvr1", "mvr2", "mvr3"])
 def test_closure_equals_previous_iterate_block(estimator: str) -> None:
     prob = LeastSquares(seed=8)
     opts = dict(norm="spectral", estimator=estimator, momentum=0.4)
@@ -374,7 +384,7 @@ def test_closure_without_gradient_at_previous_point_raises_and_changes_nothing()
 
 def test_nonfinite_second_gradient_raises_and_changes_nothing() -> None:
     prob = LeastSquares(seed=13)
-    w, opt = _optimizer(prob, norm="euclidean", estimator="storm", momentum=0.2)
+    w, opt = _optimizer(prob, norm="euclidean", estimator="mvr1", momentum=0.8)
     opt.step(_closure(prob, w, opt, 0))
     calls = [0]
 
@@ -532,7 +542,6 @@ def test_state_bytes() -> None:
         ("mvr1", "approx", 1, 1),
         ("mvr2", "exact", 2, 1),
         ("mvr3", "approx", 2, 1),
-        ("storm", "exact", 1, 1),
     ]:
         w, opt = _optimizer(
             prob, norm="euclidean", estimator=estimator, two_point=two_point, momentum=0.5
@@ -578,11 +587,8 @@ def test_switching_estimator_drops_stale_state() -> None:
         ({"oversampling": -1}, r"Invalid oversampling: -1 .*int >= 0"),
         ({"rsvd_seed": 1.5}, "Invalid rsvd_seed: 1.5"),
         ({"rsvd_seed": True}, "Invalid rsvd_seed"),
-        (
-            {"estimator": "storm", "momentum": 0.0},
-            r"for estimator='storm' momentum is LiMuon's beta",
-        ),
-        ({"estimator": "storm_lowrank", "momentum": 1.5}, "must be > 0 and <= 1"),
+        ({"estimator": "storm"}, r"estimator='storm' .*was replaced in 0.2.0 by 'mvr1'"),
+        ({"estimator": "storm_lowrank", "momentum": 1.5}, r"Invalid momentum: 1.5 .*in \[0, 1\)"),
         ({"estimator": "mvr1", "momentum": 1.0}, "Invalid momentum: 1.0"),
         (
             {"estimator": "mvr1", "nesterov": True},
@@ -598,9 +604,9 @@ def test_invalid_options(kwargs: dict, message: str) -> None:
 
 
 def test_storm_momentum_one_is_allowed() -> None:
-    # beta = 1 keeps no correction: M = g, plain normalised gradient steps.
+    # LiMuon's beta = 1 (momentum 0) keeps no correction: M = g, plain normalised steps.
     prob = LeastSquares(seed=20)
-    w, opt = _optimizer(prob, norm="euclidean", estimator="storm", momentum=1.0)
+    w, opt = _optimizer(prob, norm="euclidean", estimator="mvr1", momentum=0.0)
     v, plain = _optimizer(prob, norm="euclidean", momentum=0.0)
     for a, b in zip(_run(prob, w, opt), _run(prob, v, plain), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-14)

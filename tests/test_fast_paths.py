@@ -69,9 +69,9 @@ def _max_diff(a: nn.Module, b: nn.Module) -> float:
 MAKERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "muon": lambda m, **kw: go.muon(m, lr=0.02, adamw_lr=1e-2, **kw),
     "scion": lambda m, **kw: go.scion(m, lr=1e-3, **kw),
-    "unscion-l0l1": lambda m, **kw: go.unscion(m, lr=1.0, radius="l0l1", l1=50.0, **kw),
+    "unscion-l0l1": lambda m, **kw: go.unscion(m, lr=1.0, radius_policy="l0l1", l1=50.0, **kw),
     "gluon-momentum-l0l1": lambda m, **kw: go.gluon(
-        m, lr=1.0, radius="l0l1", l1=50.0, radius_source="momentum", weight_decay=0.1, **kw
+        m, lr=1.0, radius_policy="l0l1", l1=50.0, radius_source="momentum", weight_decay=0.1, **kw
     ),
     "gluon-no-momentum": lambda m, **kw: go.gluon(m, lr=0.01, momentum=0.0, **kw),
 }
@@ -88,7 +88,7 @@ def test_foreach_equals_loop_in_float64(name: str) -> None:
 @pytest.mark.parametrize(
     "make",
     [
-        lambda m, **kw: go.gluon(m, lr=0.05, radius="theory_decay", **kw),
+        lambda m, **kw: go.gluon(m, lr=0.05, radius_policy="theory_decay", **kw),
         lambda m, **kw: go.gluon_mvr(m, 1, lr=0.02, two_point="approx", **kw),
     ],
     ids=["theory_decay", "mvr1-approx"],

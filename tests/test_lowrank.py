@@ -123,7 +123,7 @@ class Problem:
 
 def _opt(params: tuple[nn.Parameter, ...], **options: object) -> go.Gluon:
     opts: dict[str, object] = dict(
-        lr=0.05, norm="spectral", polar_method="svd", compute_dtype="float64", momentum=0.3
+        lr=0.05, norm="spectral", polar_method="svd", compute_dtype="float64", momentum=0.7
     )
     opts.update(options)
     return go.Gluon(list(params), **opts)
@@ -145,7 +145,7 @@ def test_full_rank_storm_lowrank_equals_storm(norm: str, two_point: str) -> None
     low = _opt(
         (w, c), norm=norm, estimator="storm_lowrank", rank=6, oversampling=2, two_point=two_point
     )
-    full = _opt((v, d), norm=norm, estimator="storm", two_point=two_point)
+    full = _opt((v, d), norm=norm, estimator="mvr1", two_point=two_point)
     for k in range(6):
         low.step(prob.closure(low, w, c, k))
         full.step(prob.closure(full, v, d, k))
@@ -241,7 +241,7 @@ def test_storm_lowrank_needs_matrices() -> None:
         go.Gluon([("b", nn.Parameter(torch.randn(4)))], estimator="storm_lowrank")
     # Switched on after construction: caught at step(), before anything changes.
     b = nn.Parameter(torch.randn(4))
-    opt = go.Gluon([b], estimator="storm", momentum=0.5, two_point="approx")
+    opt = go.Gluon([b], estimator="mvr1", momentum=0.5, two_point="approx")
     b.grad = torch.ones(4)
     opt.step()
     before = b.detach().clone()
@@ -255,7 +255,7 @@ def test_storm_lowrank_needs_matrices() -> None:
 
 def test_storm_lowrank_keeps_the_parameter_dtype() -> None:
     p = nn.Parameter(torch.randn(8, 6, dtype=torch.bfloat16))
-    opt = go.Gluon([p], estimator="storm_lowrank", momentum=0.2, rank=2, two_point="approx")
+    opt = go.Gluon([p], estimator="storm_lowrank", momentum=0.8, rank=2, two_point="approx")
     for k in range(3):
         p.grad = torch.randn(8, 6, generator=torch.Generator().manual_seed(k)).bfloat16()
         opt.step()
@@ -278,7 +278,7 @@ def test_limuon_preset_groups(tiny: TinyNet) -> None:
         assert (g["estimator"], g["rank"], g["momentum"], g["two_point"]) == (
             "storm_lowrank",
             4,
-            0.1,
+            0.9,  # LiMuon's beta 0.1 weighs the fresh gradient: momentum = 1 - beta
             "exact",
         )
     for role in ("embedding", "head", "bias", "norm"):
@@ -287,7 +287,7 @@ def test_limuon_preset_groups(tiny: TinyNet) -> None:
     full = go.limuon(tiny, low_rank=False, method="newton_schulz", shape_rule="muon")
     hidden = next(g for g in full.param_groups if g["role"] == "hidden")
     assert (hidden["estimator"], hidden["polar_method"], hidden["shape_rule"]) == (
-        "storm",
+        "mvr1",
         "newton_schulz",
         "muon",
     )

@@ -94,7 +94,7 @@ def test_theory_decay_schedule() -> None:
     p = _param(10)
     x = p.detach().clone()
     m = torch.zeros_like(x)
-    opt = go.Gluon([p], lr=0.2, scale=0.5, norm="euclidean", radius="theory_decay")
+    opt = go.Gluon([p], lr=0.2, scale=0.5, norm="euclidean", radius_policy="theory_decay")
     for k in range(6):
         g = _set_grad(p, k)
         opt.step()
@@ -117,7 +117,7 @@ def test_l0l1_radius(source: str) -> None:
         polar_method="svd",
         compute_dtype="float64",
         momentum=0.5,
-        radius="l0l1",
+        radius_policy="l0l1",
         l0=0.3,
         l1=2.0,
         radius_source=source,
@@ -138,7 +138,9 @@ def test_l0l1_radius(source: str) -> None:
 def test_l0l1_with_l0_zero_is_constant_one_over_l1() -> None:
     p = _param(6)
     x0 = p.detach().clone()
-    opt = go.Gluon([p], lr=1.0, norm="euclidean", momentum=0.0, radius="l0l1", l0=0.0, l1=8.0)
+    opt = go.Gluon(
+        [p], lr=1.0, norm="euclidean", momentum=0.0, radius_policy="l0l1", l0=0.0, l1=8.0
+    )
     _set_grad(p, 0)
     opt.step()
     assert (p.detach() - x0).norm().item() == pytest.approx(1 / 8.0, rel=1e-12)
@@ -173,7 +175,7 @@ def test_zero_gradient_gives_zero_step_in_the_optimizer(norm: str) -> None:
     p = nn.Parameter(torch.randn(*shape))
     x0 = p.detach().clone()
     for l0 in (1.0, 0.0):  # l0 = 0: the theorem's radius is 0/0 at a zero gradient
-        opt = go.Gluon([p], lr=0.1, norm=norm, radius="l0l1", l0=l0, l1=1.0)
+        opt = go.Gluon([p], lr=0.1, norm=norm, radius_policy="l0l1", l0=l0, l1=1.0)
         p.grad = torch.zeros_like(p)
         opt.step()
         assert torch.equal(p.detach(), x0)

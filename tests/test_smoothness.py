@@ -71,7 +71,7 @@ def _train(
 MAKERS: dict[str, tuple[Callable[[nn.Module], go.Gluon], bool]] = {
     "muon+adamw": (lambda m: go.muon(m, lr=0.02, adamw_lr=1e-2), False),
     "unscion": (lambda m: go.unscion(m, lr=0.001), False),
-    "gluon-l0l1": (lambda m: go.gluon(m, lr=1.0, radius="l0l1", l0=0.01, l1=40.0), False),
+    "gluon-l0l1": (lambda m: go.gluon(m, lr=1.0, radius_policy="l0l1", l0=0.01, l1=40.0), False),
     "mvr1-exact-closure": (lambda m: go.gluon_mvr(m, 1, lr=0.02), True),
 }
 
@@ -625,8 +625,9 @@ def test_theoretical_radii_and_settings() -> None:
         sm.radius_settings(PAPER)
     settings = sm.radius_settings(PAPER, skip_missing=True)
     assert settings == {
-        "hidden": {"radius": "l0l1", "l0": 1e-6, "l1": 69.9247, "scale": 1.0},  # the larger L1
-        "tied": {"radius": "l0l1", "l0": 1e-6, "l1": 1.3305, "scale": 1.0},
+        # hidden takes the larger L1 of its matrices
+        "hidden": {"radius_policy": "l0l1", "l0": 1e-6, "l1": 69.9247, "scale": 1.0},
+        "tied": {"radius_policy": "l0l1", "l0": 1e-6, "l1": 1.3305, "scale": 1.0},
     }
     per_param = sm.radius_settings(PAPER, by="param", skip_missing=True)
     assert per_param["h.4.attn.c_q"]["l1"] == 68.4167
@@ -669,7 +670,7 @@ def test_compare_radii_against_a_tuned_configuration() -> None:
     head = rows["head.weight"]  # found through its role
     assert head["theory_radius"] == pytest.approx(0.8) and head["radius"] == pytest.approx(1.08)
     assert rows["conv.weight"]["l1"] is None and rows["conv.weight"]["ratio"] is None
-    l0l1 = go.gluon(model, lr=1.0, radius="l0l1", l1=70.0)
+    l0l1 = go.gluon(model, lr=1.0, radius_policy="l0l1", l1=70.0)
     assert all(r["radius"] is None for r in sm.compare_radii(fits, l0l1))
 
 

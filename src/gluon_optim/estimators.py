@@ -1,47 +1,71 @@
-"""Momentum estimators: the variance-reduced recursions of Gluon-MVR and LiMuon.
+"""Momentum estimators: the EMA of Gluon and the variance-reduced recursions of Gluon-MVR, LiMuon.
 
-Each helper updates optimizer-owned buffers in place (hence the trailing underscore) and only
-reads the gradients, so ``p.grad`` is never written. Notation: ``g = g_k(X^k)`` is the gradient
-of batch ``k`` at the current iterate and ``g_prev`` its two-point partner: ``g_k(X^{k-1})``,
-the SAME batch at the previous iterate (``two_point="exact"``), or the previous step's gradient
-``g_{k-1}(X^{k-1})`` (``two_point="approx"``, as MARS-approx).
+The optimizer's estimator stage never names an estimator: it looks the group's ``estimator`` up
+in :data:`ESTIMATORS` and calls the entry. Each :class:`Estimator` declares what the optimizer
+needs to know about it: its per-parameter state keys, its own settings, whether it needs the
+two-point gradient ``g_prev``, how its first step starts the state, and how a later step
+advances it.
 
-============== ==============================================================================
-estimator      recursion (``beta`` = the group's ``momentum``)
-============== ==============================================================================
-``ema``        ``M <- beta M + (1 - beta) g``  (Gluon, Muon, Scion; in the optimizer itself)
-``mvr1``       ``M <- g + beta (M - g_prev)``
-``mvr2``       ``G <- g + (1 - q)(G - g_prev)``;  ``M <- beta M + (1 - beta) G``
-``mvr3``       ``G`` as ``mvr2``;  ``M <- beta M + (1 - beta) G + beta (g - g_prev)``
-               (our reconstruction, see :func:`mvr3_`)
-``storm``      ``M <- g + (1 - beta)(M - g_prev)``  (LiMuon's convention: beta is small)
-============== ==============================================================================
+Notation: ``g = g_k(X^k)`` is the gradient of batch ``k`` at the current iterate, ``beta`` the
+group's ``momentum`` (everywhere the weight of the OLD momentum), and ``g_prev`` the two-point
+partner: ``g_k(X^{k-1})``, the SAME batch at the previous iterate (``two_point="exact"``), or
+the previous step's gradient ``g_{k-1}(X^{k-1})`` (``two_point="approx"``).
 
-``storm_lowrank`` is ``storm`` applied to ``M_hat``, the rank-``r`` randomized SVD of the stored
-momentum (:mod:`gluon_optim.lowrank`); the optimizer does the bookkeeping.
+================= ===========================================================================
+estimator         recursion
+================= ===========================================================================
+``ema``           ``M <- beta M + (1 - beta) g`` (Gluon, Muon, Scion); ``M`` starts at zero
+``mvr1``          ``M <- g + beta (M - g_prev)`` (Gluon-MVR-1; LiMuon option 1 / STORM with
+                  LiMuon's ``beta_L = 1 - beta``)
+``mvr2``          ``G <- g + (1 - q)(G - g_prev)``;  ``M <- beta M + (1 - beta) G``
+``mvr3``          ``G`` as ``mvr2``;  ``M <- beta M + (1 - beta) G + beta (g - g_prev)``
+                  (our reconstruction, see :func:`mvr3_`)
+``storm_lowrank`` ``mvr1`` on ``M_hat``, the stored rank-``r`` randomized SVD of ``M`` (LiMuon
+                  option 2, :mod:`gluon_optim.lowrank`)
+================= ===========================================================================
+
+The variance-reduced estimators start at ``M^0 = G^0 = g^0``, as their papers do.
+
+The pure recursions (:func:`mvr1_`, :func:`mvr2_`, :func:`mvr3_`) update optimizer-owned
+buffers in place (hence the trailing underscore) and only read the gradients, so ``p.grad`` is
+never written.
 
 References: Qian, Rammal, Kovalev, Richtárik, "Muon is Provably Faster with Momentum Variance
 Reduction", arXiv 2512.16598 (Gluon-MVR-1/2/3, Algorithms 2, 4, 5); Huang, Luo, Chen, "LiMuon",
-arXiv 2509.14562 (Algorithm 1); Cutkosky and Orabona 2019 (STORM).
+arXiv 2509.14562 (Algorithm 1); Cutkosky and Orabona 2019 (STORM); Riabinin et al., "Gluon",
+arXiv 2505.13416 (Algorithm 1).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
 from torch import Tensor
 
-__all__ = ["ESTIMATORS", "VR_ESTIMATORS", "mvr1_", "mvr2_", "mvr3_", "storm_"]
+from gluon_optim import lowrank as _lowrank
+from gluon_optim.settings import Choice, Flag, Integer, Number, Setting
 
-#: The variance-reduced estimators: each needs a two-point gradient ``g_prev``.
-VR_ESTIMATORS: tuple[str, ...] = ("mvr1", "mvr2", "mvr3", "storm", "storm_lowrank")
-#: Every value of the group key ``estimator``.
-ESTIMATORS: tuple[str, ...] = ("ema", *VR_ESTIMATORS)
+__all__ = [
+    "ESTIMATORS",
+    "VR_ESTIMATORS",
+    "Estimator",
+    "EstimatorStep",
+    "mvr1_",
+    "mvr2_",
+    "mvr3_",
+]
 
 
+# -- the recursions -------------------------------------------------------------------------
 def mvr1_(m: Tensor, g: Tensor, g_prev: Tensor, beta: float) -> Tensor:
     """Gluon-MVR-1: ``m <- g + beta (m - g_prev)``, in place on ``m``; returns ``m``.
 
     With ``g_prev == g`` (a loss whose gradient does not depend on the point) this is the EMA
-    ``beta m + (1 - beta) g``.
+    ``beta m + (1 - beta) g``. It is also STORM / LiMuon option 1 in their convention, where
+    the small weight of the fresh gradient is ``1 - beta``.
     """
     return m.sub_(g_prev).mul_(beta).add_(g)
 
@@ -73,10 +97,257 @@ def mvr3_(m: Tensor, est: Tensor, g: Tensor, g_prev: Tensor, beta: float, q: flo
     return m.lerp_(est, 1.0 - beta).add_(g, alpha=beta).sub_(g_prev, alpha=beta)
 
 
-def storm_(m: Tensor, g: Tensor, g_prev: Tensor, beta: float) -> Tensor:
-    """STORM / LiMuon option 1: ``m <- g + (1 - beta)(m - g_prev)``, in place; returns ``m``.
+# -- the table --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EstimatorStep:
+    """What an estimator sees of one parameter on one step.
 
-    Here ``beta`` is LiMuon's (small, the weight of the fresh gradient), so ``storm_`` with
-    ``beta`` is exactly :func:`mvr1_` with ``1 - beta``.
+    Attributes:
+        p: the parameter, at ``X^k`` (read only: the estimator stage never changes it).
+        g: its gradient ``g_k(X^k)`` (read only).
+        g_prev: the two-point partner (``g`` itself when the estimator needs none, or when a
+            configuration change mid-run left no partner for this one step).
+        state: the parameter's optimizer state; the estimator owns its declared keys.
+        k: 0-based index of this parameter's step.
+        index: the parameter's position in its group (seeds LiMuon's sketch).
+        beta: the momentum weight of this step (the group's, or the radius policy's schedule).
+        scheduled: whether ``beta`` comes from a radius policy's momentum schedule.
+        group: the group's settings (read only).
     """
-    return mvr1_(m, g, g_prev, 1.0 - beta)
+
+    p: Tensor
+    g: Tensor
+    g_prev: Tensor
+    state: dict[str, Any]
+    k: int
+    index: int
+    beta: float
+    scheduled: bool
+    group: Mapping[str, Any]
+
+
+Advance = Callable[[EstimatorStep], Tensor]
+# A whole group at once: the steps, the common beta; returns their momenta.
+AdvanceMany = Callable[[list[EstimatorStep], float], list[Tensor]]
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """One momentum estimator, as the optimizer's estimator stage uses it.
+
+    Attributes:
+        name: the value of the group key ``estimator``.
+        doc: one line for the docs table.
+        state: per-parameter state keys it owns (besides ``"step"`` and the two-point key).
+        settings: the group settings only it (or its family) reads.
+        two_point: whether each step needs ``g_prev`` (the two-point gradient protocol,
+            :mod:`gluon_optim.two_point`).
+        start: the first step, when ``state`` does not hold every key yet: create them and
+            return ``M^0``.
+        advance: a later step: update the state in place and return ``M^k``.
+        advance_many: the same as ``advance`` for a whole group in multi-tensor kernels (the
+            ``foreach`` setting), when the estimator has such a form.
+        matrix_only: it needs matrices (2-D, or kernels flattened to 2-D).
+        follows_schedule: it takes its ``beta`` from a radius policy's momentum schedule.
+    """
+
+    name: str
+    doc: str
+    state: tuple[str, ...]
+    settings: tuple[Setting, ...]
+    two_point: bool
+    start: Advance
+    advance: Advance
+    advance_many: AdvanceMany | None = None
+    matrix_only: bool = False
+    follows_schedule: bool = False
+
+    def ready(self, state: Mapping[str, Any]) -> bool:
+        """Whether ``state`` holds every key of this estimator (so the next step advances)."""
+        return all(key in state for key in self.state)
+
+    def update(self, step: EstimatorStep) -> Tensor:
+        """``M^k`` for this step: :attr:`start` on the first, :attr:`advance` afterwards."""
+        return self.advance(step) if self.ready(step.state) else self.start(step)
+
+
+def _zeros_buffer(state: dict[str, Any], g: Tensor) -> Tensor:
+    """The EMA momentum buffer of ``state``, created at zero like ``g`` on first use."""
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+    buf: Tensor = state["momentum_buffer"]
+    return buf
+
+
+def _ema(s: EstimatorStep) -> Tensor:
+    # beta = 0 keeps no buffer (M = g), unless a schedule sets beta: its buffer must exist
+    # from its first step on, where beta^0 = 0.
+    if s.beta == 0.0 and not s.scheduled:
+        return s.g
+    buf = _zeros_buffer(s.state, s.g)
+    buf.lerp_(s.g, 1.0 - s.beta)
+    # Nesterov as torch.optim.Muon: g + beta (M - g), built out of place so that p.grad is never
+    # written (KellerJordan/Muon's in-place lerp_ overwrites it).
+    return s.g.lerp(buf, s.beta) if s.group["nesterov"] else buf
+
+
+def _ema_many(steps: list[EstimatorStep], beta: float) -> list[Tensor]:
+    # One multi-tensor kernel per operation instead of one kernel per parameter.
+    grads = [s.g for s in steps]
+    if beta == 0.0:
+        return grads
+    bufs = [_zeros_buffer(s.state, s.g) for s in steps]
+    torch._foreach_lerp_(bufs, grads, 1.0 - beta)
+    return list(torch._foreach_lerp(grads, bufs, beta)) if steps[0].group["nesterov"] else bufs
+
+
+def _copy_gradient(*keys: str) -> Advance:
+    """A first step that sets every key in ``keys`` to a copy of ``g``; returns the first key."""
+
+    def start(s: EstimatorStep) -> Tensor:
+        for key in keys:
+            s.state[key] = s.g.clone(memory_format=torch.preserve_format)
+        out: Tensor = s.state[keys[0]]
+        return out
+
+    return start
+
+
+def _mvr1(s: EstimatorStep) -> Tensor:
+    return mvr1_(s.state["momentum_buffer"], s.g, s.g_prev, s.beta)
+
+
+def _mvr2(s: EstimatorStep) -> Tensor:
+    m, est = s.state["momentum_buffer"], s.state["mvr_estimate"]
+    return mvr2_(m, est, s.g, s.g_prev, s.beta, s.group["mvr_q"])
+
+
+def _mvr3(s: EstimatorStep) -> Tensor:
+    m, est = s.state["momentum_buffer"], s.state["mvr_estimate"]
+    return mvr3_(m, est, s.g, s.g_prev, s.beta, s.group["mvr_q"])
+
+
+def _store_lowrank(s: EstimatorStep, m: Tensor) -> Tensor:
+    """Keep the rank-``r`` randomized SVD of ``m`` as the state; return ``m`` for this step."""
+    rows = s.p.shape[0]
+    u, sv, v = _lowrank.rsvd(
+        m.reshape(rows, s.p.numel() // rows),
+        s.group["rank"],
+        oversampling=s.group["oversampling"],
+        seed=_lowrank.sketch_seed(s.group["rsvd_seed"], s.k, s.index, s.group["role"]),
+    )
+    dtype = s.p.dtype
+    s.state["lowrank_u"], s.state["lowrank_s"], s.state["lowrank_v"] = (
+        u.to(dtype),
+        sv.to(dtype),
+        v.to(dtype),
+    )
+    return m
+
+
+def _lowrank_start(s: EstimatorStep) -> Tensor:
+    return _store_lowrank(s, s.g.clone())
+
+
+def _lowrank_advance(s: EstimatorStep) -> Tensor:
+    m = _lowrank.reconstruct(
+        s.state["lowrank_u"], s.state["lowrank_s"], s.state["lowrank_v"]
+    ).reshape(s.p.shape)
+    return _store_lowrank(s, mvr1_(m, s.g, s.g_prev, s.beta))
+
+
+# -- settings only the estimators read ------------------------------------------------------------
+NESTEROV = Setting(
+    "nesterov", False, Flag(), ("ema",), "Nesterov momentum as torch.optim.Muon: `g + beta (M - g)`"
+)
+TWO_POINT = Setting(
+    "two_point",
+    "exact",
+    Choice(("exact", "approx")),
+    ("mvr1", "mvr2", "mvr3", "storm_lowrank"),
+    "where `g_prev` comes from: `exact` = this batch at the previous iterate (two gradients per "
+    "step); `approx` = the previous step's gradient",
+)
+MVR_Q = Setting(
+    "mvr_q",
+    0.1,
+    Number(0.0, 1.0),
+    ("mvr2", "mvr3"),
+    "`q` of `G <- g + (1 - q)(G - g_prev)`",
+    per_step=True,
+)
+_LOWRANK = ("storm_lowrank",)
+LOWRANK_SETTINGS = (
+    Setting("rank", 8, Integer(lo=1), _LOWRANK, "rank `r` of the stored momentum (<= min(m, n))"),
+    Setting("oversampling", 5, Integer(lo=0), _LOWRANK, "extra randomized-SVD sketch columns"),
+    Setting(
+        "rsvd_seed", 0, Integer(), _LOWRANK, "base seed of the sketch (mixed with step, index)"
+    ),
+)
+
+#: Every estimator by the value of the group key ``estimator``.
+ESTIMATORS: dict[str, Estimator] = {
+    e.name: e
+    for e in [
+        Estimator(
+            "ema",
+            "`M <- beta M + (1 - beta) g`, from `M = 0` (Gluon, Muon, Scion)",
+            state=("momentum_buffer",),
+            settings=(NESTEROV,),
+            two_point=False,
+            start=_ema,
+            advance=_ema,
+            advance_many=_ema_many,
+            follows_schedule=True,
+        ),
+        Estimator(
+            "mvr1",
+            "`M <- g + beta (M - g_prev)` (Gluon-MVR-1; LiMuon option 1)",
+            state=("momentum_buffer",),
+            settings=(TWO_POINT,),
+            two_point=True,
+            start=_copy_gradient("momentum_buffer"),
+            advance=_mvr1,
+        ),
+        Estimator(
+            "mvr2",
+            "`G <- g + (1 - q)(G - g_prev)`, `M <- beta M + (1 - beta) G` (Gluon-MVR-2)",
+            state=("momentum_buffer", "mvr_estimate"),
+            settings=(TWO_POINT, MVR_Q),
+            two_point=True,
+            start=_copy_gradient("momentum_buffer", "mvr_estimate"),
+            advance=_mvr2,
+        ),
+        Estimator(
+            "mvr3",
+            "MVR-2 plus `beta (g - g_prev)` (Gluon-MVR-3, our reconstruction)",
+            state=("momentum_buffer", "mvr_estimate"),
+            settings=(TWO_POINT, MVR_Q),
+            two_point=True,
+            start=_copy_gradient("momentum_buffer", "mvr_estimate"),
+            advance=_mvr3,
+        ),
+        Estimator(
+            "storm_lowrank",
+            "`mvr1` on the stored rank-`r` randomized SVD of `M` (LiMuon option 2)",
+            state=("lowrank_u", "lowrank_s", "lowrank_v"),
+            settings=(TWO_POINT, *LOWRANK_SETTINGS),
+            two_point=True,
+            start=_lowrank_start,
+            advance=_lowrank_advance,
+            matrix_only=True,
+        ),
+    ]
+}
+
+#: The variance-reduced estimators: each needs a two-point gradient ``g_prev``.
+VR_ESTIMATORS: tuple[str, ...] = tuple(n for n, e in ESTIMATORS.items() if e.two_point)
+
+#: Estimator names of earlier versions, with what replaces them.
+RENAMED: dict[str, str] = {
+    "storm": (
+        "'mvr1': since 0.2.0 `momentum` is the weight of the old momentum for every estimator, "
+        "so STORM / LiMuon option 1 with LiMuon's beta b is estimator='mvr1' with "
+        "momentum=1-b (go.limuon(..., beta=b) converts it)"
+    ),
+}

@@ -42,6 +42,7 @@ from gluon_optim.polar import (
 )
 
 __all__ = [
+    "COMPUTE_DTYPES",
     "NORMS",
     "SHAPE_RULES",
     "BiasRMS",
@@ -80,6 +81,10 @@ _DTYPES: dict[str, torch.dtype | None] = {
     "float64": torch.float64,
     "input": None,
 }
+
+
+#: Values of the ``compute_dtype`` setting: the dtype Newton–Schulz runs in ("input": as given).
+COMPUTE_DTYPES: tuple[str, ...] = tuple(_DTYPES)
 
 
 def shape_factor(rule: str, d_out: int, d_in: int) -> float:

@@ -27,7 +27,7 @@ Two presets change the momentum estimator rather than the norms:
   every role (Gluon-MVR, arXiv 2512.16598).
 * ``limuon``: the ``muon`` column's split, with hidden and conv matrices ``spectral`` under
   shape rule ``none`` (LiMuon states no shape factor), polar factor by exact SVD or
-  Newton–Schulz, and ``estimator="storm_lowrank"`` (``"storm"`` with ``low_rank=False``);
+  Newton–Schulz, and ``estimator="storm_lowrank"`` (``"mvr1"`` with ``low_rank=False``);
   AdamW elsewhere (LiMuon, arXiv 2509.14562).
 """
 
@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gluon_optim.optimizer import DEFAULTS, Gluon
+from gluon_optim.groups import DEFAULTS
+from gluon_optim.optimizer import Gluon
 from gluon_optim.roles import ROLES, ModuleRef, assign_roles
 
 __all__ = [
@@ -218,7 +219,7 @@ def _limuon_table(
     *,
     rank: int = 8,
     lr: float | Tensor = 0.02,
-    momentum: float = 0.1,
+    beta: float = 0.1,
     method: str = "svd",
     oversampling: int = 5,
     two_point: str = "exact",
@@ -236,18 +237,27 @@ def _limuon_table(
         raise ValueError(f"limuon: unknown method {method!r}; expected 'svd' or 'newton_schulz'")
     if not isinstance(low_rank, bool):
         raise ValueError(f"limuon: low_rank must be True or False, got {low_rank!r}")
+    if "momentum" in lmo_options:
+        raise ValueError(
+            "limuon: pass LiMuon's beta as beta= (the weight of the fresh gradient, default "
+            "0.1); since 0.2.0 the group key momentum means the weight of the old momentum, "
+            "which limuon sets to 1 - beta"
+        )
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < beta <= 1.0:
+        raise ValueError(f"limuon: beta must be a number in (0, 1], got {beta!r}")
     matrix = dict(
         algorithm="lmo",
         norm="spectral",
         shape_rule=shape_rule,
         polar_method=method,
-        estimator="storm_lowrank" if low_rank else "storm",
+        estimator="storm_lowrank" if low_rank else "mvr1",
         rank=rank,
         oversampling=oversampling,
         rsvd_seed=rsvd_seed,
         two_point=two_point,
         lr=lr,
-        momentum=momentum,
+        # LiMuon's beta weighs the fresh gradient: M <- g + (1 - beta)(M - g_prev).
+        momentum=1.0 - beta,
         weight_decay=weight_decay,
         **lmo_options,
     )
@@ -503,7 +513,7 @@ def limuon(
     rank: int = 8,
     *,
     lr: float | Tensor = 0.02,
-    momentum: float = 0.1,
+    beta: float = 0.1,
     method: str = "svd",
     oversampling: int = 5,
     two_point: str = "exact",
@@ -523,13 +533,13 @@ def limuon(
 
     where ``M_hat`` is the rank-``rank`` randomized SVD of the previous momentum, stored as
     factors: ``(m + n) r + r`` numbers per matrix instead of ``m n`` (option 2,
-    ``estimator="storm_lowrank"``). ``low_rank=False`` keeps the full momentum (option 1,
-    ``estimator="storm"``); a rank ``>= min(m, n)`` gives the same iterates as option 1 up to
-    rounding.
+    ``estimator="storm_lowrank"``). ``low_rank=False`` keeps the full momentum (option 1, which
+    is Gluon-MVR-1: ``estimator="mvr1"``); a rank ``>= min(m, n)`` gives the same iterates as
+    option 1 up to rounding.
 
-    ``momentum`` is LiMuon's beta, the SMALL weight of the fresh gradient (the STORM
-    convention; the default 0.1 keeps 0.9 of the correction). It is the opposite of Muon's
-    momentum 0.95: ``storm`` with ``momentum=b`` is Gluon-MVR-1 with ``momentum=1-b``.
+    ``beta`` is LiMuon's, the SMALL weight of the fresh gradient (the STORM convention; the
+    default 0.1 keeps 0.9 of the correction). The preset sets the group key ``momentum`` (the
+    weight of the old momentum, as everywhere in gluon-optim) to ``1 - beta``.
 
     Given a model, hidden linear and conv weights (conv kernels flattened to
     ``(C_out, C_in·k·k)``) take the LiMuon update and every other role AdamW (``adamw_lr``,
@@ -540,7 +550,7 @@ def limuon(
         model_or_params: a model, or parameters / ``(name, parameter)`` pairs.
         rank: rank ``r`` of the stored momentum (``storm_lowrank``).
         lr: the step ``eta`` (radius ``t = lr``).
-        momentum: LiMuon's beta in ``(0, 1]``.
+        beta: LiMuon's beta in ``(0, 1]`` (``momentum = 1 - beta``).
         method: ``"svd"`` (exact polar factor, LiMuon's Algorithm 1) or ``"newton_schulz"``
             (LiMuon-NS: Jordan's quintic coefficients, 5 steps in bfloat16 by default).
         oversampling: extra sketch columns ``s`` (LiMuon asks for ``s >= 2``; 5 is our default).
@@ -561,7 +571,7 @@ def limuon(
     opts = dict(
         rank=rank,
         lr=lr,
-        momentum=momentum,
+        beta=beta,
         method=method,
         oversampling=oversampling,
         two_point=two_point,

@@ -45,8 +45,8 @@ def radius_settings(
 ) -> dict[str, dict[str, Any]]:
     """Group settings for the ``l0l1`` radius policy: Gluon's Theorem 1 with fitted constants.
 
-    ``by="role"`` returns ``{role: {"radius": "l0l1", "l0": L0, "l1": L1, "scale": 1.0}}``, ready
-    for ``go.gluon(model, lr=1.0, settings=...)``: the optimizer's radius is
+    ``by="role"`` returns ``{role: {"radius_policy": "l0l1", "l0": L0, "l1": L1, "scale": 1}}``,
+    ready for ``go.gluon(model, lr=1.0, settings=...)``: the optimizer's radius is
     ``t = lr * scale * ||g||_* / (L0 + L1 ||g||_*)``, so ``lr = scale = 1`` is the theorem
     (an LR schedule then multiplies it). When several fits share a role (per-parameter fits)
     the role takes the largest ``L0`` and the largest ``L1``: one radius for the group that the
@@ -76,7 +76,7 @@ def radius_settings(
         l0, l1 = constants.get(name, (fit.l0, fit.l1))
         constants[name] = (max(l0, fit.l0), max(l1, fit.l1))
     return {
-        name: {"radius": "l0l1", "l0": l0, "l1": l1, "scale": 1.0}
+        name: {"radius_policy": "l0l1", "l0": l0, "l1": l1, "scale": 1.0}
         for name, (l0, l1) in constants.items()
     }
 
@@ -98,7 +98,7 @@ def compare_radii(fits: Mapping[str, Fit], optimizer: Gluon) -> list[dict[str, A
         theory = 1.0 / l1 if l1 is not None and l1 > 0.0 else None
         lr = group["lr"]
         lr_f = float(lr.item()) if isinstance(lr, Tensor) else float(lr)
-        radius = lr_f * float(group["scale"]) if group["radius"] == "constant" else None
+        radius = lr_f * float(group["scale"]) if group["radius_policy"] == "constant" else None
         rows.append(
             {
                 "param": key,
@@ -106,7 +106,7 @@ def compare_radii(fits: Mapping[str, Fit], optimizer: Gluon) -> list[dict[str, A
                 "l0": fit.l0 if fit is not None else None,
                 "l1": l1,
                 "theory_radius": theory,
-                "policy": group["radius"],
+                "policy": group["radius_policy"],
                 "radius": radius,
                 "ratio": radius / theory if radius is not None and theory else None,
             }

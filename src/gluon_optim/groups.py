@@ -1,0 +1,391 @@
+"""Param-group settings: the one table, its defaults, its validation and its typed signature.
+
+:data:`SETTINGS` is assembled from the core settings below and the settings each estimator
+(:mod:`gluon_optim.estimators`) and radius policy (:mod:`gluon_optim.radius`) declares for
+itself. Everything else derives from it: :data:`DEFAULTS`, the checks run at construction,
+``add_param_group``, ``load_state_dict`` and (for the ``per_step`` settings) every ``step()``,
+and the settings table of ``docs/optimizer.md`` (:func:`settings_table`; a test keeps them
+equal). :class:`GroupSettings` is the same table written for the type checker, so that
+``Gluon(params, momentun=0.9)`` fails in mypy as well as at run time; a test checks it lists
+exactly the keys of :data:`SETTINGS`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypedDict
+
+from torch import Tensor
+
+from gluon_optim import norms as _norms
+from gluon_optim.estimators import ESTIMATORS, Estimator
+from gluon_optim.estimators import RENAMED as _RENAMED_ESTIMATORS
+from gluon_optim.polar import COMPILE_BACKENDS, NS_FORMS, NS_PRESETS
+from gluon_optim.radius import POLICIES, RadiusPolicy
+from gluon_optim.settings import (
+    Choice,
+    Flag,
+    Integer,
+    LearningRate,
+    Number,
+    OptionalFlag,
+    Pair,
+    Setting,
+    Text,
+)
+
+__all__ = [
+    "DEFAULTS",
+    "FOREIGN_KEYS",
+    "RENAMED_KEYS",
+    "SETTINGS",
+    "GroupOptions",
+    "GroupSettings",
+    "check_keys",
+    "settings_table",
+    "validate",
+    "where",
+]
+
+_ALL = ("all",)
+_LMO = ("lmo",)
+_POLAR = ("spectral", "spectral_conv")
+
+_CORE: tuple[Setting, ...] = (
+    Setting(
+        "algorithm",
+        "lmo",
+        Choice(("lmo", "adamw")),
+        _ALL,
+        "`lmo`: the Gluon step; `adamw`: torch.optim.AdamW's update (for what Muon leaves to Adam)",
+    ),
+    Setting("lr", 0.02, LearningRate(), _ALL, "learning rate; the radius is `lr * scale`", True),
+    Setting(
+        "weight_decay",
+        0.0,
+        Number(0.0),
+        _ALL,
+        "decoupled weight decay `X <- (1 - lr * wd) X`, as torch.optim.Muon / AdamW",
+        True,
+    ),
+    Setting(
+        "norm",
+        "auto",
+        Choice(lambda: ("auto", *_norms.NORMS)),
+        _LMO,
+        "the layer's norm; `auto`: bias_rms / spectral / spectral_conv by dimension",
+    ),
+    Setting("scale", 1.0, Number(0.0, lo_open=True), _LMO, "radius multiplier rho", True),
+    Setting(
+        "shape_rule",
+        "rms",
+        Choice(lambda: tuple(_norms.SHAPE_RULES)),
+        ("spectral",),
+        "shape factor of the spectral LMO (rms, muon, moonlight, none)",
+    ),
+    Setting(
+        "transposed",
+        False,
+        Flag(),
+        _LMO,
+        "the parameter is stored `(d_in, d_out)` (e.g. nn.Embedding.weight)",
+    ),
+    Setting(
+        "momentum",
+        0.9,
+        Number(0.0, 1.0, hi_open=True),
+        _LMO,
+        "beta, the weight of the OLD momentum, for every estimator (Scion's alpha = 1 - beta)",
+        True,
+    ),
+    Setting(
+        "estimator",
+        "ema",
+        Choice(lambda: tuple(ESTIMATORS), renamed=_RENAMED_ESTIMATORS),
+        _LMO,
+        "the momentum estimator (see the estimators table)",
+    ),
+    Setting("constrained", False, Flag(), _LMO, "SCG: `X <- (1 - lr) X + t lmo(M)`"),
+    Setting(
+        "radius_policy",
+        "constant",
+        Choice(lambda: tuple(POLICIES)),
+        _LMO,
+        "the step-size policy (see the radius policies table)",
+    ),
+    Setting(
+        "polar_method",
+        "newton_schulz",
+        Choice(("newton_schulz", "svd")),
+        _POLAR,
+        "how `U V^T` is computed: Newton–Schulz or an exact SVD",
+    ),
+    Setting(
+        "ns_preset",
+        "jordan",
+        Choice(lambda: tuple(NS_PRESETS)),
+        _POLAR,
+        "Newton–Schulz coefficients",
+    ),
+    Setting("ns_steps", 5, Integer(1, 99), _POLAR, "Newton–Schulz iterations"),
+    Setting(
+        "compute_dtype",
+        "bfloat16",
+        Choice(_norms.COMPUTE_DTYPES),
+        _POLAR,
+        "dtype Newton–Schulz runs in",
+    ),
+    Setting(
+        "ns_form",
+        "standard",
+        Choice(NS_FORMS),
+        _POLAR,
+        "`standard`, `gram` (iterate on the Gram matrix) or `auto` (by FLOP count)",
+    ),
+    Setting(
+        "compile",
+        "",
+        Choice(("", *COMPILE_BACKENDS)),
+        _POLAR,
+        "torch.compile backend for Newton–Schulz (`''`: eager)",
+    ),
+    Setting(
+        "foreach",
+        None,
+        OptionalFlag(),
+        ("ema", "adamw"),
+        "multi-tensor kernels and batched LMOs; None: on when every parameter is on a GPU",
+    ),
+    Setting(
+        "betas",
+        (0.9, 0.95),
+        Pair(Number(0.0, 1.0, hi_open=True), label="beta"),
+        ("adamw",),
+        "AdamW's (beta1, beta2)",
+        True,
+    ),
+    Setting("eps", 1e-8, Number(0.0, lo_open=True), ("adamw",), "AdamW's epsilon"),
+    Setting(
+        "nonfinite",
+        "raise",
+        Choice(("raise", "skip", "ignore")),
+        _ALL,
+        "a NaN/inf gradient: `raise` before any change, `skip` the group's step, or `ignore`",
+    ),
+    Setting("role", "", Text(), _ALL, "informational: the role a preset gave this group"),
+    Setting("name", "", Text(), _ALL, "informational: a label (e.g. for an LR monitor)"),
+)
+
+
+def _assemble() -> tuple[Setting, ...]:
+    out: dict[str, Setting] = {s.name: s for s in _CORE}
+    owners: list[Estimator | RadiusPolicy] = [*ESTIMATORS.values(), *POLICIES.values()]
+    for owner in owners:
+        for s in owner.settings:
+            if out.setdefault(s.name, s) is not s:
+                raise RuntimeError(f"setting {s.name!r} is declared twice")
+    return tuple(out.values())
+
+
+#: Every group key, declared once.
+SETTINGS: tuple[Setting, ...] = _assemble()
+_BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+_PER_STEP: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.per_step)
+_STABLE: tuple[str, ...] = tuple(s.name for s in SETTINGS if not s.per_step)
+
+#: Every group key with its default. Values are plain data (str, float, int, bool, tuple), so
+#: ``state_dict()`` loads with ``torch.load(weights_only=True)``.
+DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}
+
+#: Keys torch or its schedulers may add to a group.
+FOREIGN_KEYS = frozenset({"params", "param_names", "initial_lr", "differentiable"})
+
+#: Group keys of earlier versions, with the key that replaces them.
+RENAMED_KEYS: dict[str, str] = {"radius": "radius_policy"}
+
+
+class GroupOptions(TypedDict, total=False):
+    """Every setting but ``lr``: the keyword arguments of ``Gluon(params, lr, **options)``."""
+
+    algorithm: str
+    weight_decay: float
+    norm: str
+    scale: float
+    shape_rule: str
+    transposed: bool
+    momentum: float
+    estimator: str
+    constrained: bool
+    radius_policy: str
+    polar_method: str
+    ns_preset: str
+    ns_steps: int
+    compute_dtype: str
+    ns_form: str
+    compile: str
+    foreach: bool | None
+    betas: tuple[float, float]
+    eps: float
+    nonfinite: str
+    role: str
+    name: str
+    nesterov: bool
+    two_point: str
+    mvr_q: float
+    rank: int
+    oversampling: int
+    rsvd_seed: int
+    l0: float
+    l1: float
+    radius_source: str
+
+
+class GroupSettings(GroupOptions, total=False):
+    """The settings a param group may set, for the type checker (a test checks the keys)."""
+
+    lr: float | Tensor
+
+
+def where(group: Mapping[str, Any], index: int | None) -> str:
+    """`` (param group 3, role 'hidden')``: where an error happened, for its message."""
+    role = f", role {group['role']!r}" if group.get("role") else ""
+    return f" (param group {index}{role})" if index is not None else f" (new param group{role})"
+
+
+def check_keys(keys: Mapping[str, Any] | set[str], context: str) -> None:
+    """Raise ``ValueError`` for a key that is no setting (naming a renamed key's new name)."""
+    for old, new in RENAMED_KEYS.items():
+        if old in keys:
+            raise ValueError(
+                f"{context}: option {old!r} was renamed to {new!r} in gluon-optim 0.2.0"
+            )
+    unknown = sorted(set(keys) - set(DEFAULTS) - FOREIGN_KEYS)
+    if unknown:
+        raise ValueError(f"{context} got unknown option(s) {unknown}; known: {sorted(DEFAULTS)}")
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """A constraint between settings: ``broken(group)`` is true when it does not hold."""
+
+    broken: Callable[[Mapping[str, Any]], bool]
+    message: str
+
+
+_RULES: tuple[_Rule, ...] = (
+    _Rule(
+        lambda g: g["algorithm"] == "adamw" and g["estimator"] != "ema",
+        "estimator={estimator!r} needs algorithm='lmo'{where}; AdamW groups keep AdamW's own "
+        "moments (estimator='ema')",
+    ),
+    _Rule(
+        lambda g: g["nesterov"] and g["estimator"] != "ema",
+        "nesterov=True is defined for estimator='ema' only, got estimator={estimator!r}{where}; "
+        "the variance-reduced estimators have no Nesterov form in their sources",
+    ),
+    _Rule(
+        lambda g: g["nesterov"] and g["momentum"] == 0.0,
+        "nesterov=True needs momentum > 0{where}",
+    ),
+    _Rule(
+        lambda g: g["radius_policy"] == "l0l1" and g["l0"] == 0.0 and g["l1"] == 0.0,
+        "radius_policy='l0l1' needs l0 > 0 or l1 > 0{where}",
+    ),
+)
+
+
+def _raise_first(
+    group: Mapping[str, Any], index: int | None, settings: tuple[Setting, ...]
+) -> None:
+    loc = where(group, index)
+    for s in settings:
+        err = s.error(group[s.name], loc)
+        if err is not None:
+            raise ValueError(err)
+    for rule in _RULES:
+        if rule.broken(group):
+            raise ValueError(rule.message.format(where=loc, **group))
+
+
+def validate(group: Mapping[str, Any], index: int | None) -> None:
+    """Raise ``ValueError`` naming the first invalid setting of a complete ``group``."""
+    _raise_first(group, index, SETTINGS)
+
+
+def validate_step(group: Mapping[str, Any], index: int, seen: dict[int, tuple[Any, ...]]) -> None:
+    """The check of ``step()``: the per-step settings always, the rest only when it changed.
+
+    ``seen`` maps ``id(group)`` to the values of the other settings when they last passed, so a
+    step in which nothing but the lr changed costs one tuple comparison per group.
+    """
+    stable = tuple(group[name] for name in _STABLE)
+    if seen.get(id(group)) == stable:
+        _raise_first(group, index, _PER_STEP)
+        return
+    validate(group, index)
+    seen[id(group)] = stable
+
+
+def settings_table() -> str:
+    """The settings as a Markdown table (what ``docs/optimizer.md`` shows)."""
+    rows = [
+        "| setting | default | allowed | applies to | doc |",
+        "|---|---|---|---|---|",
+    ]
+    for s in SETTINGS:
+        step = " (checked every step)" if s.per_step else ""
+        rows.append(
+            f"| `{s.name}` | `{s.default!r}` | {s.check.describe()} | "
+            f"{', '.join(s.applies)} | {s.doc}{step} |"
+        )
+    return "\n".join(rows)
+
+
+def estimators_table() -> str:
+    """The estimators as a Markdown table."""
+    rows = ["| estimator | two-point | state | settings | update |", "|---|---|---|---|---|"]
+    for e in ESTIMATORS.values():
+        settings = ", ".join(f"`{s.name}`" for s in e.settings) or "-"
+        rows.append(
+            f"| `{e.name}` | {'yes' if e.two_point else 'no'} | "
+            f"{', '.join(f'`{k}`' for k in e.state)} | {settings} | {e.doc} |"
+        )
+    return "\n".join(rows)
+
+
+def policies_table() -> str:
+    """The radius policies as a Markdown table."""
+    rows = ["| radius_policy | settings | radius |", "|---|---|---|"]
+    for p in POLICIES.values():
+        settings = ", ".join(f"`{s.name}`" for s in p.settings) or "-"
+        rows.append(f"| `{p.name}` | {settings} | {p.doc} |")
+    return "\n".join(rows)
+
+
+#: The generated blocks of docs/optimizer.md, by marker name.
+DOC_TABLES = {
+    "settings": settings_table,
+    "estimators": estimators_table,
+    "radius-policies": policies_table,
+}
+
+
+def render_docs(text: str) -> str:
+    """``text`` with every ``<!-- NAME:start -->...<!-- NAME:end -->`` block regenerated."""
+    for name, make in DOC_TABLES.items():
+        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        if start not in text or end not in text:
+            raise ValueError(f"the document has no {start} ... {end} block")
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{start}\n{make()}\n{end}{tail}"
+    return text
+
+
+if __name__ == "__main__":  # python -m gluon_optim.groups docs/optimizer.md
+    for arg in sys.argv[1:]:
+        path = Path(arg)
+        path.write_text(render_docs(path.read_text()))
