@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test pytest lint typecheck demo bench accuracy clean
+.PHONY: test pytest lint typecheck demo bench accuracy docs-tables clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench: $(STAMP)
 ## accuracy: Newton–Schulz error per preset and parity errors against the peers
 accuracy: $(STAMP)
 	$(PY) benchmarks/accuracy.py
+
+## docs-tables: regenerate the settings, estimator and radius-policy tables of docs/optimizer.md
+docs-tables: $(STAMP)
+	$(PY) -c "from gluon_optim.groups import write_docs; write_docs('docs/optimizer.md')"
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

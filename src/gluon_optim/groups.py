@@ -12,7 +12,6 @@ exactly the keys of :data:`SETTINGS`.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ __all__ = [
     "settings_table",
     "validate",
     "where",
+    "write_docs",
 ]
 
 _ALL = ("all",)
@@ -329,6 +329,11 @@ def validate_step(group: Mapping[str, Any], index: int, seen: dict[int, tuple[An
     seen[id(group)] = stable
 
 
+def _cell(text: str) -> str:
+    # A pipe inside a cell would end it, even inside backticks (norms are written ||x||).
+    return text.replace("|", "\\|")
+
+
 def settings_table() -> str:
     """The settings as a Markdown table (what ``docs/optimizer.md`` shows)."""
     rows = [
@@ -339,7 +344,7 @@ def settings_table() -> str:
         step = " (checked every step)" if s.per_step else ""
         rows.append(
             f"| `{s.name}` | `{s.default!r}` | {s.check.describe()} | "
-            f"{', '.join(s.applies)} | {s.doc}{step} |"
+            f"{', '.join(s.applies)} | {_cell(s.doc)}{step} |"
         )
     return "\n".join(rows)
 
@@ -351,7 +356,7 @@ def estimators_table() -> str:
         settings = ", ".join(f"`{s.name}`" for s in e.settings) or "-"
         rows.append(
             f"| `{e.name}` | {'yes' if e.two_point else 'no'} | "
-            f"{', '.join(f'`{k}`' for k in e.state)} | {settings} | {e.doc} |"
+            f"{', '.join(f'`{k}`' for k in e.state)} | {settings} | {_cell(e.doc)} |"
         )
     return "\n".join(rows)
 
@@ -361,7 +366,7 @@ def policies_table() -> str:
     rows = ["| radius_policy | settings | radius |", "|---|---|---|"]
     for p in POLICIES.values():
         settings = ", ".join(f"`{s.name}`" for s in p.settings) or "-"
-        rows.append(f"| `{p.name}` | {settings} | {p.doc} |")
+        rows.append(f"| `{p.name}` | {settings} | {_cell(p.doc)} |")
     return "\n".join(rows)
 
 
@@ -385,7 +390,7 @@ def render_docs(text: str) -> str:
     return text
 
 
-if __name__ == "__main__":  # python -m gluon_optim.groups docs/optimizer.md
-    for arg in sys.argv[1:]:
-        path = Path(arg)
-        path.write_text(render_docs(path.read_text()))
+def write_docs(path: str | Path) -> None:
+    """Regenerate the tables of a document in place (``make docs-tables``)."""
+    path = Path(path)
+    path.write_text(render_docs(path.read_text()))
