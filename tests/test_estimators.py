@@ -60,6 +60,7 @@ def _reference(
     *,
     beta: float,
     q: float = 0.3,
+    gamma: float = 0.4,
     lr: float = 0.05,
     steps: int = 6,
     decay: bool = False,
@@ -78,6 +79,9 @@ def _reference(
                 m = g + beta * (m - gp)
             elif estimator == "storm":
                 m = g + (1 - beta) * (m - gp)
+            elif estimator == "mars":  # as MARS writes it: an EMA of the corrected gradient c
+                c = g + gamma * beta / (1 - beta) * (g - gp)
+                m = beta * m + (1 - beta) * c
             else:
                 est = g + (1 - q) * (est - gp)
                 m = beta * m + (1 - beta) * est
@@ -134,7 +138,7 @@ def _run_with_block(
 # -- the equations ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("norm", ["euclidean", "spectral"])
 @pytest.mark.parametrize("two_point", ["exact", "approx"])
-@pytest.mark.parametrize("estimator", ["mvr1", "mvr2", "mvr3", "storm"])
+@pytest.mark.parametrize("estimator", ["mvr1", "mvr2", "mvr3", "storm", "mars"])
 def test_matches_float64_reference(estimator: str, two_point: str, norm: str) -> None:
     prob = LeastSquares(seed=1)
     beta = 0.3 if estimator == "storm" else 0.7
@@ -142,10 +146,43 @@ def test_matches_float64_reference(estimator: str, two_point: str, norm: str) ->
     # STORM / LiMuon option 1 (its beta weighs the fresh gradient) is mvr1 with momentum 1 - beta.
     ours, momentum = ("mvr1", 1 - beta) if estimator == "storm" else (estimator, beta)
     w, opt = _optimizer(
-        prob, norm=norm, estimator=ours, two_point=two_point, momentum=momentum, mvr_q=0.3
+        prob,
+        norm=norm,
+        estimator=ours,
+        two_point=two_point,
+        momentum=momentum,
+        mvr_q=0.3,
+        mars_gamma=0.4,
     )
     for k, (ours, expected) in enumerate(zip(_run(prob, w, opt), ref, strict=True)):
         torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12, msg=f"step {k}")
+
+
+@pytest.mark.parametrize("two_point", ["exact", "approx"])
+def test_mars_is_not_degenerate_and_spans_ema_to_mvr1(two_point: str) -> None:
+    # With the previous step's gradient as g_prev, MVR-1 started at g^0 telescopes to M = g
+    # (no momentum at all). MARS's damping gamma < 1 must keep a real momentum: its iterates
+    # differ from momentum-free steps and from the EMA, by more than rounding.
+    prob = LeastSquares(seed=3)
+
+    def run(**options: object) -> list[torch.Tensor]:
+        w, opt = _optimizer(prob, norm="euclidean", two_point=two_point, **options)
+        return _run(prob, w, opt)
+
+    mars = run(estimator="mars", momentum=0.9, mars_gamma=0.25)
+    no_momentum = run(momentum=0.0)
+    ema = _reference(prob, "mvr2", two_point, "euclidean", beta=0.9, q=1.0)  # EMA from g^0
+    for other in (no_momentum, ema):
+        assert (mars[-1] - other[-1]).abs().max() > 1e-6  # rounding is ~1e-15
+    # The two ends: gamma = 0 is the EMA started at g^0, gamma = 1 is MVR-1.
+    for a, b in zip(run(estimator="mars", momentum=0.9, mars_gamma=0.0), ema, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    mvr1 = run(estimator="mvr1", momentum=0.9)
+    for a, b in zip(run(estimator="mars", momentum=0.9, mars_gamma=1.0), mvr1, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    if two_point == "approx":  # the collapse MARS's gamma avoids: gamma = 1 is M = g
+        for a, b in zip(mvr1, no_momentum, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
 def test_theory_decay_decays_the_radius_and_keeps_the_momentum() -> None:
@@ -582,6 +619,7 @@ def test_switching_estimator_drops_stale_state() -> None:
         ({"mvr_q": -0.1}, "Invalid mvr_q"),
         ({"mvr_q": "0.1"}, "Invalid mvr_q"),
         ({"estimator": "mvr1", "two_point": "both"}, "Unknown two_point 'both'"),
+        ({"estimator": "mars", "mars_gamma": 1.5}, r"Invalid mars_gamma: 1.5 .*in \[0, 1\]"),
         ({"rank": 0}, r"Invalid rank: 0 .*int >= 1"),
         ({"rank": 2.0}, "Invalid rank: 2.0"),
         ({"oversampling": -1}, r"Invalid oversampling: -1 .*int >= 0"),

@@ -22,6 +22,8 @@ estimator         recursion
                   (our reconstruction, see :func:`mvr3_`)
 ``storm_lowrank`` ``mvr1`` on ``M_hat``, the stored rank-``r`` randomized SVD of ``M`` (LiMuon
                   option 2, :mod:`gluon_optim.lowrank`)
+``mars``          ``c = g + gamma beta / (1 - beta) (g - g_prev)``;  ``M <- beta M + (1 - beta) c``
+                  (MARS; ``gamma = mars_gamma``), see :func:`mars_`
 ================= ===========================================================================
 
 The variance-reduced estimators start at ``M^0 = G^0 = g^0``, as their papers do.
@@ -33,7 +35,8 @@ never written.
 References: Qian, Rammal, Kovalev, Richtárik, "Muon is Provably Faster with Momentum Variance
 Reduction", arXiv 2512.16598 (Gluon-MVR-1/2/3, Algorithms 2, 4, 5); Huang, Luo, Chen, "LiMuon",
 arXiv 2509.14562 (Algorithm 1); Cutkosky and Orabona 2019 (STORM); Riabinin et al., "Gluon",
-arXiv 2505.13416 (Algorithm 1).
+arXiv 2505.13416 (Algorithm 1); Yuan, Liu, Wu, Zhou, Gu, "MARS: Unleashing the Power of
+Variance Reduction for Training Large Models", arXiv 2411.10438 (Algorithm 1 and MARS-approx).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ __all__ = [
     "mvr1_",
     "mvr2_",
     "mvr3_",
+    "mars_",
 ]
 
 
@@ -95,6 +99,24 @@ def mvr3_(m: Tensor, est: Tensor, g: Tensor, g_prev: Tensor, beta: float, q: flo
     """
     mvr1_(est, g, g_prev, 1.0 - q)
     return m.lerp_(est, 1.0 - beta).add_(g, alpha=beta).sub_(g_prev, alpha=beta)
+
+
+def mars_(m: Tensor, g: Tensor, g_prev: Tensor, beta: float, gamma: float) -> Tensor:
+    """MARS: ``m <- beta m + (1 - beta) c`` with ``c = g + gamma beta / (1 - beta) (g - g_prev)``.
+
+    Expanded, ``m <- beta m + (1 - beta) g + gamma beta (g - g_prev)``, which is how it is
+    computed (no division, so ``beta = 0`` is plain ``m = g``). ``gamma`` scales the
+    variance-reduction correction: ``gamma = 0`` is the EMA of the gradients, ``gamma = 1`` is
+    MVR-1 (``g + beta (m - g_prev)``). With ``g_prev`` the previous step's gradient (MARS-approx,
+    ``two_point="approx"``) and ``gamma = 1`` the recursion telescopes to ``m = g``, which is why
+    MARS damps it: its code defaults to ``gamma = 0.025``. In place on ``m``; returns ``m``.
+
+    Differences from MARS's code, on purpose: the state starts at ``m^0 = g^0`` like our other
+    variance-reduced estimators (MARS starts ``m`` at zero), and ``c`` is not clipped to norm 1
+    (MARS clips optionally; the LMO that follows is scale invariant, the EMA is not, so clipping
+    would change the weights of old and new gradients).
+    """
+    return m.lerp_(g, 1.0 - beta).add_(g, alpha=gamma * beta).sub_(g_prev, alpha=gamma * beta)
 
 
 # -- the table --------------------------------------------------------------------------------
@@ -227,6 +249,10 @@ def _mvr3(s: EstimatorStep) -> Tensor:
     return mvr3_(m, est, s.g, s.g_prev, s.beta, s.group["mvr_q"])
 
 
+def _mars(s: EstimatorStep) -> Tensor:
+    return mars_(s.state["momentum_buffer"], s.g, s.g_prev, s.beta, s.group["mars_gamma"])
+
+
 def _store_lowrank(s: EstimatorStep, m: Tensor) -> Tensor:
     """Keep the rank-``r`` randomized SVD of ``m`` as the state; return ``m`` for this step."""
     rows = s.p.shape[0]
@@ -264,7 +290,7 @@ TWO_POINT = Setting(
     "two_point",
     "exact",
     Choice(("exact", "approx")),
-    ("mvr1", "mvr2", "mvr3", "storm_lowrank"),
+    ("mvr1", "mvr2", "mvr3", "storm_lowrank", "mars"),
     "where `g_prev` comes from: `exact` = this batch at the previous iterate (two gradients per "
     "step); `approx` = the previous step's gradient",
 )
@@ -274,6 +300,14 @@ MVR_Q = Setting(
     Number(0.0, 1.0),
     ("mvr2", "mvr3"),
     "`q` of `G <- g + (1 - q)(G - g_prev)`",
+    per_step=True,
+)
+MARS_GAMMA = Setting(
+    "mars_gamma",
+    0.025,
+    Number(0.0, 1.0),
+    ("mars",),
+    "`gamma`, the scale of MARS's correction (0: EMA; 1: MVR-1)",
     per_step=True,
 )
 _LOWRANK = ("storm_lowrank",)
@@ -336,6 +370,15 @@ ESTIMATORS: dict[str, Estimator] = {
             start=_lowrank_start,
             advance=_lowrank_advance,
             matrix_only=True,
+        ),
+        Estimator(
+            "mars",
+            "`M <- beta M + (1 - beta) g + gamma beta (g - g_prev)` (MARS; `gamma = mars_gamma`)",
+            state=("momentum_buffer",),
+            settings=(TWO_POINT, MARS_GAMMA),
+            two_point=True,
+            start=_copy_gradient("momentum_buffer"),
+            advance=_mars,
         ),
     ]
 }

@@ -235,6 +235,7 @@ class GroupOptions(TypedDict, total=False):
     nesterov: bool
     two_point: str
     mvr_q: float
+    mars_gamma: float
     rank: int
     oversampling: int
     rsvd_seed: int

@@ -78,12 +78,12 @@ def _gluon(model: nn.Module, lr: float, **options: Any) -> list[torch.optim.Opti
     return [go.gluon(model, lr=lr, **options)]
 
 
-def _mvr(variant: int, two_point: str) -> Factory:
+def _vr(estimator: str, two_point: str) -> Factory:
     # Unconstrained Scion's norms and scales, so against `unscion` only the estimator differs.
     def build(model: nn.Module, lr: float, **options: Any) -> list[torch.optim.Optimizer]:
         scales = {role: {"scale": s} for role, s in go.presets.SCION_SCALES.items()}
         opts = {"momentum": 0.9, "two_point": two_point, "settings": scales, **options}
-        return [go.gluon_mvr(model, variant, lr=lr, **opts)]
+        return [go.gluon(model, lr=lr, estimator=estimator, **opts)]
 
     return build
 
@@ -163,12 +163,19 @@ for _variant in (1, 2, 3):
         _name = f"gluon-mvr{_variant}" + ("" if _mode == "exact" else "-approx")
         OPTIMIZERS[_name] = OptimizerEntry(
             _name,
-            _mvr(_variant, _mode),
+            _vr(f"mvr{_variant}", _mode),
             f"gluon_optim.gluon_mvr variant {_variant}, {_mode} two-point gradient, "
             "unscion's norms and scales",
             # gpt: from the gluon-mvr1 sweep (docs/lab.md); cnn/vit: unscion's, not swept.
             _every_family(lr=1.5e-4),
         )
+OPTIMIZERS["gluon-mars"] = OptimizerEntry(
+    "gluon-mars",
+    _vr("mars", "approx"),
+    "Gluon with MARS-approx momentum (one gradient per step; --opt mars_gamma=G, default "
+    "0.025), unscion's norms and scales",
+    _every_family(lr=1.5e-4),  # gluon-mvr's lr, not swept for MARS
+)
 for _method, _suffix in (("svd", ""), ("newton_schulz", "-ns")):
     OPTIMIZERS[f"limuon{_suffix}"] = OptimizerEntry(
         f"limuon{_suffix}",
