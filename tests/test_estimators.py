@@ -65,7 +65,7 @@ def _reference(
     steps: int = 6,
     decay: bool = False,
 ) -> list[torch.Tensor]:
-    """The equations of SPEC 2.4/2.5 written out in float64, one iterate per step."""
+    """The Gluon-MVR, STORM and MARS equations written out in float64, one iterate per step."""
     x = prob.w0.clone()
     x_prev = g_last = m = est = torch.empty(0)
     out = []

@@ -1,4 +1,4 @@
-"""Gluon reduces to known methods in degenerate settings; radius policies follow SPEC 2.3."""
+"""Gluon reduces to known methods in degenerate settings; radius policies follow its theorems."""
 
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def test_l0l1_with_l0_zero_is_constant_one_over_l1() -> None:
 
 def test_conv_shape_rule_uses_flattened_shape() -> None:
     # Keller Jordan's Muon scales a conv update by sqrt(max(1, kh/kw)) read from the kernel dims;
-    # SPEC 2.1 reads the flattened (C_out, C_in*k*k) shape instead.
+    # The shape rules read the flattened (C_out, C_in*k*k) shape instead.
     p = _param(16, 2, 3, 3)  # flattened 16 x 18: sqrt(max(1, 16/18)) = 1
     q = _param(32, 2, 2, 2)  # flattened 32 x 8: sqrt(max(1, 4)) = 2
     for param, factor in ((p, 1.0), (q, 2.0)):

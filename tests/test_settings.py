@@ -153,3 +153,25 @@ def test_adamw_groups_equal_torch_adamw_with_a_tensor_lr() -> None:
         opt.step()
         ref.step()
     assert torch.equal(ours, theirs)
+
+
+def test_mypy_catches_a_misspelled_or_mistyped_option(tmp_path: Path) -> None:
+    from mypy import api
+
+    snippet = tmp_path / "user_code.py"
+    snippet.write_text(
+        "import torch\n"
+        "import gluon_optim as go\n"
+        "p = torch.nn.Parameter(torch.randn(3, 3))\n"
+        "go.Gluon([p], lr=0.1, momentun=0.9)\n"
+        "go.Gluon([p], lr=0.1, momentum='high')\n"
+        "go.Gluon([p], lr=0.1, radius_policy='l0l1', l1=3.0, nesterov=False)\n"
+    )
+    out, _, status = api.run(
+        ["--strict", "--cache-dir", str(tmp_path / "cache"), "--no-error-summary", str(snippet)]
+    )
+    errors = [line for line in out.splitlines() if ": error:" in line]
+    assert status == 1
+    assert len(errors) == 2, out
+    assert 'user_code.py:4: error: Unexpected keyword argument "momentun"' in errors[0]
+    assert "user_code.py:5:" in errors[1] and '"momentum"' in errors[1]

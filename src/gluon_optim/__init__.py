@@ -24,7 +24,7 @@ from gluon_optim.presets import (
 )
 from gluon_optim.roles import ROLES, Assignment, assign_roles
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "DEFAULTS",

@@ -319,6 +319,16 @@ LOWRANK_SETTINGS = (
     ),
 )
 
+
+def _recursive(
+    name: str, doc: str, state: tuple[str, ...], settings: tuple[Setting, ...], advance: Advance
+) -> Estimator:
+    """A variance-reduced estimator that starts every state key at ``g^0``."""
+    return Estimator(name, doc, state, settings, True, _copy_gradient(*state), advance)
+
+
+_M, _MG = ("momentum_buffer",), ("momentum_buffer", "mvr_estimate")
+
 #: Every estimator by the value of the group key ``estimator``.
 ESTIMATORS: dict[str, Estimator] = {
     e.name: e
@@ -334,32 +344,26 @@ ESTIMATORS: dict[str, Estimator] = {
             advance_many=_ema_many,
             follows_schedule=True,
         ),
-        Estimator(
+        _recursive(
             "mvr1",
             "`M <- g + beta (M - g_prev)` (Gluon-MVR-1; LiMuon option 1)",
-            state=("momentum_buffer",),
-            settings=(TWO_POINT,),
-            two_point=True,
-            start=_copy_gradient("momentum_buffer"),
-            advance=_mvr1,
+            _M,
+            (TWO_POINT,),
+            _mvr1,
         ),
-        Estimator(
+        _recursive(
             "mvr2",
             "`G <- g + (1 - q)(G - g_prev)`, `M <- beta M + (1 - beta) G` (Gluon-MVR-2)",
-            state=("momentum_buffer", "mvr_estimate"),
-            settings=(TWO_POINT, MVR_Q),
-            two_point=True,
-            start=_copy_gradient("momentum_buffer", "mvr_estimate"),
-            advance=_mvr2,
+            _MG,
+            (TWO_POINT, MVR_Q),
+            _mvr2,
         ),
-        Estimator(
+        _recursive(
             "mvr3",
             "MVR-2 plus `beta (g - g_prev)` (Gluon-MVR-3, our reconstruction)",
-            state=("momentum_buffer", "mvr_estimate"),
-            settings=(TWO_POINT, MVR_Q),
-            two_point=True,
-            start=_copy_gradient("momentum_buffer", "mvr_estimate"),
-            advance=_mvr3,
+            _MG,
+            (TWO_POINT, MVR_Q),
+            _mvr3,
         ),
         Estimator(
             "storm_lowrank",
@@ -371,14 +375,12 @@ ESTIMATORS: dict[str, Estimator] = {
             advance=_lowrank_advance,
             matrix_only=True,
         ),
-        Estimator(
+        _recursive(
             "mars",
             "`M <- beta M + (1 - beta) g + gamma beta (g - g_prev)` (MARS; `gamma = mars_gamma`)",
-            state=("momentum_buffer",),
-            settings=(TWO_POINT, MARS_GAMMA),
-            two_point=True,
-            start=_copy_gradient("momentum_buffer"),
-            advance=_mars,
+            _M,
+            (TWO_POINT, MARS_GAMMA),
+            _mars,
         ),
     ]
 }

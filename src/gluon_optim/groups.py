@@ -12,7 +12,7 @@ exactly the keys of :data:`SETTINGS`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
@@ -43,6 +43,7 @@ __all__ = [
     "SETTINGS",
     "GroupOptions",
     "GroupSettings",
+    "PresetOptions",
     "check_keys",
     "settings_table",
     "validate",
@@ -207,8 +208,9 @@ FOREIGN_KEYS = frozenset({"params", "param_names", "initial_lr", "differentiable
 RENAMED_KEYS: dict[str, str] = {"radius": "radius_policy"}
 
 
-class GroupOptions(TypedDict, total=False):
-    """Every setting but ``lr``: the keyword arguments of ``Gluon(params, lr, **options)``."""
+class PresetOptions(TypedDict, total=False):
+    """Every setting but ``lr`` and ``rank``: what a preset with its own ``lr`` and ``rank``
+    arguments (``limuon``) forwards to its groups."""
 
     algorithm: str
     weight_decay: float
@@ -236,12 +238,17 @@ class GroupOptions(TypedDict, total=False):
     two_point: str
     mvr_q: float
     mars_gamma: float
-    rank: int
     oversampling: int
     rsvd_seed: int
     l0: float
     l1: float
     radius_source: str
+
+
+class GroupOptions(PresetOptions, total=False):
+    """Every setting but ``lr``: the keyword arguments of ``Gluon(params, lr, **options)``."""
+
+    rank: int
 
 
 class GroupSettings(GroupOptions, total=False):
@@ -335,40 +342,49 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _markdown(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
+    lines = [header, tuple("---" for _ in header), *rows]
+    return "\n".join("| " + " | ".join(_cell(c) for c in line) + " |" for line in lines)
+
+
+def _names(items: Iterable[str]) -> str:
+    return ", ".join(f"`{x}`" for x in items) or "-"
+
+
 def settings_table() -> str:
     """The settings as a Markdown table (what ``docs/optimizer.md`` shows)."""
     rows = [
-        "| setting | default | allowed | applies to | doc |",
-        "|---|---|---|---|---|",
-    ]
-    for s in SETTINGS:
-        step = " (checked every step)" if s.per_step else ""
-        rows.append(
-            f"| `{s.name}` | `{s.default!r}` | {s.check.describe()} | "
-            f"{', '.join(s.applies)} | {_cell(s.doc)}{step} |"
+        (
+            f"`{s.name}`",
+            f"`{s.default!r}`",
+            s.check.describe(),
+            ", ".join(s.applies),
+            s.doc + (" (checked every step)" if s.per_step else ""),
         )
-    return "\n".join(rows)
+        for s in SETTINGS
+    ]
+    return _markdown(("setting", "default", "allowed", "applies to", "doc"), rows)
 
 
 def estimators_table() -> str:
     """The estimators as a Markdown table."""
-    rows = ["| estimator | two-point | state | settings | update |", "|---|---|---|---|---|"]
-    for e in ESTIMATORS.values():
-        settings = ", ".join(f"`{s.name}`" for s in e.settings) or "-"
-        rows.append(
-            f"| `{e.name}` | {'yes' if e.two_point else 'no'} | "
-            f"{', '.join(f'`{k}`' for k in e.state)} | {settings} | {_cell(e.doc)} |"
+    rows = [
+        (
+            f"`{e.name}`",
+            "yes" if e.two_point else "no",
+            _names(e.state),
+            _names(s.name for s in e.settings),
+            e.doc,
         )
-    return "\n".join(rows)
+        for e in ESTIMATORS.values()
+    ]
+    return _markdown(("estimator", "two-point", "state", "settings", "update"), rows)
 
 
 def policies_table() -> str:
     """The radius policies as a Markdown table."""
-    rows = ["| radius_policy | settings | radius |", "|---|---|---|"]
-    for p in POLICIES.values():
-        settings = ", ".join(f"`{s.name}`" for s in p.settings) or "-"
-        rows.append(f"| `{p.name}` | {settings} | {_cell(p.doc)} |")
-    return "\n".join(rows)
+    rows = [(f"`{p.name}`", _names(s.name for s in p.settings), p.doc) for p in POLICIES.values()]
+    return _markdown(("radius_policy", "settings", "radius"), rows)
 
 
 #: The generated blocks of docs/optimizer.md, by marker name.

@@ -3,7 +3,7 @@
 Every norm here provides three pure, out-of-place functions:
 
 * ``lmo(g)``: the minimiser of ``<g, a>`` over the unit ball ``{a : ||a|| <= 1}``. It carries the
-  minus sign, so ``<g, lmo(g)> = -||g||_*`` (the convention of SPEC section 2 and of Gluon).
+  minus sign, so ``<g, lmo(g)> = -||g||_*`` (the convention of Gluon and Scion).
 * ``dual(g)``: the dual norm ``||g||_* = max_{||a|| <= 1} <g, a>``.
 * ``norm(x)``: the primal norm itself.
 
@@ -19,7 +19,7 @@ that the direction (for example a bfloat16 Newton–Schulz output) is never resc
 precision.
 
 References: Pethick et al. 2025 (Scion, arXiv 2502.07529) Tables 2-3 and App. A;
-Riabinin et al. 2025 (Gluon, arXiv 2505.13416) section 4.1; SPEC section 2.
+Riabinin et al. 2025 (Gluon, arXiv 2505.13416) section 4.1.
 """
 
 from __future__ import annotations
@@ -337,7 +337,30 @@ class SpectralConv(_PolarNorm):
 
 
 @dataclass(frozen=True)
-class ColNorm(Norm):
+class _LineNorm(Norm):
+    """A max over lines (columns or rows) of their scaled l2 norms; ``axis`` picks the lines.
+
+    ``axis = -2`` reduces over rows, so each column is a line; ``axis = -1`` each row is one.
+    The direction normalises every line; the dual sums the line norms times ``factor``.
+    """
+
+    kind: ClassVar[Literal["matrix", "vector", "tensor", "conv"]] = "matrix"
+    axis: ClassVar[int] = -2
+
+    def direction(self, g: Tensor) -> Tensor:
+        return _safe_div(g, _vnorm(g, dim=self.axis, keepdim=True))
+
+    def dual(self, g: Tensor) -> Tensor:
+        self.check(g.shape)
+        return self.factor(g.shape) * _vnorm(g, dim=self.axis).sum(-1)
+
+    def norm(self, x: Tensor) -> Tensor:
+        self.check(x.shape)
+        return _vnorm(x, dim=self.axis).amax(-1) / self.factor(x.shape)
+
+
+@dataclass(frozen=True)
+class ColNorm(_LineNorm):
     """Max column norm (1->RMS): ``||A|| = max_j ||A[:, j]||_2 / sqrt(d_out)``.
 
     ``lmo`` maps each column to ``-sqrt(d_out) col_j / ||col_j||``; ``||G||_* = sqrt(d_out)
@@ -346,25 +369,14 @@ class ColNorm(Norm):
     """
 
     name: ClassVar[str] = "colnorm"
-    kind: ClassVar[Literal["matrix", "vector", "tensor", "conv"]] = "matrix"
+    axis: ClassVar[int] = -2
 
     def factor(self, shape: torch.Size | tuple[int, ...]) -> float:
         return math.sqrt(shape[-2])
 
-    def direction(self, g: Tensor) -> Tensor:
-        return _safe_div(g, _vnorm(g, dim=-2, keepdim=True))
-
-    def dual(self, g: Tensor) -> Tensor:
-        self.check(g.shape)
-        return self.factor(g.shape) * _vnorm(g, dim=-2).sum(-1)
-
-    def norm(self, x: Tensor) -> Tensor:
-        self.check(x.shape)
-        return _vnorm(x, dim=-2).amax(-1) / self.factor(x.shape)
-
 
 @dataclass(frozen=True)
-class RowNorm(Norm):
+class RowNorm(_LineNorm):
     """Max row norm (RMS->inf): ``||A|| = max_i sqrt(d_in) ||A[i, :]||_2``.
 
     ``lmo`` maps each row to ``-row_i / (sqrt(d_in) ||row_i||)``; ``||G||_* = sum_i ||row_i||
@@ -372,21 +384,10 @@ class RowNorm(Norm):
     """
 
     name: ClassVar[str] = "rownorm"
-    kind: ClassVar[Literal["matrix", "vector", "tensor", "conv"]] = "matrix"
+    axis: ClassVar[int] = -1
 
     def factor(self, shape: torch.Size | tuple[int, ...]) -> float:
         return 1.0 / math.sqrt(shape[-1])
-
-    def direction(self, g: Tensor) -> Tensor:
-        return _safe_div(g, _vnorm(g, dim=-1, keepdim=True))
-
-    def dual(self, g: Tensor) -> Tensor:
-        self.check(g.shape)
-        return self.factor(g.shape) * _vnorm(g, dim=-1).sum(-1)
-
-    def norm(self, x: Tensor) -> Tensor:
-        self.check(x.shape)
-        return _vnorm(x, dim=-1).amax(-1) / self.factor(x.shape)
 
 
 @dataclass(frozen=True)

@@ -41,31 +41,26 @@ __all__ = [
 
 
 # -- norms of a group -------------------------------------------------------------------------
+#: Group settings that configure the spectral norms, with the option name each has there.
+_POLAR_OPTIONS = {
+    "polar_method": "method",
+    "ns_preset": "ns_preset",
+    "ns_steps": "ns_steps",
+    "compute_dtype": "compute_dtype",
+    "ns_form": "ns_form",
+    "compile": "compile",
+}
+
+
 @lru_cache(maxsize=256)
-def _build_norm(
-    name: str,
-    shape_rule: str,
-    method: str,
-    preset: str,
-    steps: int,
-    dtype: str,
-    form: str,
-    backend: str,
-) -> _norms.Norm:
+def _build_norm(name: str, shape_rule: str, polar: tuple[Any, ...]) -> _norms.Norm:
     cls = _norms.NORMS[name]
-    if cls in (_norms.Spectral, _norms.SpectralConv):
-        opts: dict[str, object] = dict(
-            method=method,
-            ns_preset=preset,
-            ns_steps=steps,
-            compute_dtype=dtype,
-            ns_form=form,
-            compile=backend,
-        )
-        if cls is _norms.Spectral:
-            opts["shape_rule"] = shape_rule
-        return _norms.get(name, **opts)
-    return _norms.get(name)
+    if cls not in (_norms.Spectral, _norms.SpectralConv):
+        return _norms.get(name)
+    opts: dict[str, object] = dict(zip(_POLAR_OPTIONS.values(), polar, strict=True))
+    if cls is _norms.Spectral:
+        opts["shape_rule"] = shape_rule
+    return _norms.get(name, **opts)
 
 
 def resolve_norm(group: Mapping[str, Any], p: Tensor) -> _norms.Norm:
@@ -77,16 +72,7 @@ def resolve_norm(group: Mapping[str, Any], p: Tensor) -> _norms.Norm:
     name = group["norm"]
     if name == "auto":
         name = "bias_rms" if p.ndim <= 1 else "spectral" if p.ndim == 2 else "spectral_conv"
-    return _build_norm(
-        name,
-        group["shape_rule"],
-        group["polar_method"],
-        group["ns_preset"],
-        group["ns_steps"],
-        group["compute_dtype"],
-        group["ns_form"],
-        group["compile"],
-    )
+    return _build_norm(name, group["shape_rule"], tuple(group[k] for k in _POLAR_OPTIONS))
 
 
 def _name(group: Mapping[str, Any], i: int) -> str:
@@ -221,6 +207,10 @@ def local_directions(requests: list[DirectionRequest]) -> list[Tensor]:
 
 
 # -- the algorithms -------------------------------------------------------------------------------
+_Items = list[tuple[Tensor, Tensor]]  # a group's (parameter, gradient) pairs
+_AtPrevious = Mapping[int, Tensor]  # g_k(X^{k-1}) by id(p)
+
+
 @dataclass
 class _Pending:
     """An LMO parameter between the estimator stage and the apply stage."""
@@ -245,18 +235,12 @@ class Algorithm:
     """
 
     name: str
-    update: Callable[
-        [Gluon, dict[str, Any], list[tuple[Tensor, Tensor]], Mapping[int, Tensor]],
-        list[_Pending],
-    ]
+    update: Callable[[Gluon, dict[str, Any], _Items, _AtPrevious], list[_Pending]]
     state: Callable[[Mapping[str, Any]], tuple[str, ...]]
 
 
 def _lmo_estimate(
-    opt: Gluon,
-    group: dict[str, Any],
-    items: list[tuple[Tensor, Tensor]],
-    at_previous: Mapping[int, Tensor],
+    opt: Gluon, group: dict[str, Any], items: _Items, at_previous: _AtPrevious
 ) -> list[_Pending]:
     """The estimator stage of one LMO group: ``M`` for every parameter with a gradient."""
     estimator = ESTIMATORS[group["estimator"]]
@@ -308,10 +292,7 @@ def _use_foreach(group: Mapping[str, Any], items: list[tuple[Tensor, Tensor]]) -
 
 
 def _adamw(
-    opt: Gluon,
-    group: dict[str, Any],
-    items: list[tuple[Tensor, Tensor]],
-    at_previous: Mapping[int, Tensor],
+    opt: Gluon, group: dict[str, Any], items: _Items, _unused: _AtPrevious
 ) -> list[_Pending]:
     """torch.optim.AdamW's own update (``torch.optim.adam.adam`` with decoupled decay).
 

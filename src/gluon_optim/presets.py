@@ -34,17 +34,18 @@ Two presets change the momentum estimator rather than the norms:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 from torch import Tensor, nn
 
-from gluon_optim.groups import DEFAULTS
+from gluon_optim.groups import DEFAULTS, PresetOptions
 from gluon_optim.optimizer import Gluon
 from gluon_optim.roles import ROLES, ModuleRef, assign_roles
 
 __all__ = [
     "FAST_NS",
+    "LiMuonOptions",
     "PRESETS",
     "gluon",
     "gluon_mvr",
@@ -297,6 +298,19 @@ def param_groups(
     ]
 
 
+def _from_model(
+    model: nn.Module,
+    preset: str,
+    refs: tuple[ModuleRef | None, ModuleRef | None, Mapping[str, str] | None],
+    **options: Any,
+) -> Gluon:
+    """One :class:`Gluon` over ``param_groups(model, preset, ...)``; ``refs`` = head, embedding,
+    roles. The preset's ``lr`` is also the optimizer's default for groups added later."""
+    head, embedding, roles = refs
+    groups = param_groups(model, preset, head=head, embedding=embedding, roles=roles, **options)
+    return Gluon(groups, lr=options.get("lr", DEFAULTS["lr"]))
+
+
 def _named_list(params: Iterable[Any]) -> list[Any]:
     items = list(params)
     if not items:
@@ -361,10 +375,7 @@ def muon(
     """
     opts = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, **options)
     if isinstance(model_or_params, nn.Module):
-        groups = param_groups(
-            model_or_params, "muon", head=head, embedding=embedding, roles=roles, **opts
-        )
-        return Gluon(groups, lr=lr)
+        return _from_model(model_or_params, "muon", (head, embedding, roles), **opts)
     return _matrices_only("muon", model_or_params, _muon_table(**opts)["hidden"], lr)
 
 
@@ -398,19 +409,9 @@ def scion(
         Pethick et al. 2025, "Training Deep Learning Models with Norm-Constrained LMOs"
         (arXiv 2502.07529), Algorithm 3 and Recommendation 3.1.
     """
-    groups = param_groups(
-        model,
-        "scion" if constrained else "unscion",
-        head=head,
-        embedding=embedding,
-        roles=roles,
-        lr=lr,
-        momentum=momentum,
-        constrained=constrained,
-        scales=scales,
-        **options,
-    )
-    return Gluon(groups, lr=lr)
+    preset = "scion" if constrained else "unscion"
+    opts = dict(lr=lr, momentum=momentum, constrained=constrained, scales=scales, **options)
+    return _from_model(model, preset, (head, embedding, roles), **opts)
 
 
 def unscion(model: nn.Module, **kwargs: Any) -> Gluon:
@@ -436,17 +437,9 @@ def gluon(
     (``{"hidden": {"scale": 50, "radius": "l0l1", "l1": 70}}``) and ``options`` set any group
     key for every role.
     """
-    groups = param_groups(
-        model,
-        "gluon",
-        head=head,
-        embedding=embedding,
-        roles=roles,
-        lr=lr,
-        settings=settings,
-        **options,
+    return _from_model(
+        model, "gluon", (head, embedding, roles), lr=lr, settings=settings, **options
     )
-    return Gluon(groups, lr=lr)
 
 
 def gluon_mvr(
@@ -491,39 +484,33 @@ def gluon_mvr(
         Qian, Rammal, Kovalev, Richtárik, "Muon is Provably Faster with Momentum Variance
         Reduction", arXiv 2512.16598, Algorithms 2, 4, 5.
     """
-    groups = param_groups(
-        model,
-        "gluon_mvr",
-        head=head,
-        embedding=embedding,
-        roles=roles,
-        variant=variant,
-        lr=lr,
-        momentum=momentum,
-        mvr_q=mvr_q,
-        two_point=two_point,
-        settings=settings,
-        **options,
+    opts = dict(variant=variant, lr=lr, momentum=momentum, mvr_q=mvr_q, two_point=two_point)
+    return _from_model(
+        model, "gluon_mvr", (head, embedding, roles), settings=settings, **opts, **options
     )
-    return Gluon(groups, lr=lr)
+
+
+class LiMuonOptions(PresetOptions, total=False):
+    """The keyword options of :func:`limuon` (defaults in its docstring), for the type checker."""
+
+    lr: float | Tensor
+    beta: float
+    method: str
+    low_rank: bool
+    adamw_lr: float | Tensor
+    adamw_betas: tuple[float, float]
+    adamw_eps: float
+    adamw_weight_decay: float
 
 
 def limuon(
     model_or_params: nn.Module | Iterable[Tensor] | Iterable[tuple[str, Tensor]],
     rank: int = 8,
     *,
-    lr: float | Tensor = 0.02,
-    beta: float = 0.1,
-    method: str = "svd",
-    oversampling: int = 5,
-    two_point: str = "exact",
-    low_rank: bool = True,
-    shape_rule: str = "none",
-    weight_decay: float = 0.0,
     head: ModuleRef | None = None,
     embedding: ModuleRef | None = None,
     roles: Mapping[str, str] | None = None,
-    **options: Any,
+    **options: Unpack[LiMuonOptions],
 ) -> Gluon:
     """LiMuon: a STORM momentum with a randomized-SVD low-rank state, and a polar step.
 
@@ -549,17 +536,19 @@ def limuon(
     Args:
         model_or_params: a model, or parameters / ``(name, parameter)`` pairs.
         rank: rank ``r`` of the stored momentum (``storm_lowrank``).
-        lr: the step ``eta`` (radius ``t = lr``).
-        beta: LiMuon's beta in ``(0, 1]`` (``momentum = 1 - beta``).
-        method: ``"svd"`` (exact polar factor, LiMuon's Algorithm 1) or ``"newton_schulz"``
-            (LiMuon-NS: Jordan's quintic coefficients, 5 steps in bfloat16 by default).
+        lr: the step ``eta`` (radius ``t = lr``); default 0.02.
+        beta: LiMuon's beta in ``(0, 1]`` (``momentum = 1 - beta``); default 0.1.
+        method: ``"svd"`` (default: exact polar factor, LiMuon's Algorithm 1) or
+            ``"newton_schulz"`` (LiMuon-NS: Jordan's quintic coefficients, 5 steps in bfloat16
+            by default).
         oversampling: extra sketch columns ``s`` (LiMuon asks for ``s >= 2``; 5 is our default).
-        two_point: ``"exact"`` (two gradients of the same batch per step, as the paper; use
-            ``opt.step(closure)`` or ``opt.previous_iterate()``) or ``"approx"``.
-        low_rank: ``False`` for option 1 (full-rank STORM momentum).
+        two_point: ``"exact"`` (default: two gradients of the same batch per step, as the
+            paper; use ``opt.step(closure)`` or ``opt.previous_iterate()``) or ``"approx"``.
+        low_rank: ``True`` (default, option 2); ``False`` for option 1 (full-rank STORM momentum,
+            which is ``estimator="mvr1"``).
         shape_rule: the spectral shape factor. LiMuon states none (``W - eta U V^T``), so the
             default is ``"none"``; ``"muon"`` or ``"rms"`` rescale as Muon or Scion do.
-        weight_decay: decoupled, as torch.optim.Muon (LiMuon has none).
+        weight_decay: decoupled, as torch.optim.Muon (LiMuon has none); default 0.
         head, embedding, roles: role assignment (models only); see :func:`param_groups`.
         **options: ``rsvd_seed``, ``ns_preset``, ``ns_steps``, the ``adamw_*`` options, or any
             other group key for the LiMuon groups.
@@ -568,21 +557,9 @@ def limuon(
         Huang, Luo, Chen, "LiMuon: Light and Fast Muon Optimizer for Large Models",
         arXiv 2509.14562, Algorithms 1-3.
     """
-    opts = dict(
-        rank=rank,
-        lr=lr,
-        beta=beta,
-        method=method,
-        oversampling=oversampling,
-        two_point=two_point,
-        low_rank=low_rank,
-        shape_rule=shape_rule,
-        weight_decay=weight_decay,
-        **options,
-    )
+    # The defaults live in _limuon_table alone; the docstring states them.
+    opts: dict[str, Any] = dict(options, rank=rank)
     if isinstance(model_or_params, nn.Module):
-        groups = param_groups(
-            model_or_params, "limuon", head=head, embedding=embedding, roles=roles, **opts
-        )
-        return Gluon(groups, lr=lr)
-    return _matrices_only("limuon", model_or_params, _limuon_table(**opts)["hidden"], lr)
+        return _from_model(model_or_params, "limuon", (head, embedding, roles), **opts)
+    hidden = _limuon_table(**opts)["hidden"]
+    return _matrices_only("limuon", model_or_params, hidden, hidden["lr"])

@@ -24,6 +24,7 @@ __all__ = [
     "Choice",
     "Flag",
     "Integer",
+    "Kind",
     "LearningRate",
     "Number",
     "OptionalFlag",
@@ -138,36 +139,38 @@ class Choice(Check):
 
 
 @dataclass(frozen=True)
-class Flag(Check):
+class Kind(Check):
+    """A value of one of ``types`` (never a ``bool`` unless ``bool`` is listed), or ``None``
+    when ``optional``; ``words`` says it for messages and docs."""
+
+    types: tuple[type, ...]
+    words: str
+    optional: bool = False
+
+    def __call__(self, value: Any) -> str | None:
+        if value is None and self.optional:
+            return None
+        if isinstance(value, bool) and bool not in self.types:
+            return f"expected {self.words}"
+        return None if isinstance(value, self.types) else f"expected {self.words}"
+
+    def describe(self) -> str:
+        return self.words
+
+
+def Flag() -> Kind:  # noqa: N802 (reads as a check type in the settings tables)
     """``True`` or ``False``."""
-
-    def __call__(self, value: Any) -> str | None:
-        return None if isinstance(value, bool) else "expected True or False"
-
-    def describe(self) -> str:
-        return "True or False"
+    return Kind((bool,), "True or False")
 
 
-@dataclass(frozen=True)
-class OptionalFlag(Check):
+def OptionalFlag() -> Kind:  # noqa: N802
     """``None`` (decide automatically), ``True`` or ``False``."""
-
-    def __call__(self, value: Any) -> str | None:
-        return None if value is None or isinstance(value, bool) else "expected None, True or False"
-
-    def describe(self) -> str:
-        return "None, True or False"
+    return Kind((bool,), "None, True or False", optional=True)
 
 
-@dataclass(frozen=True)
-class Text(Check):
+def Text() -> Kind:  # noqa: N802
     """Any string (informational keys)."""
-
-    def __call__(self, value: Any) -> str | None:
-        return None if isinstance(value, str) else "expected a string"
-
-    def describe(self) -> str:
-        return "a string"
+    return Kind((str,), "a string")
 
 
 @dataclass(frozen=True)
