@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from gluon_optim.lab import bench
+from gluon_optim.lab.bench import step as bench_step_module
 from gluon_optim.lab.optimizers import OPTIMIZERS
 
 HAVE_HEAVYBALL = importlib.util.find_spec("heavyball") is not None
@@ -101,14 +102,14 @@ def test_bench_step_decaying_spectrum_error(step_result: dict[str, Any]) -> None
 def test_decaying_spectrum() -> None:
     gen = torch.Generator().manual_seed(1)
     grads = [torch.randn(12, 5, generator=gen), torch.randn(4, 9, generator=gen)]
-    decay = bench._decaying_spectrum(grads, seed=0)
+    decay = bench_step_module._decaying_spectrum(grads, seed=0)
     for g, d in zip(grads, decay, strict=True):
         assert d.shape == g.shape
         assert float(d.norm()) == pytest.approx(float(g.norm()), rel=1e-5)
         s = torch.linalg.svdvals(d.double())
         i = torch.arange(1, s.numel() + 1, dtype=torch.float64)
         torch.testing.assert_close(s * i, torch.full_like(s, float(s[0])), rtol=1e-4, atol=0)
-    again = bench._decaying_spectrum(grads, seed=0)
+    again = bench_step_module._decaying_spectrum(grads, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(decay, again, strict=True))
 
 
@@ -136,7 +137,7 @@ def test_heavyball_entries(step_result: dict[str, Any]) -> None:
 def test_heavyball_step_is_eager_and_restores_the_setting() -> None:
     import heavyball.utils
 
-    entry = {e.name: e for e in bench._entries()}["heavyball.Muon"]
+    entry = {e.name: e for e in bench.contenders().entries}["heavyball.Muon"]
     before = heavyball.utils.compile_mode
     assert before is not None  # HeavyBall compiles by default
     params = [torch.nn.Parameter(torch.zeros(6, 4))]
@@ -149,10 +150,10 @@ def test_heavyball_step_is_eager_and_restores_the_setting() -> None:
 
 def test_heavyball_missing_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "heavyball", None)  # makes `import heavyball` fail
-    monkeypatch.setattr(bench, "NOT_MEASURED", {})
-    names = [e.name for e in bench._entries()]
+    table = bench.contenders()  # built per call: no module-level state to reset
+    names = [e.name for e in table.entries]
     assert not any(n.startswith("heavyball") for n in names)
-    assert "not installed" in bench.NOT_MEASURED["heavyball"]
+    assert "not installed" in table.not_measured["heavyball"]
 
 
 def test_scaling_and_plot(tmp_path: Path) -> None:

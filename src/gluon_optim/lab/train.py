@@ -400,7 +400,8 @@ def _step(
     return loss
 
 
-def _loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+def batch_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy of ``model`` on one batch (the training loss, the bench's too)."""
     logits = model(x)
     return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
 
@@ -572,7 +573,7 @@ def train(
                     x, y = data.batch("train", index, config.batch_size, block_size, config.seed)
                 else:
                     x, y = data.batch("train", index, config.batch_size, config.seed)
-                loss = _loss(model, x, y) / config.grad_accum
+                loss = batch_loss(model, x, y) / config.grad_accum
                 loss.backward()  # type: ignore[no-untyped-call]
                 total += loss.detach()
             grad_evals += config.grad_accum
