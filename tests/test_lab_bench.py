@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import inspect
 import json
 import math
 import sys
@@ -13,8 +15,11 @@ import pytest
 import torch
 
 from gluon_optim.lab import bench
+from gluon_optim.lab.bench import command as bench_command
 from gluon_optim.lab.bench import step as bench_step_module
+from gluon_optim.lab.bench.train import RUN_SETTINGS
 from gluon_optim.lab.optimizers import OPTIMIZERS
+from gluon_optim.lab.train import RunConfig
 
 HAVE_HEAVYBALL = importlib.util.find_spec("heavyball") is not None
 HEAVYBALL_NAMES = ("heavyball.Muon", "heavyball.Scion")
@@ -280,3 +285,38 @@ def test_bench_step_compile_entry() -> None:
         bench.bench_step((16,), compile_backend="tensorrt")
     with pytest.raises(SystemExit):
         bench.main(["--compile", "tensorrt"])
+
+
+def test_run_settings_are_the_run_configs_and_are_forwarded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # bench_train's lab-run settings are RunConfig fields, with RunConfig's defaults ...
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    params = inspect.signature(bench.bench_train).parameters
+    for name in RUN_SETTINGS:
+        assert name in fields, name
+        assert params[name].default == getattr(RunConfig(), name), name
+    # ... and the command line forwards every one of them.
+    seen: dict[str, Any] = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(optimizers: list[str], **kwargs: Any) -> dict[str, Any]:
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(bench_command, "bench_train", fake_train)
+    argv = ["--widths", "8", "--n-layer", "1", "--repeats", "1", "--warmup", "0", "--sizes", ""]
+    argv += ["--train", "--train-batch-size", "4", "--train-data", "text:x", "--seed", "5"]
+    with pytest.raises(Stop):
+        bench.main(argv)
+    assert seen == {
+        "steps": 20,
+        "warmup": 3,
+        "model": "gpt-tiny",
+        "data": "text:x",
+        "batch_size": 4,
+        "seed": 5,
+        "threads": None,
+    }

@@ -120,12 +120,15 @@ def add_config_options(
     base: RunConfig | None,
     prefix: str = "",
     title: str | None = None,
+    helps: Mapping[str, str] | None = None,
 ) -> dict[str, argparse.Action]:
     """Add the options of RunConfig fields ``names`` to ``parser``; returns them by field name.
 
     ``base`` supplies the defaults shown in the help (``None``: a command whose defaults vary,
-    like smoothness's protocols). Nothing is stored for an option not given, so
-    :func:`config_overrides` returns exactly what the command line set.
+    like smoothness's protocols). ``prefix`` goes after the dashes (``--train-model``);
+    ``helps`` replaces a field's help where a command narrows its meaning (the bench's batch is
+    sequences only). Nothing is stored for an option not given, so :func:`config_overrides`
+    returns exactly what the command line set.
     """
     group = parser.add_argument_group(title) if title else parser
     hints = typing.get_type_hints(RunConfig)
@@ -138,7 +141,7 @@ def add_config_options(
         kw: dict[str, Any] = {
             "dest": _DEST + name,
             "default": argparse.SUPPRESS,
-            "help": _help(opt.help, choices, default),
+            "help": _help((helps or {}).get(name, opt.help), choices, default),
             "metavar": None if choices else name.upper(),
         }
         if typing.get_origin(hints[name]) is dict:

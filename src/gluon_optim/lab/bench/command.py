@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,13 +13,19 @@ from gluon_optim.lab import optimizers as optim_registry
 from gluon_optim.lab.bench.scaling import bench_scaling, format_scaling_table, plot_scaling
 from gluon_optim.lab.bench.step import bench_step, format_step_table
 from gluon_optim.lab.bench.train import (
+    RUN_SETTINGS,
     TRAIN_OPTIMIZERS,
-    _check_train_args,
     bench_train,
+    check_train_args,
     format_train_table,
 )
+from gluon_optim.lab.cli import add_config_options, config_overrides
 from gluon_optim.lab.models import model_task
+from gluon_optim.lab.train import RunConfig
 from gluon_optim.polar import COMPILE_BACKENDS
+
+#: The run settings every benchmark takes; the other RUN_SETTINGS are --train-* options.
+_SHARED = ("threads", "seed")
 
 
 def _ints(text: str) -> list[int]:
@@ -56,8 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-layer", type=int, default=6, help="blocks (default %(default)s)")
     p.add_argument("--repeats", type=int, default=10, help="timed steps (default %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (default %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--seed", type=int, default=0)
+    add_config_options(
+        p,
+        _SHARED,
+        base=RunConfig(),
+        helps={"seed": "seed of the random matrices, the model init and the data order"},
+    )
     p.add_argument(
         "--sizes",
         type=_ints,
@@ -79,18 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="lab optimizer names for --train, comma-separated (default %(default)s)",
     )
     p.add_argument(
-        "--train-model", type=_lm_model, default="gpt-tiny", help="GPT preset (default %(default)s)"
-    )
-    p.add_argument(
         "--train-steps", type=int, default=20, help="timed training steps (default %(default)s)"
     )
     p.add_argument(
         "--train-warmup", type=int, default=3, help="untimed training steps (default %(default)s)"
     )
-    p.add_argument(
-        "--train-batch-size", type=int, default=16, help="sequences per step (default %(default)s)"
+    train = add_config_options(
+        p,
+        [name for name in RUN_SETTINGS if name not in _SHARED],
+        base=RunConfig(),
+        prefix="train-",
+        helps={
+            "model": "GPT preset",
+            "data": "text data: stdlib, text:PATH or shards:TRAIN_GLOB,VAL_GLOB",
+            "batch_size": "sequences per step",
+        },
     )
-    p.add_argument("--train-data", default="stdlib", help="data spec (default %(default)s)")
+    train["model"].type = _lm_model  # --train times language models only
     p.add_argument(
         "--compile",
         default="",
@@ -110,16 +126,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    run = dataclasses.replace(RunConfig(), **config_overrides(args, RunConfig()))
     if args.train:  # fail before the step benchmark, not after it
         try:
-            _check_train_args(
+            check_train_args(
                 args.train_optimizers,
-                args.train_model,
+                run.model,
                 args.train_steps,
                 args.train_warmup,
-                args.train_batch_size,
+                run.batch_size,
                 None,
-                args.threads,
+                run.threads,
             )
         except ValueError as exc:
             parser.error(str(exc))
@@ -130,26 +147,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeats=args.repeats,
         warmup=args.warmup,
         n_layer=args.n_layer,
-        threads=args.threads,
-        seed=args.seed,
+        threads=run.threads,
+        seed=run.seed,
         compile_backend=args.compile,
     )
     _show(texts, format_step_table(results["step"]))
     if args.sizes:
         results["scaling"] = bench_scaling(
-            args.sizes, repeats=args.scaling_repeats, threads=args.threads, seed=args.seed
+            args.sizes, repeats=args.scaling_repeats, threads=run.threads, seed=run.seed
         )
         _show(texts, format_scaling_table(results["scaling"]))
     if args.train:
         results["train"] = bench_train(
             args.train_optimizers,
-            model=args.train_model,
             steps=args.train_steps,
             warmup=args.train_warmup,
-            batch_size=args.train_batch_size,
-            threads=args.threads,
-            seed=args.seed,
-            data=args.train_data,
+            **{name: getattr(run, name) for name in RUN_SETTINGS},
         )
         _show(texts, format_train_table(results["train"]))
     if args.out is not None:

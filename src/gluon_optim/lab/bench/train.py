@@ -22,13 +22,20 @@ from gluon_optim.lab import optimizers as optim_registry
 from gluon_optim.lab.bench.timing import conditions, fmt, load_average, machine_meta, quartiles
 from gluon_optim.lab.data import TokenDataset, load_data
 from gluon_optim.lab.models import GPTConfig, build_model, model_config, model_task
-from gluon_optim.lab.train import batch_loss, needs_closure, state_bytes
+from gluon_optim.lab.train import RunConfig, batch_loss, needs_closure, state_bytes
 
 #: The lab optimizers :func:`bench_train` compares by default (names of the lab registry).
 TRAIN_OPTIMIZERS: tuple[str, ...] = ("adamw", "torch-muon", "muon", "muon-fast", "scion")
 
+#: The keywords of :func:`bench_train` that are a lab run's settings: RunConfig fields of the same
+#: name and meaning, whose defaults they take and from which ``gluon-optim bench`` generates
+#: its options.
+RUN_SETTINGS: tuple[str, ...] = ("model", "data", "batch_size", "seed", "threads")
 
-def _check_train_args(
+_RUN = RunConfig()
+
+
+def check_train_args(
     optimizers: Sequence[str],
     model: str,
     steps: int,
@@ -82,14 +89,14 @@ class _TrainRun:
 def bench_train(
     optimizers: Sequence[str] = TRAIN_OPTIMIZERS,
     *,
-    model: str = "gpt-tiny",
+    model: str = _RUN.model,
     steps: int = 20,
     warmup: int = 3,
-    batch_size: int = 16,
+    batch_size: int = _RUN.batch_size,
     seq_len: int | None = None,
-    threads: int | None = None,
-    seed: int = 0,
-    data: str = "stdlib",
+    threads: int | None = _RUN.threads,
+    seed: int = _RUN.seed,
+    data: str = _RUN.data,
     data_cache: str | Path | None = None,
     model_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -125,7 +132,7 @@ def bench_train(
             a language model, ``steps < 1``, ``warmup < 0``, ``batch_size < 1`` or a
             ``seq_len`` outside ``1..block_size``.
     """
-    _check_train_args(optimizers, model, steps, warmup, batch_size, seq_len, threads)
+    check_train_args(optimizers, model, steps, warmup, batch_size, seq_len, threads)
     options = dict(model_options or {})
     seq_len = _seq_len(model, options, seq_len)
     if threads is not None:
