@@ -110,7 +110,26 @@ def _scalar(hint: Any) -> type:
     kinds = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]
     if len(kinds) != 1 or kinds[0] not in (int, float, str):
         raise TypeError(f"RunConfig: no command-line parser for a field of type {hint}")
-    return kinds[0]  # type: ignore[no-any-return]
+    kind = kinds[0]
+    assert isinstance(kind, type)
+    return kind
+
+
+def _field_kwargs(name: str, help_text: str, default: object) -> dict[str, Any]:
+    """``add_argument`` keywords of field ``name``: how its type parses, its choices, help."""
+    opt = option_of(_fields()[name])
+    hint = typing.get_type_hints(RunConfig)[name]
+    choices = opt.choices() if opt.choices else None
+    kw: dict[str, Any] = {
+        "dest": _DEST + name,
+        "default": argparse.SUPPRESS,
+        "help": _help(help_text, choices, default),
+    }
+    if typing.get_origin(hint) is dict:
+        return {**kw, "action": _PairsAction, "metavar": "KEY=VALUE"}
+    if choices:  # argparse shows {a,b,c} where no metavar is given
+        return {**kw, "type": _scalar(hint), "choices": list(choices)}
+    return {**kw, "type": _scalar(hint), "metavar": name.upper()}
 
 
 def add_config_options(
@@ -131,23 +150,11 @@ def add_config_options(
     returns exactly what the command line set.
     """
     group = parser.add_argument_group(title) if title else parser
-    hints = typing.get_type_hints(RunConfig)
     actions: dict[str, argparse.Action] = {}
     for name in names:
-        f = _fields()[name]
-        opt = option_of(f)
-        choices = opt.choices() if opt.choices else None
+        opt = option_of(_fields()[name])
         default = None if base is None else getattr(base, name)
-        kw: dict[str, Any] = {
-            "dest": _DEST + name,
-            "default": argparse.SUPPRESS,
-            "help": _help((helps or {}).get(name, opt.help), choices, default),
-            "metavar": None if choices else name.upper(),
-        }
-        if typing.get_origin(hints[name]) is dict:
-            kw.update(action=_PairsAction, metavar="KEY=VALUE")
-        else:
-            kw.update(type=_scalar(hints[name]), choices=list(choices) if choices else None)
+        kw = _field_kwargs(name, (helps or {}).get(name, opt.help), default)
         actions[name] = group.add_argument(flag_of(name, prefix), **kw)
         for sc in opt.shortcuts:
             group.add_argument(
