@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import inspect
 import json
 import math
 import sys
@@ -13,7 +15,11 @@ import pytest
 import torch
 
 from gluon_optim.lab import bench
+from gluon_optim.lab.bench import command as bench_command
+from gluon_optim.lab.bench import step as bench_step_module
+from gluon_optim.lab.bench.train import RUN_SETTINGS
 from gluon_optim.lab.optimizers import OPTIMIZERS
+from gluon_optim.lab.train import RunConfig
 
 HAVE_HEAVYBALL = importlib.util.find_spec("heavyball") is not None
 HEAVYBALL_NAMES = ("heavyball.Muon", "heavyball.Scion")
@@ -101,14 +107,14 @@ def test_bench_step_decaying_spectrum_error(step_result: dict[str, Any]) -> None
 def test_decaying_spectrum() -> None:
     gen = torch.Generator().manual_seed(1)
     grads = [torch.randn(12, 5, generator=gen), torch.randn(4, 9, generator=gen)]
-    decay = bench._decaying_spectrum(grads, seed=0)
+    decay = bench_step_module._decaying_spectrum(grads, seed=0)
     for g, d in zip(grads, decay, strict=True):
         assert d.shape == g.shape
         assert float(d.norm()) == pytest.approx(float(g.norm()), rel=1e-5)
         s = torch.linalg.svdvals(d.double())
         i = torch.arange(1, s.numel() + 1, dtype=torch.float64)
         torch.testing.assert_close(s * i, torch.full_like(s, float(s[0])), rtol=1e-4, atol=0)
-    again = bench._decaying_spectrum(grads, seed=0)
+    again = bench_step_module._decaying_spectrum(grads, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(decay, again, strict=True))
 
 
@@ -136,7 +142,7 @@ def test_heavyball_entries(step_result: dict[str, Any]) -> None:
 def test_heavyball_step_is_eager_and_restores_the_setting() -> None:
     import heavyball.utils
 
-    entry = {e.name: e for e in bench._entries()}["heavyball.Muon"]
+    entry = {e.name: e for e in bench.contenders().entries}["heavyball.Muon"]
     before = heavyball.utils.compile_mode
     assert before is not None  # HeavyBall compiles by default
     params = [torch.nn.Parameter(torch.zeros(6, 4))]
@@ -149,10 +155,10 @@ def test_heavyball_step_is_eager_and_restores_the_setting() -> None:
 
 def test_heavyball_missing_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "heavyball", None)  # makes `import heavyball` fail
-    monkeypatch.setattr(bench, "NOT_MEASURED", {})
-    names = [e.name for e in bench._entries()]
+    table = bench.contenders()  # built per call: no module-level state to reset
+    names = [e.name for e in table.entries]
     assert not any(n.startswith("heavyball") for n in names)
-    assert "not installed" in bench.NOT_MEASURED["heavyball"]
+    assert "not installed" in table.not_measured["heavyball"]
 
 
 def test_scaling_and_plot(tmp_path: Path) -> None:
@@ -279,3 +285,38 @@ def test_bench_step_compile_entry() -> None:
         bench.bench_step((16,), compile_backend="tensorrt")
     with pytest.raises(SystemExit):
         bench.main(["--compile", "tensorrt"])
+
+
+def test_run_settings_are_the_run_configs_and_are_forwarded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # bench_train's lab-run settings are RunConfig fields, with RunConfig's defaults ...
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    params = inspect.signature(bench.bench_train).parameters
+    for name in RUN_SETTINGS:
+        assert name in fields, name
+        assert params[name].default == getattr(RunConfig(), name), name
+    # ... and the command line forwards every one of them.
+    seen: dict[str, Any] = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(optimizers: list[str], **kwargs: Any) -> dict[str, Any]:
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(bench_command, "bench_train", fake_train)
+    argv = ["--widths", "8", "--n-layer", "1", "--repeats", "1", "--warmup", "0", "--sizes", ""]
+    argv += ["--train", "--train-batch-size", "4", "--train-data", "text:x", "--seed", "5"]
+    with pytest.raises(Stop):
+        bench.main(argv)
+    assert seen == {
+        "steps": 20,
+        "warmup": 3,
+        "model": "gpt-tiny",
+        "data": "text:x",
+        "batch_size": 4,
+        "seed": 5,
+        "threads": None,
+    }

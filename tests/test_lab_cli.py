@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 import torch
 
 from gluon_optim.lab import cli
+from gluon_optim.lab.train import RunConfig, option_of
 
 TINY = [
     "--model-opt",
@@ -221,3 +224,107 @@ def test_bench_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str
     )
     assert "torch.optim.Muon" in capsys.readouterr().out
     assert (out / "bench.json").exists() and (out / "scaling.png").exists()
+
+
+#: The options of `train` that are about the command, not the run.
+COMMAND_OPTIONS = {"help", "quiet", "out", "resume"}
+
+
+def _subparser(name: str) -> argparse.ArgumentParser:
+    # argparse has no public way to list a parser's options; its _actions is the usual one.
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return typing.cast(argparse.ArgumentParser, sub.choices[name])
+
+
+def _fields_set_by(parser: argparse.ArgumentParser) -> dict[str, list[str]]:
+    """RunConfig field -> the flags that set it; fails on an option that sets nothing known."""
+    out: dict[str, list[str]] = {}
+    for action in parser._actions:
+        if action.dest in COMMAND_OPTIONS or not action.dest.startswith("config."):
+            continue
+        out.setdefault(action.dest.removeprefix("config."), []).extend(action.option_strings)
+    return out
+
+
+def test_every_run_config_field_is_a_train_option_and_back() -> None:
+    train = _subparser("train")
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    flags = _fields_set_by(train)
+    assert set(flags) == fields
+    # and nothing else: every other option of `train` is about the command
+    assert {a.dest for a in train._actions} - {f"config.{n}" for n in fields} == COMMAND_OPTIONS
+    assert flags["opt_options"] == ["--opt", "--radius", "--fit"]
+    assert flags["model_options"] == ["--model-opt"]
+    assert flags["batch_size"] == ["--batch-size"]
+
+
+def test_each_option_sets_its_field() -> None:
+    train = _subparser("train")
+    samples: dict[object, tuple[str, object]] = {
+        int: ("3", 3),
+        float: ("0.5", 0.5),
+        str: ("x", "x"),
+        dict: ("k=[1, 2]", {"k": [1, 2]}),
+    }
+    for f in dataclasses.fields(RunConfig):
+        hint = typing.get_type_hints(RunConfig)[f.name]
+        if typing.get_origin(hint) is dict:
+            kind: object = dict
+        else:  # X or X | None
+            kind = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
+        text, value = samples[kind]
+        choices = option_of(f).choices
+        if choices:
+            text = value = list(choices())[-1]
+        args = train.parse_args([cli.flag_of(f.name), text])
+        assert cli.config_overrides(args, RunConfig()) == {f.name: value}, f.name
+    args = train.parse_args(["--opt", "fit=a", "--radius", "l0l1", "--fit", "b.json"])
+    assert cli.config_overrides(args, RunConfig()) == {
+        "opt_options": {"fit": "b.json", "radius": "l0l1"}
+    }
+    assert cli.config_overrides(train.parse_args([]), RunConfig()) == {}
+
+
+@pytest.mark.parametrize("command", ["compare", "sweep"])
+def test_compare_and_sweep_leave_the_per_run_fields_to_their_own_options(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = _subparser(command)
+    varied = {f.name for f in dataclasses.fields(RunConfig) if option_of(f).varied}
+    assert varied == {"optimizer", "lr", "seed"}
+    assert set(_fields_set_by(parser)) == {f.name for f in dataclasses.fields(RunConfig)} - varied
+    with pytest.raises(SystemExit):  # per run: --optimizers name@lr (compare) or --lrs (sweep)
+        parser.parse_args(["--lr", "0.01"])
+    assert "--lr" in capsys.readouterr().err
+
+
+def _error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    code: object
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:  # argparse's own errors (type, choices)
+        code = exc.code
+    assert code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--steps", "0"], "--steps"),
+        (["--steps", "4", "--warmup", "9"], "--warmup"),
+        (["--decay-frac", "1.5"], "--decay-frac"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--lr", "-1"], "--lr"),
+        (["--model", "gpt-huge"], "--model"),
+        (["--steps", "many"], "--steps"),
+        (["--schedule", "step"], "--schedule"),
+    ],
+)
+def test_a_bad_run_setting_names_its_option(
+    argv: list[str], flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = _error(["train", *argv, "--out", str(tmp_path / "r"), "--quiet"], capsys)
+    assert f"argument {flag}:" in err
+    assert not (tmp_path / "r").exists()  # rejected before anything ran

@@ -76,7 +76,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(
     full = train(config, tmp_path / "full", progress=False)
 
     calls = {"n": 0}
-    real = train_mod._loss
+    real = train_mod.batch_loss
 
     def dying(*args: object) -> torch.Tensor:
         calls["n"] += 1
@@ -84,10 +84,10 @@ def test_killed_run_resumes_from_its_last_checkpoint(
             raise KeyboardInterrupt
         return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(train_mod, "_loss", dying)
+    monkeypatch.setattr(train_mod, "batch_loss", dying)
     with pytest.raises(KeyboardInterrupt):
         train(config, tmp_path / "killed", progress=False)
-    monkeypatch.setattr(train_mod, "_loss", real)
+    monkeypatch.setattr(train_mod, "batch_loss", real)
     assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["step"] == 3
     resumed = train(RunConfig(), tmp_path / "killed", resume=True, progress=False)
     assert resumed.final_val_loss == full.final_val_loss

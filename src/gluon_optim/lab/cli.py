@@ -12,13 +12,14 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Sequence
+import typing
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from gluon_optim.lab import experiments, report
 from gluon_optim.lab.optimizers import OPTIMIZERS
-from gluon_optim.lab.train import SCHEDULES, RunConfig, train
+from gluon_optim.lab.train import ConfigError, RunConfig, option_of, train
 
 #: `make demo`: gpt-tiny on the standard-library corpus, the three optimizers the papers compare.
 DEMO_OPTIMIZERS = ("adamw", "muon", "unscion")
@@ -42,16 +43,6 @@ def _value(text: str) -> Any:
         return text
 
 
-def _pairs(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"{flag} expects KEY=VALUE, got {item!r}")
-        out[key] = _value(value)
-    return out
-
-
 def _csv(text: str, kind: type = str) -> list[Any]:
     return [kind(x) for x in text.split(",") if x.strip()]
 
@@ -60,154 +51,144 @@ def _default_out(what: str) -> Path:
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{what}"
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    d = RunConfig()
-    g = p.add_argument_group("run")
-    g.add_argument(
-        "--model",
-        default=d.model,
-        help="model preset: gpt-tiny, gpt-small, gpt2-124m, cnn-small, vit-tiny "
-        "(default %(default)s)",
-    )
-    g.add_argument(
-        "--data",
-        default=d.data,
-        help="data: stdlib (Python's own sources as bytes), text:PATH (file or folder), "
-        "shards:TRAIN_GLOB,VAL_GLOB (nanoGPT .bin), digits, cifar10:PATH "
-        "(default %(default)s)",
-    )
-    g.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="learning rate; default: the optimizer's tuned default for the model",
-    )
-    g.add_argument(
-        "--opt",
-        action="append",
-        metavar="KEY=VALUE",
-        help="optimizer option, repeatable; VALUE is JSON if it parses "
-        "(--opt momentum=0.95 --opt 'scales={\"hidden\": 30}')",
-    )
-    g.add_argument(
-        "--model-opt",
-        action="append",
-        metavar="KEY=VALUE",
-        help="model config override, repeatable (--model-opt n_layer=4 --model-opt tied=true)",
-    )
-    g.add_argument(
-        "--steps", type=int, default=d.steps, help="optimizer steps (default %(default)s)"
-    )
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help="sequences or images per micro-batch; <= 0: full batch for images "
-        "(default %(default)s)",
-    )
-    g.add_argument(
-        "--block-size",
-        type=int,
-        default=None,
-        help="tokens per sequence (default: the model's context length)",
-    )
-    g.add_argument(
-        "--grad-accum",
-        type=int,
-        default=d.grad_accum,
-        help="micro-batches per step (default %(default)s)",
-    )
-    g.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default=d.schedule,
-        help="lr schedule: constant, wsd (warmup-stable-decay), cosine (default %(default)s)",
-    )
-    g.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps (default 0)")
-    g.add_argument(
-        "--decay-frac",
-        type=float,
-        default=d.decay_frac,
-        help="wsd: fraction of steps in the final linear decay (default %(default)s)",
-    )
-    g.add_argument(
-        "--eval-every",
-        type=int,
-        default=d.eval_every,
-        help="validation every N steps, and at the end (default %(default)s)",
-    )
-    g.add_argument(
-        "--eval-batches",
-        type=int,
-        default=d.eval_batches,
-        help="validation batches for text data (default %(default)s)",
-    )
-    g.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=d.checkpoint_every,
-        help="checkpoint every N steps (0: only at the end; default %(default)s)",
-    )
-    g.add_argument(
-        "--radius",
-        choices=("constant", "l0l1", "theory_decay"),
-        default=None,
-        help="radius policy of the Gluon-family optimizers (Gluon Theorems 1 and 2)",
-    )
-    g.add_argument(
-        "--fit",
-        metavar="FILE",
-        default=None,
-        help="gluon optimizer: take each role's (L0, L1) from FILE (fits-role.json written by "
-        "`gluon-optim smoothness`) and use the l0l1 radius; lr then defaults to 1",
-    )
-    g.add_argument(
-        "--probe-every",
-        type=int,
-        default=0,
-        help="measure layer-wise smoothness every N steps into smoothness.jsonl (Gluon optimizers)",
-    )
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    g.add_argument(
-        "--data-cache",
-        default=None,
-        help="cache folder for the tokenised corpus (default $GLUON_OPTIM_CACHE or "
-        "~/.cache/gluon-optim)",
-    )
-    g.add_argument("--quiet", action="store_true", help="no progress output")
+# -- run options, generated from RunConfig -------------------------------------------------------
+
+#: Namespace prefix of the generated options' dests, so that a command's own option of the same
+#: name (smoothness's --steps, which means "override the protocol's") is never read as a field.
+_DEST = "config."
 
 
-def _config(args: argparse.Namespace, **overrides: Any) -> RunConfig:
-    opt_options = _pairs(args.opt, "--opt")
-    if getattr(args, "fit", None):
-        opt_options["fit"] = args.fit
-    if getattr(args, "radius", None):
-        opt_options["radius"] = args.radius
-    config = RunConfig(
-        model=args.model,
-        data=args.data,
-        optimizer=getattr(args, "optimizer", "unscion"),
-        lr=args.lr,
-        opt_options=opt_options,
-        model_options=_pairs(args.model_opt, "--model-opt"),
-        steps=args.steps,
-        batch_size=args.batch_size,
-        block_size=args.block_size,
-        grad_accum=args.grad_accum,
-        schedule=args.schedule,
-        warmup=args.warmup,
-        decay_frac=args.decay_frac,
-        eval_every=args.eval_every,
-        eval_batches=args.eval_batches,
-        checkpoint_every=args.checkpoint_every,
-        seed=getattr(args, "seed", 0),
-        probe_every=getattr(args, "probe_every", 0),
-        threads=args.threads,
-        data_cache=args.data_cache,
-    )
-    config = dataclasses.replace(config, **overrides)
+class _PairsAction(argparse.Action):
+    """``KEY=VALUE`` (or a shortcut's VALUE for its fixed key) into the field's dict."""
+
+    def __init__(self, option_strings: list[str], dest: str, key: str = "", **kw: Any) -> None:
+        super().__init__(option_strings, dest, **kw)
+        self.key = key
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        assert isinstance(values, str)
+        key, value = self.key, values
+        if not key:
+            key, sep, text = values.partition("=")
+            if not sep or not key:
+                raise SystemExit(f"{option_string} expects KEY=VALUE, got {values!r}")
+            value = _value(text)
+        setattr(namespace, self.dest, {**getattr(namespace, self.dest, {}), key: value})
+
+
+def flag_of(name: str, prefix: str = "") -> str:
+    """The command-line flag of :class:`RunConfig` field ``name`` (``--`` + ``prefix`` + ...)."""
+    f = _fields()[name]
+    return f"--{prefix}{option_of(f).flag or f.name.replace('_', '-')}"
+
+
+def _fields() -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def run_fields(*, varied: bool = True) -> list[str]:
+    """RunConfig's field names; ``varied=False`` leaves out what compare and sweep vary."""
+    return [n for n, f in _fields().items() if varied or not option_of(f).varied]
+
+
+def _help(text: str, choices: Mapping[str, str] | None, default: object) -> str:
+    if choices:
+        text += ": " + ", ".join(f"{k} ({v})" if v else k for k, v in choices.items())
+    if default is not None and not isinstance(default, dict):
+        text += f" (default {default})"
+    return text.replace("%", "%%")  # argparse %-formats help strings
+
+
+def _scalar(hint: Any) -> type:
+    """The ``int``, ``float`` or ``str`` of a field annotated ``X`` or ``X | None``."""
+    kinds = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]
+    if len(kinds) != 1 or kinds[0] not in (int, float, str):
+        raise TypeError(f"RunConfig: no command-line parser for a field of type {hint}")
+    kind = kinds[0]
+    assert isinstance(kind, type)
+    return kind
+
+
+def _field_kwargs(name: str, help_text: str, default: object) -> dict[str, Any]:
+    """``add_argument`` keywords of field ``name``: how its type parses, its choices, help."""
+    opt = option_of(_fields()[name])
+    hint = typing.get_type_hints(RunConfig)[name]
+    choices = opt.choices() if opt.choices else None
+    kw: dict[str, Any] = {
+        "dest": _DEST + name,
+        "default": argparse.SUPPRESS,
+        "help": _help(help_text, choices, default),
+    }
+    if typing.get_origin(hint) is dict:
+        return {**kw, "action": _PairsAction, "metavar": "KEY=VALUE"}
+    if choices:  # argparse shows {a,b,c} where no metavar is given
+        return {**kw, "type": _scalar(hint), "choices": list(choices)}
+    return {**kw, "type": _scalar(hint), "metavar": name.upper()}
+
+
+def add_config_options(
+    parser: argparse.ArgumentParser,
+    names: Iterable[str],
+    *,
+    base: RunConfig | None,
+    prefix: str = "",
+    title: str | None = None,
+    helps: Mapping[str, str] | None = None,
+) -> dict[str, argparse.Action]:
+    """Add the options of RunConfig fields ``names`` to ``parser``; returns them by field name.
+
+    ``base`` supplies the defaults shown in the help (``None``: a command whose defaults vary,
+    like smoothness's protocols). ``prefix`` goes after the dashes (``--train-model``);
+    ``helps`` replaces a field's help where a command narrows its meaning (the bench's batch is
+    sequences only). Nothing is stored for an option not given, so :func:`config_overrides`
+    returns exactly what the command line set.
+    """
+    group = parser.add_argument_group(title) if title else parser
+    actions: dict[str, argparse.Action] = {}
+    for name in names:
+        opt = option_of(_fields()[name])
+        default = None if base is None else getattr(base, name)
+        kw = _field_kwargs(name, (helps or {}).get(name, opt.help), default)
+        actions[name] = group.add_argument(flag_of(name, prefix), **kw)
+        for sc in opt.shortcuts:
+            group.add_argument(
+                f"--{prefix}{sc.flag}",
+                dest=_DEST + name,
+                action=_PairsAction,
+                key=sc.key,
+                default=argparse.SUPPRESS,
+                help=sc.help,
+                metavar=sc.metavar,
+                choices=sc.choices,
+            )
+    return actions
+
+
+def config_overrides(args: argparse.Namespace, base: RunConfig) -> dict[str, Any]:
+    """The RunConfig fields the command line set; dict fields are merged onto ``base``'s."""
+    out: dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        if dest.startswith(_DEST):
+            name = dest.removeprefix(_DEST)
+            out[name] = {**getattr(base, name), **value} if isinstance(value, dict) else value
+    return out
+
+
+def _config(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    base = RunConfig() if base is None else base
+    config = dataclasses.replace(base, **config_overrides(args, base))
     config.validate()
     return config
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -215,10 +196,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(RunConfig(), args.resume, resume=True, progress=not args.quiet)
         out = Path(args.resume)
     else:
-        out = Path(args.out) if args.out else _default_out(f"{args.model}-{args.optimizer}")
+        config = _config(args)
+        out = Path(args.out) if args.out else _default_out(f"{config.model}-{config.optimizer}")
         if (out / "checkpoint.pt").exists():
             raise SystemExit(f"{out} already holds a run; use --resume {out} or another --out")
-        result = train(_config(args), out, progress=not args.quiet)
+        result = train(config, out, progress=not args.quiet)
     acc = "" if result.final_val_accuracy is None else f", val acc {result.final_val_accuracy:.4f}"
     print(f"final val loss {result.final_val_loss:.4f}{acc}, {result.train_time_s:.1f} s")
     print(f"run folder: {out}")
@@ -226,9 +208,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    out = Path(args.out) if args.out else _default_out(f"compare-{args.model}")
+    config = _config(args)
+    out = Path(args.out) if args.out else _default_out(f"compare-{config.model}")
     res = experiments.compare(
-        _config(args),
+        config,
         _csv(args.optimizers),
         _csv(args.seeds, int),
         out,
@@ -241,9 +224,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    out = Path(args.out) if args.out else _default_out(f"sweep-{args.model}")
+    config = _config(args)
+    out = Path(args.out) if args.out else _default_out(f"sweep-{config.model}")
     res = experiments.sweep(
-        _config(args),
+        config,
         _csv(args.optimizers),
         _csv(args.lrs, float) if args.lrs else None,
         out,
@@ -277,18 +261,13 @@ def cmd_smoothness(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else _default_out("smoothness")
     factors = tuple(_csv(args.sweep, float)) if args.sweep else ()
     for name in _csv(args.protocols):
-        overrides: dict[str, Any] = {"threads": args.threads, "data_cache": args.data_cache}
+        overrides = config_overrides(args, lab_smoothness.PROTOCOLS[name])
         if args.steps:
             overrides["steps"] = args.steps
         if args.every:
             overrides["probe_every"] = args.every
         if args.data and name == "cnn":
             overrides["data"] = args.data
-        if args.model_opt:
-            overrides["model_options"] = {
-                **lab_smoothness.PROTOCOLS[name].model_options,
-                **_pairs(args.model_opt, "--model-opt"),
-            }
         res = lab_smoothness.run_protocol(
             name,
             out / name,
@@ -319,7 +298,7 @@ def cmd_smoothness(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else _default_out("demo")
-    config = dataclasses.replace(DEMO_CONFIG, threads=args.threads, data_cache=args.data_cache)
+    config = _config(args, DEMO_CONFIG)
     print(
         f"gluon-optim demo: {config.model} on Python's standard library as bytes, "
         f"{config.steps} steps x batch {config.batch_size}, "
@@ -348,20 +327,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     names = ", ".join(f"{k} ({v.help})" for k, v in OPTIMIZERS.items())
+    machine = ("threads", "data_cache")
 
     p = sub.add_parser(
         "demo", help="AdamW vs Muon vs unconstrained Scion on gpt-tiny (a few minutes on a CPU)"
     )
     p.add_argument("--out", help="output folder (default runs/<time>-demo)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--data-cache", default=None, help="cache folder for the tokenised corpus")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_config_options(p, machine, base=DEMO_CONFIG)
+    _add_quiet(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train one model with one optimizer")
-    _add_run_options(p)
-    p.add_argument("--optimizer", default="unscion", choices=sorted(OPTIMIZERS), help=names)
-    p.add_argument("--seed", type=int, default=0, help="seed for init and data order (default 0)")
+    add_config_options(p, run_fields(), base=RunConfig(), title="run")
+    _add_quiet(p)
     p.add_argument("--out", help="run folder (default runs/<time>-<model>-<optimizer>)")
     p.add_argument(
         "--resume",
@@ -370,8 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
+    # --optimizer, --lr and --seed are per run here: --optimizers name@lr and --seeds.
     p = sub.add_parser("compare", help="several optimizers x seeds on one configuration")
-    _add_run_options(p)
+    add_config_options(p, run_fields(varied=False), base=RunConfig(), title="run")
+    _add_quiet(p)
     p.add_argument(
         "--optimizers",
         default="adamw,muon,unscion",
@@ -389,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("sweep", help="learning-rate grid per optimizer, same budget for each")
-    _add_run_options(p)
+    add_config_options(p, run_fields(varied=False), base=RunConfig(), title="run")
+    _add_quiet(p)
     p.add_argument("--optimizers", default="adamw,muon,unscion", help="comma-separated names")
     p.add_argument(
         "--lrs", default="", help="absolute lr grid, comma-separated (overrides --lr-factors)"
@@ -413,17 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="gpt (tied gpt-tiny, unconstrained Scion, constant lr, beta 0.9) and/or cnn "
         "(cnn-small on digits, full batch, no momentum) (default %(default)s)",
     )
+    # A protocol's own overrides: 0 or no value keeps the protocol's, --data is the CNN's only.
     p.add_argument("--steps", type=int, default=0, help="override the protocol's steps")
     p.add_argument("--every", type=int, default=0, help="override the probe cadence")
     p.add_argument(
         "--data", default=None, help="cnn protocol data, e.g. cifar10:PATH (default digits)"
     )
-    p.add_argument(
-        "--model-opt",
-        action="append",
-        metavar="KEY=VALUE",
-        help="model override, e.g. for the 124M shape on a GPU",
-    )
+    add_config_options(p, ("model_options", *machine), base=None)
     p.add_argument(
         "--sweep",
         default="0.25,0.5,1,2,4",
@@ -437,9 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seeds", default="0,1,2", help="seeds for --then-train (default %(default)s)")
     p.add_argument("--out", help="output folder (default runs/<time>-smoothness)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--data-cache", default=None, help="cache folder for the tokenised corpus")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_quiet(p)
     p.set_defaults(func=cmd_smoothness)
 
     sub.add_parser(
@@ -468,6 +443,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
+    except ConfigError as err:  # a run setting: name the option that set it
+        print(
+            f"gluon-optim {args.command}: error: argument {flag_of(err.field)}: {err}",
+            file=sys.stderr,
+        )
+        return 2
     except (ValueError, FileNotFoundError) as err:
         print(f"gluon-optim {args.command}: error: {err}", file=sys.stderr)
         return 2

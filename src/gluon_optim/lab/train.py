@@ -19,6 +19,7 @@ the CPU. A killed run loses at most the steps since its last checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -41,57 +42,200 @@ from gluon_optim.lab import optimizers as optim_registry
 from gluon_optim.lab.data import ImageDataset, TokenDataset, load_data
 from gluon_optim.lab.models import GPTConfig, build_model, model_config, model_task
 
-SCHEDULES = ("constant", "wsd", "cosine")
+#: The lr schedules, with a note for the names that need one (the help text shows it).
+SCHEDULE_NOTES = {"constant": "", "wsd": "warmup-stable-decay", "cosine": ""}
+SCHEDULES = tuple(SCHEDULE_NOTES)
+#: Gluon's radius policies (Gluon Theorems 1 and 2), offered as ``--radius``.
+RADIUS_POLICIES = ("constant", "l0l1", "theory_decay")
+
+
+@dataclass(frozen=True)
+class Shortcut:
+    """A flag that sets one key of a dict field: ``--fit FILE`` is ``--opt fit=FILE``."""
+
+    flag: str  # without the leading dashes
+    key: str
+    help: str
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Option:
+    """How a :class:`RunConfig` field is set on the command line (``metadata={"cli": ...}``).
+
+    The field's annotation says how a value is parsed: ``int``, ``float``, ``str`` (``X | None``
+    as ``X``), and a ``dict`` as repeatable ``KEY=VALUE`` pairs, the value JSON where it parses.
+    The command line (:mod:`gluon_optim.lab.cli`) generates its options from these and appends
+    the default to the help text.
+    """
+
+    help: str
+    flag: str = ""  # without the leading dashes; "": the field name with dashes
+    # name -> description; a function, since the optimizer names come from the registry.
+    choices: Callable[[], Mapping[str, str]] | None = None
+    # compare and sweep set it per run (--optimizers name@lr, --lrs, --seeds), so only `train`
+    # offers it: a compare-wide --lr would be overridden by every spec.
+    varied: bool = False
+    shortcuts: tuple[Shortcut, ...] = ()
+
+
+def option_of(f: dataclasses.Field[Any]) -> Option:
+    """The command-line declaration of a :class:`RunConfig` field."""
+    opt = f.metadata["cli"]
+    assert isinstance(opt, Option)
+    return opt
+
+
+class ConfigError(ValueError):
+    """An invalid :class:`RunConfig` field; ``field`` names it (the CLI maps it to its flag)."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+
+
+def _setting(default: object, option: Option) -> Any:
+    """A :class:`RunConfig` field and its command-line declaration.
+
+    Typed ``Any``, like :func:`dataclasses.field`, so the annotation on the left is what the
+    type checker sees. A dict default becomes a factory: every config gets its own dict.
+    """
+    if isinstance(default, dict):
+        return field(default_factory=functools.partial(dict, default), metadata={"cli": option})
+    return field(default=default, metadata={"cli": option})
+
+
+def _optimizer_names() -> dict[str, str]:
+    return {name: entry.help for name, entry in optim_registry.OPTIMIZERS.items()}
+
+
+_OPT_SHORTCUTS = (
+    Shortcut(
+        "radius",
+        "radius",
+        "radius policy of the Gluon-family optimizers (Gluon Theorems 1 and 2)",
+        choices=RADIUS_POLICIES,
+    ),
+    Shortcut(
+        "fit",
+        "fit",
+        "gluon optimizer: take each role's (L0, L1) from FILE (fits-role.json written by "
+        "`gluon-optim smoothness`) and use the l0l1 radius; lr then defaults to 1",
+        metavar="FILE",
+    ),
+)
 
 
 @dataclass
 class RunConfig:
-    """Everything that defines a run. ``lr=None`` takes the optimizer's tuned default."""
+    """Everything that defines a run. ``lr=None`` takes the optimizer's tuned default.
 
-    model: str = "gpt-tiny"
-    data: str = "stdlib"
-    optimizer: str = "unscion"
-    lr: float | None = None
-    opt_options: dict[str, Any] = field(default_factory=dict)
-    model_options: dict[str, Any] = field(default_factory=dict)
-    steps: int = 200
-    batch_size: int = 16  # sequences (or images) per micro-batch; <= 0: full batch (images)
-    block_size: int | None = None  # tokens per sequence; None: the model's context
-    grad_accum: int = 1
-    schedule: str = "constant"
-    warmup: int = 0
-    decay_frac: float = 0.2  # wsd: fraction of steps in the final linear decay
-    eval_every: int = 50
-    eval_batches: int = 8
-    checkpoint_every: int = 0  # 0: only at the end
-    seed: int = 0
-    probe_every: int = 0  # > 0: attach a SmoothnessProbe (smoothness.jsonl in the run folder)
-    threads: int | None = None
-    data_cache: str | None = None
+    This is the one declaration of a run's settings: each field's metadata holds its
+    command-line :class:`Option`, from which ``gluon-optim train`` (and the other commands that
+    take run settings) generate their options.
+    """
+
+    model: str = _setting(
+        "gpt-tiny", Option("model preset: gpt-tiny, gpt-small, gpt2-124m, cnn-small, vit-tiny")
+    )
+    data: str = _setting(
+        "stdlib",
+        Option(
+            "data: stdlib (Python's own sources as bytes), text:PATH (file or folder), "
+            "shards:TRAIN_GLOB,VAL_GLOB (nanoGPT .bin), digits, cifar10:PATH"
+        ),
+    )
+    optimizer: str = _setting("unscion", Option("optimizer", choices=_optimizer_names, varied=True))
+    lr: float | None = _setting(
+        None,
+        Option("learning rate; default: the optimizer's tuned default for the model", varied=True),
+    )
+    opt_options: dict[str, Any] = _setting(
+        {},
+        Option(
+            "optimizer option, repeatable; VALUE is JSON if it parses "
+            "(--opt momentum=0.95 --opt 'scales={\"hidden\": 30}')",
+            flag="opt",
+            shortcuts=_OPT_SHORTCUTS,
+        ),
+    )
+    model_options: dict[str, Any] = _setting(
+        {},
+        Option(
+            "model config override, repeatable (--model-opt n_layer=4 --model-opt tied=true)",
+            flag="model-opt",
+        ),
+    )
+    steps: int = _setting(200, Option("optimizer steps"))
+    batch_size: int = _setting(
+        16, Option("sequences or images per micro-batch; <= 0: full batch for images")
+    )
+    block_size: int | None = _setting(
+        None, Option("tokens per sequence (default: the model's context length)")
+    )
+    grad_accum: int = _setting(1, Option("micro-batches per step"))
+    schedule: str = _setting("constant", Option("lr schedule", choices=lambda: SCHEDULE_NOTES))
+    warmup: int = _setting(0, Option("linear warmup steps"))
+    decay_frac: float = _setting(0.2, Option("wsd: fraction of steps in the final linear decay"))
+    eval_every: int = _setting(50, Option("validation every N steps, and at the end"))
+    eval_batches: int = _setting(8, Option("validation batches for text data"))
+    checkpoint_every: int = _setting(0, Option("checkpoint every N steps, 0: only at the end"))
+    seed: int = _setting(0, Option("seed for init and data order", varied=True))
+    probe_every: int = _setting(
+        0,
+        Option(
+            "measure layer-wise smoothness every N steps into smoothness.jsonl "
+            "(Gluon optimizers), 0: off"
+        ),
+    )
+    threads: int | None = _setting(None, Option("torch CPU threads (default: torch's)"))
+    data_cache: str | None = _setting(
+        None,
+        Option(
+            "cache folder for the tokenised corpus "
+            "(default $GLUON_OPTIM_CACHE or ~/.cache/gluon-optim)"
+        ),
+    )
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first invalid field."""
-        optim_registry.get(self.optimizer)
-        model_task(self.model)
-        checks = [
-            ("steps", self.steps >= 1),
-            ("grad_accum", self.grad_accum >= 1),
-            ("eval_every", self.eval_every >= 1),
-            ("eval_batches", self.eval_batches >= 1),
-            ("checkpoint_every", self.checkpoint_every >= 0),
-            ("probe_every", self.probe_every >= 0),
-            ("warmup", 0 <= self.warmup < self.steps or self.warmup == 0),
-            ("decay_frac", 0.0 <= self.decay_frac <= 1.0),
-            ("lr", self.lr is None or (self.lr > 0 and math.isfinite(self.lr))),
-            ("block_size", self.block_size is None or self.block_size >= 1),
-        ]
-        for name, ok in checks:
+        """Raise :class:`ConfigError` (a ``ValueError``) naming the first invalid field."""
+        for name, lookup in (("optimizer", optim_registry.get), ("model", model_task)):
+            try:
+                lookup(getattr(self, name))
+            except ValueError as exc:
+                raise ConfigError(name, str(exc)) from None
+        for name, ok, need in self._checks():
             if not ok:
-                raise ValueError(f"Invalid {name}: {getattr(self, name)!r}")
+                raise ConfigError(name, f"Invalid {name}: {getattr(self, name)!r} ({need})")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"Unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
+            raise ConfigError(
+                "schedule", f"Unknown schedule {self.schedule!r}; expected one of {SCHEDULES}"
+            )
         if model_task(self.model) == "lm" and self.batch_size < 1:
-            raise ValueError(f"Invalid batch_size: {self.batch_size} (language models need >= 1)")
+            raise ConfigError(
+                "batch_size",
+                f"Invalid batch_size: {self.batch_size} (language models need >= 1)",
+            )
+
+    def _checks(self) -> list[tuple[str, bool, str]]:
+        """(field, valid, what a valid value is) for the fields that need no other field."""
+        return [
+            ("steps", self.steps >= 1, "need >= 1"),
+            ("grad_accum", self.grad_accum >= 1, "need >= 1"),
+            ("eval_every", self.eval_every >= 1, "need >= 1"),
+            ("eval_batches", self.eval_batches >= 1, "need >= 1"),
+            ("checkpoint_every", self.checkpoint_every >= 0, "need >= 0"),
+            ("probe_every", self.probe_every >= 0, "need >= 0"),
+            ("warmup", 0 <= self.warmup < self.steps or self.warmup == 0, "need 0 or < steps"),
+            ("decay_frac", 0.0 <= self.decay_frac <= 1.0, "need 0 to 1"),
+            (
+                "lr",
+                self.lr is None or (self.lr > 0 and math.isfinite(self.lr)),
+                "need a finite lr > 0",
+            ),
+            ("block_size", self.block_size is None or self.block_size >= 1, "need >= 1"),
+        ]
 
 
 def lr_multiplier(config: RunConfig, step: int) -> float:
@@ -256,7 +400,8 @@ def _step(
     return loss
 
 
-def _loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+def batch_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy of ``model`` on one batch (the training loss, the bench's too)."""
     logits = model(x)
     return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
 
@@ -428,7 +573,7 @@ def train(
                     x, y = data.batch("train", index, config.batch_size, block_size, config.seed)
                 else:
                     x, y = data.batch("train", index, config.batch_size, config.seed)
-                loss = _loss(model, x, y) / config.grad_accum
+                loss = batch_loss(model, x, y) / config.grad_accum
                 loss.backward()  # type: ignore[no-untyped-call]
                 total += loss.detach()
             grad_evals += config.grad_accum
