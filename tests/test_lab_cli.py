@@ -254,7 +254,7 @@ def test_every_run_config_field_is_a_train_option_and_back() -> None:
     assert set(flags) == fields
     # and nothing else: every other option of `train` is about the command
     assert {a.dest for a in train._actions} - {f"config.{n}" for n in fields} == COMMAND_OPTIONS
-    assert flags["opt_options"] == ["--opt", "--radius", "--fit"]
+    assert flags["opt_options"] == ["--opt", "--radius-policy", "--fit"]
     assert flags["model_options"] == ["--model-opt"]
     assert flags["batch_size"] == ["--batch-size"]
 
@@ -279,9 +279,9 @@ def test_each_option_sets_its_field() -> None:
             text = value = list(choices())[-1]
         args = train.parse_args([cli.flag_of(f.name), text])
         assert cli.config_overrides(args, RunConfig()) == {f.name: value}, f.name
-    args = train.parse_args(["--opt", "fit=a", "--radius", "l0l1", "--fit", "b.json"])
+    args = train.parse_args(["--opt", "fit=a", "--radius-policy", "l0l1", "--fit", "b.json"])
     assert cli.config_overrides(args, RunConfig()) == {
-        "opt_options": {"fit": "b.json", "radius": "l0l1"}
+        "opt_options": {"fit": "b.json", "radius_policy": "l0l1"}
     }
     assert cli.config_overrides(train.parse_args([]), RunConfig()) == {}
 

@@ -9,8 +9,9 @@ Quick start::
     print(go.describe(opt))                                # what happens to each parameter
 """
 
-from gluon_optim import estimators, lowrank, norms, polar, smoothness
-from gluon_optim.optimizer import DEFAULTS, Gluon, describe, resolve_norm
+from gluon_optim import estimators, groups, lowrank, norms, polar, radius, smoothness
+from gluon_optim.groups import DEFAULTS
+from gluon_optim.optimizer import Gluon, describe, resolve_norm
 from gluon_optim.presets import (
     PRESETS,
     gluon,
@@ -35,6 +36,7 @@ __all__ = [
     "assign_roles",
     "describe",
     "estimators",
+    "groups",
     "gluon",
     "gluon_mvr",
     "limuon",
@@ -44,6 +46,7 @@ __all__ = [
     "param_groups",
     "polar",
     "preset_table",
+    "radius",
     "resolve_norm",
     "scion",
     "smoothness",

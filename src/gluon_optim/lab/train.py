@@ -45,8 +45,8 @@ from gluon_optim.lab.models import GPTConfig, build_model, model_config, model_t
 #: The lr schedules, with a note for the names that need one (the help text shows it).
 SCHEDULE_NOTES = {"constant": "", "wsd": "warmup-stable-decay", "cosine": ""}
 SCHEDULES = tuple(SCHEDULE_NOTES)
-#: Gluon's radius policies (Gluon Theorems 1 and 2), offered as ``--radius``.
-RADIUS_POLICIES = ("constant", "l0l1", "theory_decay")
+#: Gluon's radius policies (Gluon Theorems 1 and 2), offered as ``--radius-policy``.
+RADIUS_POLICIES = tuple(go.radius.POLICIES)
 
 
 @dataclass(frozen=True)
@@ -112,8 +112,8 @@ def _optimizer_names() -> dict[str, str]:
 
 _OPT_SHORTCUTS = (
     Shortcut(
-        "radius",
-        "radius",
+        "radius-policy",
+        "radius_policy",
         "radius policy of the Gluon-family optimizers (Gluon Theorems 1 and 2)",
         choices=RADIUS_POLICIES,
     ),
