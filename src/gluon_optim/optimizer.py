@@ -18,26 +18,20 @@ from typing import Any, Unpack
 
 import torch
 from torch import Tensor
+from torch.distributed import ProcessGroup
 from torch.optim import Optimizer
 from torch.optim.adam import adam as _torch_adam
 
+from gluon_optim import distributed as _distributed
 from gluon_optim import groups as _groups
 from gluon_optim import norms as _norms
+from gluon_optim.directions import DirectionRequest, LocalExecutor
 from gluon_optim.estimators import ESTIMATORS, EstimatorStep
 from gluon_optim.groups import DEFAULTS, GroupOptions, where
 from gluon_optim.radius import POLICIES, RadiusInput
 from gluon_optim.two_point import TWO_POINT_KEYS, TwoPoint, Work, is_exact, state_keys
 
-__all__ = [
-    "ALGORITHMS",
-    "DEFAULTS",
-    "Algorithm",
-    "DirectionRequest",
-    "Gluon",
-    "describe",
-    "local_directions",
-    "resolve_norm",
-]
+__all__ = ["ALGORITHMS", "DEFAULTS", "Algorithm", "Gluon", "describe", "resolve_norm"]
 
 
 # -- norms of a group -------------------------------------------------------------------------
@@ -81,22 +75,6 @@ def _name(group: Mapping[str, Any], i: int) -> str:
 
 
 # -- check-stage helpers ------------------------------------------------------------------------
-def _to_host(flags: list[Tensor]) -> list[bool]:
-    """Boolean scalars to Python, with one transfer per device rather than one per tensor.
-
-    Copying each flag to the host on its own would synchronise once per parameter on a GPU.
-    """
-    by_device: dict[torch.device, list[int]] = {}
-    for i, f in enumerate(flags):
-        by_device.setdefault(f.device, []).append(i)
-    out = [False] * len(flags)
-    for positions in by_device.values():
-        values = torch.stack([flags[i] for i in positions]).tolist()
-        for i, v in zip(positions, values, strict=True):
-            out[i] = bool(v)
-    return out
-
-
 def _all_finite(t: Tensor) -> Tensor:
     """A device-side boolean: whether every entry of ``t`` is finite.
 
@@ -165,47 +143,6 @@ def _begin_step(state: dict[str, Any]) -> int:
     return int(state["step"].item()) - 1  # a CPU scalar: no device synchronisation
 
 
-# -- the direction stage --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DirectionRequest:
-    """One LMO to compute: ``norm.direction(operand)``.
-
-    ``batch`` allows stacking with other requests of the same norm, shape, dtype and device
-    into one batched call (the group's ``foreach``). The direction stage needs nothing else, so
-    an executor may compute a request anywhere (another process) and hand the result back.
-    """
-
-    norm: _norms.Norm
-    operand: Tensor
-    batch: bool
-
-
-DirectionExecutor = Callable[[list[DirectionRequest]], list[Tensor]]
-
-
-def local_directions(requests: list[DirectionRequest]) -> list[Tensor]:
-    """Every request's direction ``D``, computed here; stacked where ``batch`` allows."""
-    out: list[Tensor | None] = [None] * len(requests)
-    buckets: dict[tuple[Any, ...], list[int]] = {}
-    for j, r in enumerate(requests):
-        # Only norms that act on the last one or two dims batch over a new leading one.
-        stackable = r.batch and (
-            r.norm.kind == "matrix" or (r.norm.kind == "vector" and r.operand.ndim >= 1)
-        )
-        op = r.operand
-        key = (r.norm, tuple(op.shape), op.dtype, op.device) if stackable else (j,)
-        buckets.setdefault(key, []).append(j)
-    for idx in buckets.values():
-        norm = requests[idx[0]].norm
-        if len(idx) == 1:
-            out[idx[0]] = norm.direction(requests[idx[0]].operand)
-            continue
-        stacked = norm.direction(torch.stack([requests[j].operand for j in idx]))
-        for j, d in zip(idx, stacked.unbind(0), strict=True):
-            out[j] = d
-    return [d for d in out if d is not None]
-
-
 # -- the algorithms -------------------------------------------------------------------------------
 _Items = list[tuple[Tensor, Tensor]]  # a group's (parameter, gradient) pairs
 _AtPrevious = Mapping[int, Tensor]  # g_k(X^{k-1}) by id(p)
@@ -215,6 +152,7 @@ _AtPrevious = Mapping[int, Tensor]  # g_k(X^{k-1}) by id(p)
 class _Pending:
     """An LMO parameter between the estimator stage and the apply stage."""
 
+    key: tuple[int, int]
     p: Tensor
     g: Tensor
     group: dict[str, Any]
@@ -222,6 +160,15 @@ class _Pending:
     norm: _norms.Norm
     operand: Tensor
     direction: Tensor | None = field(default=None)
+    dual: Tensor | None = field(default=None)
+
+    def request(self) -> DirectionRequest:
+        """What the direction stage computes for this parameter."""
+        group = self.group
+        dual = POLICIES[group["radius_policy"]].dual(group)
+        gradient = self.norm.operand(self.g, group["transposed"]) if dual == "gradient" else None
+        batch = _use_foreach(group, [(self.p, self.g)])
+        return DirectionRequest(self.key, self.norm, self.operand, batch, dual, gradient)
 
 
 @dataclass(frozen=True)
@@ -248,6 +195,7 @@ def _lmo_estimate(
     scheduled = schedule is not None and estimator.follows_schedule
     keys = (*estimator.state, *state_keys(group))
     position = {id(q): j for j, q in enumerate(group["params"])}
+    gi = next(i for i, g in enumerate(opt.param_groups) if g is group)
     steps: list[EstimatorStep] = []
     for p, g in items:
         state = opt.state[p]
@@ -280,7 +228,8 @@ def _lmo_estimate(
     out = []
     for s, m in zip(steps, momenta, strict=True):
         norm = resolve_norm(group, s.p)
-        out.append(_Pending(s.p, s.g, group, s.k, norm, norm.operand(m, group["transposed"])))
+        operand = norm.operand(m, group["transposed"])
+        out.append(_Pending((gi, s.index), s.p, s.g, group, s.k, norm, operand))
     return out
 
 
@@ -357,7 +306,15 @@ def _apply(item: _Pending) -> None:
     policy = POLICIES[group["radius_policy"]]
     radius = policy.radius(
         RadiusInput(
-            lr * group["scale"], item.k, item.g, item.operand, direction, factor, item.norm, group
+            lr * group["scale"],
+            item.k,
+            item.g,
+            item.operand,
+            direction,
+            factor,
+            item.norm,
+            group,
+            item.dual,
         )
     )
     if group["weight_decay"] != 0.0:
@@ -395,9 +352,10 @@ class Gluon(Optimizer):
        is raised here, before anything changes;
     3. *estimator*: the momentum recursion of the group's ``estimator``
        (:mod:`gluon_optim.estimators`), elementwise, on per-parameter state;
-    4. *direction*: the LMO of each whole tensor, ``lmo(M) = -f D``, as a list of
-       :class:`DirectionRequest` handed to one executor (:func:`local_directions`): the only
-       stage that needs a full matrix;
+    4. *direction*: the LMO of each whole tensor, ``lmo(M) = -f D`` (and the gradient's dual
+       norm where the radius needs it), as a list of requests handed to :attr:`executor`: the
+       only stage that needs a full matrix. Under ``distributed="replicated"`` each request is
+       computed once, by its owner rank (:mod:`gluon_optim.distributed`);
     5. *radius*: ``t`` from the group's ``radius_policy`` (:mod:`gluon_optim.radius`);
     6. *apply*: weight decay, the SCG shrink, ``X += -t f D``.
 
@@ -446,16 +404,22 @@ class Gluon(Optimizer):
         self,
         params: Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]],
         lr: float | Tensor = DEFAULTS["lr"],
+        *,
+        distributed: str = "auto",
+        process_group: ProcessGroup | None = None,
         **defaults: Unpack[GroupOptions],
     ) -> None:
         _groups.check_keys(dict(defaults), "Gluon")
         merged = dict(DEFAULTS, **defaults, lr=lr)
         _groups.validate(merged, None)
+        _distributed.check_mode(distributed)
         self._two_point = TwoPoint(self)
         self._checked: dict[int, tuple[Any, ...]] = {}
-        #: The direction stage's executor (a distributed one computes requests elsewhere).
-        self.directions: DirectionExecutor = local_directions
+        #: Where the direction stage runs (:mod:`gluon_optim.distributed` for more than one
+        #: process) and how the step's decisions are agreed.
+        self.executor: LocalExecutor = LocalExecutor()
         super().__init__(params, merged)
+        self.executor = _distributed.executor(self, distributed, process_group, resolve_norm)
 
     # -- groups -------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -510,7 +474,7 @@ class Gluon(Optimizer):
                 group.setdefault(key, value)
         self.__dict__.setdefault("_two_point", TwoPoint(self))
         self.__dict__.setdefault("_checked", {})
-        self.__dict__.setdefault("directions", local_directions)
+        self.__dict__.setdefault("executor", LocalExecutor())
 
     def needs_closure(self) -> bool:
         """Whether :meth:`step` needs a closure (or a :meth:`previous_iterate` block).
@@ -606,12 +570,9 @@ class Gluon(Optimizer):
             if index not in skipped and items:
                 pending += ALGORITHMS[group["algorithm"]].update(self, group, items, at_previous)
         # Stage 4, one call for every LMO of the step.
-        requests = [
-            DirectionRequest(item.norm, item.operand, _use_foreach(item.group, [(item.p, item.g)]))
-            for item in pending
-        ]
-        for item, direction in zip(pending, self.directions(requests), strict=True):
-            item.direction = direction
+        results = self.executor.directions([item.request() for item in pending])
+        for item, result in zip(pending, results, strict=True):
+            item.direction, item.dual = result.direction, result.dual
         # Stages 5-6.
         for item in pending:
             _apply(item)
@@ -646,35 +607,39 @@ class Gluon(Optimizer):
     def _nonfinite_groups(self, work: Work, at_previous: Mapping[int, Tensor]) -> set[int]:
         """Indices of groups to skip; raises for a non-finite gradient under ``raise``.
 
-        The two-point gradient ``g_k(X^{k-1})`` of a parameter counts as part of its gradient.
+        The executor settles, for every parameter, whether it has a gradient and whether that
+        is finite (across ranks, for a distributed one, so every rank decides alike). The
+        two-point gradient ``g_k(X^{k-1})`` of a parameter counts as part of its gradient.
         """
-        checked = [
-            (index, group, items)
-            for index, (group, items) in enumerate(work)
-            if group["nonfinite"] != "ignore" and items
-        ]
-        if not checked:
-            return set()
-        finite = []
-        for _, _, items in checked:
-            for p, g in items:
+        has_grad: list[bool] = []
+        finite: list[Tensor | None] = []
+        for group, items in work:
+            grads = {id(p): g for p, g in items}
+            for p in group["params"]:
+                g = grads.get(id(p))
+                has_grad.append(g is not None)
+                if g is None or group["nonfinite"] == "ignore":
+                    finite.append(None)
+                    continue
                 ok = _all_finite(g)
                 if id(p) in at_previous:
                     ok = ok & _all_finite(at_previous[id(p)])
                 finite.append(ok)
-        flags = _to_host(finite)
+        if not any(f is not None for f in finite) and self.executor.mode == "local":
+            return set()
+        _, flags = self.executor.agree(has_grad, finite)
         skipped: set[int] = set()
         pos = 0
-        for index, group, items in checked:
-            bad = [k for k in range(len(items)) if not flags[pos + k]]
-            pos += len(items)
+        for index, (group, _) in enumerate(work):
+            n = len(group["params"])
+            bad = [i for i in range(n) if not flags[pos + i]]
+            pos += n
             if not bad:
                 continue
             if group["nonfinite"] == "skip":
                 skipped.add(index)
                 continue
-            position = {id(q): j for j, q in enumerate(group["params"])}
-            names = [_name(group, position[id(items[k][0])]) for k in bad]
+            names = [_name(group, i) for i in bad]
             raise FloatingPointError(
                 f"Non-finite gradient in parameter(s) {names}{where(group, index)}; nothing "
                 "was updated. Set nonfinite='skip' to skip such steps instead."

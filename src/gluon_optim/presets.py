@@ -2,7 +2,8 @@
 
 A preset is configuration only. :func:`param_groups` turns a model into one plain-data parameter
 group per role; :func:`muon`, :func:`scion`, :func:`unscion`, :func:`gluon`, :func:`gluon_mvr`
-and :func:`limuon` build the one optimizer from those groups.
+and :func:`limuon` build the one optimizer from those groups. Every factory also takes the
+optimizer's own ``distributed=`` and ``process_group=`` (see :mod:`gluon_optim.distributed`).
 
 =========  ================  ==============  ================  ==========  ==============
 role       muon              scion/unscion   (scale)           gluon       (default scale)
@@ -38,6 +39,7 @@ from typing import Any, Unpack
 
 import torch
 from torch import Tensor, nn
+from torch.distributed import ProcessGroup
 
 from gluon_optim.groups import DEFAULTS, PresetOptions
 from gluon_optim.optimizer import Gluon
@@ -298,6 +300,15 @@ def param_groups(
     ]
 
 
+#: Options of the optimizer object rather than of its groups, accepted by every preset.
+_ENGINE_KEYS = ("distributed", "process_group")
+
+
+def _engine(options: dict[str, Any]) -> dict[str, Any]:
+    """Take the optimizer-level options (``distributed``, ``process_group``) out of ``options``."""
+    return {key: options.pop(key) for key in _ENGINE_KEYS if key in options}
+
+
 def _from_model(
     model: nn.Module,
     preset: str,
@@ -307,8 +318,9 @@ def _from_model(
     """One :class:`Gluon` over ``param_groups(model, preset, ...)``; ``refs`` = head, embedding,
     roles. The preset's ``lr`` is also the optimizer's default for groups added later."""
     head, embedding, roles = refs
+    engine = _engine(options)
     groups = param_groups(model, preset, head=head, embedding=embedding, roles=roles, **options)
-    return Gluon(groups, lr=options.get("lr", DEFAULTS["lr"]))
+    return Gluon(groups, lr=options.get("lr", DEFAULTS["lr"]), **engine)
 
 
 def _named_list(params: Iterable[Any]) -> list[Any]:
@@ -319,7 +331,11 @@ def _named_list(params: Iterable[Any]) -> list[Any]:
 
 
 def _matrices_only(
-    preset: str, params: Iterable[Any], settings: dict[str, Any], lr: float | Tensor
+    preset: str,
+    params: Iterable[Any],
+    settings: dict[str, Any],
+    lr: float | Tensor,
+    engine: dict[str, Any],
 ) -> Gluon:
     """One group of matrices for a matrix-only preset given parameters instead of a model."""
     items = _named_list(params)
@@ -331,7 +347,7 @@ def _matrices_only(
                 f"{preset}: parameter {name!r} has shape {tuple(p.shape)}; {preset} takes "
                 "matrices. Pass the model instead to route vectors to AdamW."
             )
-    return Gluon([{"params": items, "role": "hidden", **settings}], lr=lr)
+    return Gluon([{"params": items, "role": "hidden", **settings}], lr=lr, **engine)
 
 
 def muon(
@@ -376,7 +392,8 @@ def muon(
     opts = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, **options)
     if isinstance(model_or_params, nn.Module):
         return _from_model(model_or_params, "muon", (head, embedding, roles), **opts)
-    return _matrices_only("muon", model_or_params, _muon_table(**opts)["hidden"], lr)
+    engine = _engine(opts)
+    return _matrices_only("muon", model_or_params, _muon_table(**opts)["hidden"], lr, engine)
 
 
 def scion(
@@ -493,6 +510,8 @@ def gluon_mvr(
 class LiMuonOptions(PresetOptions, total=False):
     """The keyword options of :func:`limuon` (defaults in its docstring), for the type checker."""
 
+    distributed: str
+    process_group: ProcessGroup | None
     lr: float | Tensor
     beta: float
     method: str
@@ -561,5 +580,6 @@ def limuon(
     opts: dict[str, Any] = dict(options, rank=rank)
     if isinstance(model_or_params, nn.Module):
         return _from_model(model_or_params, "limuon", (head, embedding, roles), **opts)
+    engine = _engine(opts)
     hidden = _limuon_table(**opts)["hidden"]
-    return _matrices_only("limuon", model_or_params, hidden, hidden["lr"])
+    return _matrices_only("limuon", model_or_params, hidden, hidden["lr"], engine)

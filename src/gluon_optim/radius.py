@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -48,6 +48,8 @@ class RadiusInput:
         factor: the norm's LMO factor for this shape.
         norm: the parameter's norm.
         group: the group's settings.
+        dual: the dual norm the policy asked for (:attr:`RadiusPolicy.dual`), computed by the
+            direction stage, else ``None``.
     """
 
     t0: float | Tensor
@@ -58,6 +60,11 @@ class RadiusInput:
     factor: float
     norm: Norm
     group: Mapping[str, Any]
+    dual: Tensor | None = None
+
+
+def _no_dual(group: Mapping[str, Any]) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,10 @@ class RadiusPolicy:
         radius: the radius ``t`` of one parameter's step.
         momentum: ``beta`` of step ``k``, overriding the group's ``momentum`` for estimators
             that follow a schedule (``ema``); ``None`` keeps the group's.
+        dual: which dual norm a group's radius needs: ``"gradient"`` (``||g||_*``),
+            ``"momentum"`` (``||M||_*``) or ``None``. Dual norms are whole-tensor operations
+            (another Newton–Schulz for the spectral norms), so the direction stage computes
+            them with the direction, once, wherever the direction is computed.
     """
 
     name: str
@@ -78,14 +89,12 @@ class RadiusPolicy:
     settings: tuple[Setting, ...]
     radius: Callable[[RadiusInput], float | Tensor]
     momentum: Callable[[int], float] | None = None
+    dual: Callable[[Mapping[str, Any]], Literal["gradient", "momentum"] | None] = _no_dual
 
 
 def _l0l1(r: RadiusInput) -> Tensor:
-    if r.group["radius_source"] == "momentum":
-        # -<M, lmo(M)> = f <M, D>: the dual norm comes free from the direction.
-        dual = r.factor * (r.operand * r.direction.to(r.operand.dtype)).sum()
-    else:
-        dual = r.norm.dual_of(r.g, r.group["transposed"])
+    dual = r.dual
+    assert dual is not None, "the direction stage computes the dual norm for l0l1"
     # With L0 = 0 a zero gradient would make 0/0; the clamp keeps the step exactly 0.
     denom = (r.group["l0"] + r.group["l1"] * dual).clamp(min=torch.finfo(dual.dtype).tiny)
     radius: Tensor = r.t0 * dual / denom
@@ -115,6 +124,7 @@ POLICIES: dict[str, RadiusPolicy] = {
             "`t = lr * scale * ||G||_* / (L0 + L1 ||G||_*)` (Gluon Theorem 1)",
             L0L1_SETTINGS,
             _l0l1,
+            dual=lambda group: group["radius_source"],
         ),
         RadiusPolicy(
             "theory_decay",

@@ -1,0 +1,140 @@
+"""The direction stage's executors: where each whole-tensor LMO of a step is computed.
+
+The optimizer hands its executor a list of :class:`DirectionRequest` (one per LMO parameter
+with a gradient) and gets a :class:`DirectionResult` for each: the direction ``D`` of
+``lmo(M) = -f D`` and, where the radius policy asks for it, the dual norm of the gradient. The
+executor also settles the step's decisions that must be the same everywhere (which parameters
+have a gradient, which gradients are finite), because a distributed executor must agree on
+them across ranks before anything changes.
+
+:class:`LocalExecutor` computes everything in this process; the distributed executors of
+:mod:`gluon_optim.distributed` compute each request once, on its owner rank, and exchange the
+results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from gluon_optim.norms import Norm
+
+__all__ = ["DirectionRequest", "DirectionResult", "LocalExecutor", "compute"]
+
+
+@dataclass(frozen=True)
+class DirectionRequest:
+    """One LMO to compute: ``norm.direction(operand)``, and a dual norm if the radius needs one.
+
+    Attributes:
+        key: the parameter's position among the optimizer's LMO parameters, ``(group index,
+            index in the group)``; the same on every rank, so it names the parameter's owner.
+        norm: the parameter's norm.
+        operand: the momentum as the norm reads it.
+        batch: may be stacked with requests of the same norm, shape, dtype and device into one
+            batched call (the group's ``foreach``).
+        dual: which dual norm the radius policy needs: of the ``"gradient"`` (``gradient``,
+            in the norm's view), of the ``"momentum"`` (``f <M, D>``, free from the
+            direction), or none. Whole-tensor reductions, so they are computed with the
+            direction, by whoever computes it.
+        gradient: the gradient in the norm's view, for ``dual="gradient"``.
+    """
+
+    key: tuple[int, int]
+    norm: Norm
+    operand: Tensor
+    batch: bool
+    dual: Literal["gradient", "momentum"] | None = None
+    gradient: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class DirectionResult:
+    """The direction ``D`` of a request, and the dual norm it asked for (else ``None``)."""
+
+    direction: Tensor
+    dual: Tensor | None
+
+
+def compute(requests: Sequence[DirectionRequest]) -> list[DirectionResult]:
+    """Every request's direction and dual, here; stacked where ``batch`` allows."""
+    out: list[Tensor | None] = [None] * len(requests)
+    buckets: dict[tuple[Any, ...], list[int]] = {}
+    for j, r in enumerate(requests):
+        # Only norms that act on the last one or two dims batch over a new leading one.
+        stackable = r.batch and (
+            r.norm.kind == "matrix" or (r.norm.kind == "vector" and r.operand.ndim >= 1)
+        )
+        op = r.operand
+        key = (r.norm, tuple(op.shape), op.dtype, op.device) if stackable else (j,)
+        buckets.setdefault(key, []).append(j)
+    for idx in buckets.values():
+        norm = requests[idx[0]].norm
+        if len(idx) == 1:
+            out[idx[0]] = norm.direction(requests[idx[0]].operand)
+            continue
+        stacked = norm.direction(torch.stack([requests[j].operand for j in idx]))
+        for j, d in zip(idx, stacked.unbind(0), strict=True):
+            out[j] = d
+    results = []
+    for r, direction in zip(requests, out, strict=True):
+        assert direction is not None
+        results.append(DirectionResult(direction, _dual(r, direction)))
+    return results
+
+
+def _dual(r: DirectionRequest, d: Tensor) -> Tensor | None:
+    if r.dual == "gradient":
+        assert r.gradient is not None
+        return r.norm.dual(r.gradient).sum()
+    if r.dual == "momentum":
+        # -<M, lmo(M)> = f <M, D>: the dual norm comes free from the direction.
+        op = r.operand
+        return r.norm.factor(op.shape) * (op * d.to(op.dtype)).sum()
+    return None
+
+
+def to_host(flags: list[Tensor]) -> list[bool]:
+    """Boolean scalars to Python, with one transfer per device rather than one per tensor.
+
+    Copying each flag to the host on its own would synchronise once per parameter on a GPU.
+    """
+    by_device: dict[torch.device, list[int]] = {}
+    for i, f in enumerate(flags):
+        by_device.setdefault(f.device, []).append(i)
+    out = [False] * len(flags)
+    for positions in by_device.values():
+        values = torch.stack([flags[i] for i in positions]).tolist()
+        for i, v in zip(positions, values, strict=True):
+            out[i] = bool(v)
+    return out
+
+
+class LocalExecutor:
+    """Computes every direction in this process; its decisions need no agreement."""
+
+    #: ``"local"``: the ``distributed`` mode this executor implements.
+    mode = "local"
+
+    def agree(
+        self, has_grad: list[bool], finite: list[Tensor | None]
+    ) -> tuple[list[bool], list[bool]]:
+        """Per parameter: whether it has a gradient, and whether its gradient is finite.
+
+        ``finite[i]`` is a device boolean, or ``None`` where nothing was checked (no gradient,
+        or ``nonfinite="ignore"``), which counts as finite.
+        """
+        checked = [i for i, f in enumerate(finite) if f is not None]
+        values = to_host([f for f in finite if f is not None])
+        out = [True] * len(finite)
+        for i, v in zip(checked, values, strict=True):
+            out[i] = v
+        return has_grad, out
+
+    def directions(self, requests: Sequence[DirectionRequest]) -> list[DirectionResult]:
+        """The result of every request, in order."""
+        return compute(requests)
