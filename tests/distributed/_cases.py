@@ -87,14 +87,22 @@ CASES: dict[str, Builder] = {
 
 
 def train(
-    name: str, wrap: Callable[[nn.Module], nn.Module] | None = None, **engine: Any
+    name: str,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+    steps: range = range(STEPS),
+    start: dict[str, Any] | None = None,
+    **engine: Any,
 ) -> tuple[nn.Module, go.Gluon]:
-    """``STEPS`` steps of case ``name`` (closures where the case needs a second gradient);
-    ``wrap`` (DDP) wraps the model for the forward and backward passes."""
+    """Steps ``steps`` of case ``name`` (closures where the case needs a second gradient);
+    ``wrap`` (DDP) wraps the model for the forward and backward passes; ``start`` is a
+    ``{"model": ..., "optimizer": ...}`` checkpoint to continue from."""
     net = model()
     forward = net if wrap is None else wrap(net)
     opt = CASES[name](net, **engine)
-    for k in range(STEPS):
+    if start is not None:
+        net.load_state_dict(start["model"])
+        opt.load_state_dict(start["optimizer"])
+    for k in steps:
 
         def closure(k: int = k) -> torch.Tensor:
             opt.zero_grad()
@@ -257,3 +265,29 @@ def ddp(rank: int, world: int) -> dict[str, Any]:
         return DistributedDataParallel(net, gradient_as_bucket_view=True)
 
     return {name: params(train(name, wrap=wrap, distributed="replicated")[0]) for name in DDP_CASES}
+
+
+RESUME_CASES = ("muon", "mvr2-exact", "limuon-exact", "gluon-l0l1")
+#: Where the parent puts the checkpoint the resume workers continue from.
+CHECKPOINT_ENV = "GLUON_OPTIM_TEST_CHECKPOINT"
+
+
+def save_at_two_steps(rank: int, world: int) -> dict[str, Any]:
+    """Two steps under ``"replicated"``; every rank returns its checkpoint (rank 0 is kept)."""
+    out = {}
+    for name in RESUME_CASES:
+        net, opt = train(name, steps=range(2), distributed="replicated")
+        out[name] = {"model": net.state_dict(), "optimizer": opt.state_dict()}
+    return out
+
+
+def resume(rank: int, world: int) -> dict[str, Any]:
+    """The last step, from the checkpoint saved at another world size."""
+    import os
+
+    saved = torch.load(os.environ[CHECKPOINT_ENV], weights_only=True)
+    engine = {"distributed": "replicated"} if world > 1 else {"distributed": "local"}
+    return {
+        name: params(train(name, steps=range(2, STEPS), start=saved[name], **engine)[0])
+        for name in RESUME_CASES
+    }

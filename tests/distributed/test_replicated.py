@@ -13,9 +13,9 @@ from typing import Any
 import _cases
 import pytest
 import torch
-from _harness import run
 
 import gluon_optim as go
+from gluon_optim.lab.parallel import run
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +138,21 @@ def test_ddp_with_the_full_batch_on_every_rank_equals_one_process(
         for case in _cases.DDP_CASES:
             for name, value in reference["params"][case].items():
                 assert torch.equal(result[case][name], value), f"rank {rank}: {case} {name}"
+
+
+def test_a_checkpoint_saved_at_two_ranks_resumes_at_one_and_three(
+    tmp_path: Path, reference: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    saved = run(_cases.save_at_two_steps, 2, tmp_path / "save")
+    for name in _cases.RESUME_CASES:  # every rank holds the whole, identical state
+        for key, value in saved[1][name]["optimizer"]["state"].items():
+            for field, tensor in value.items():
+                assert torch.equal(tensor, saved[0][name]["optimizer"]["state"][key][field])
+    path = tmp_path / "checkpoint.pt"
+    torch.save(saved[0], path)
+    monkeypatch.setenv(_cases.CHECKPOINT_ENV, str(path))
+    for world in (1, 3):
+        for rank, result in enumerate(run(_cases.resume, world, tmp_path / f"resume{world}")):
+            for case in _cases.RESUME_CASES:
+                for name, value in reference["params"][case].items():
+                    assert torch.equal(result[case][name], value), (world, rank, case, name)

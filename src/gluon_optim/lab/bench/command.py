@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gluon_optim.lab import optimizers as optim_registry
+from gluon_optim.lab.bench.distributed import bench_distributed, format_distributed_table
 from gluon_optim.lab.bench.scaling import bench_scaling, format_scaling_table, plot_scaling
 from gluon_optim.lab.bench.step import bench_step, format_step_table
 from gluon_optim.lab.bench.train import (
@@ -113,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["", *COMPILE_BACKENDS],
         help="also time the fast Muon with torch.compile on this backend (e.g. inductor)",
     )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="only the distributed benchmark: bytes per rank per step at W=8 and 64, owner "
+        "balance, torch.optim.Muon's DTensor collectives, step time on 1 and 2 gloo processes",
+    )
     p.add_argument("--out", type=Path, default=None, help="write bench.json, bench.md, scaling.png")
     return p
 
@@ -126,6 +133,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.distributed:
+        result = bench_distributed()
+        text = format_distributed_table(result)
+        print(text)
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "distributed.json").write_text(json.dumps(result, indent=2))
+            (args.out / "distributed.md").write_text("# Distributed benchmark\n\n" + text + "\n")
+            print(f"\nwrote {args.out}/distributed.json, distributed.md")
+        return 0
     run = dataclasses.replace(RunConfig(), **config_overrides(args, RunConfig()))
     if args.train:  # fail before the step benchmark, not after it
         try:

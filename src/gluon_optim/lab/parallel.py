@@ -1,9 +1,12 @@
-"""Run a function on W gloo processes and collect what each returns; fail instead of hanging.
+"""Processes for the lab: run a function on W local gloo processes and collect the results.
 
-One spawn per world size runs many cases: starting W processes costs seconds each on a 2-core
-machine. Every process pins ``torch.set_num_threads(1)`` (some CPU kernels, LayerNorm's
-backward among them, round differently with another thread count), and every process group has
-a timeout, so a collective that one rank never reaches fails the test instead of hanging CI.
+:func:`run` is what the distributed tests and ``gluon-optim bench --distributed`` use: it spawns
+W CPU processes joined by a gloo group over a file store (no ports), pins
+``torch.set_num_threads(1)`` in each (some CPU kernels, LayerNorm's backward among them, round
+differently with another thread count, and equal bits across processes need equal kernels), and
+gives every process group a timeout, so a collective that one rank never reaches fails instead
+of hanging. One spawn should run many cases: starting a process costs seconds on a small
+machine.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from torch.distributed import FileStore  # type: ignore[attr-defined]
+from torch.multiprocessing.spawn import start_processes
 
 COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 
@@ -26,13 +30,13 @@ COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 def _worker(rank: int, world: int, tmp: str, fn: Callable[[int, int], Any]) -> None:
     torch.set_num_threads(1)
     os.environ["TORCH_COMPILE_DISABLE"] = "1"
-    store = dist.FileStore(os.path.join(tmp, "store"), world)
+    store = FileStore(os.path.join(tmp, "store"), world)
     dist.init_process_group(
         "gloo", store=store, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT
     )
     try:
         result: Any = fn(rank, world)
-    except BaseException:  # reported to the parent, which fails the test with it
+    except BaseException:  # reported to the parent, which raises it
         result = {"error": traceback.format_exc()}
     finally:
         dist.destroy_process_group()
@@ -40,11 +44,15 @@ def _worker(rank: int, world: int, tmp: str, fn: Callable[[int, int], Any]) -> N
 
 
 def run(fn: Callable[[int, int], Any], world: int, tmp: Path, timeout: float = 240.0) -> list[Any]:
-    """``fn(rank, world)`` on ``world`` processes; returns each rank's result, rank order.
+    """``fn(rank, world)`` on ``world`` processes; returns each rank's result, in rank order.
 
-    ``fn`` must be a module-level function (it is pickled by name into spawned processes).
+    ``fn`` must be a module-level function (it is pickled by name into the spawned processes)
+    and return something ``torch.save`` can write; ``tmp`` is a new or empty folder for the
+    store and the results. An exception on any rank is raised here with that rank's traceback; a
+    run longer than ``timeout`` seconds is killed and raises ``TimeoutError``.
     """
-    ctx = mp.start_processes(
+    tmp.mkdir(parents=True, exist_ok=True)
+    ctx = start_processes(  # type: ignore[no-untyped-call]
         _worker, args=(world, str(tmp), fn), nprocs=world, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + timeout
