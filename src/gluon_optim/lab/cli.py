@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 import typing
@@ -197,10 +198,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = Path(args.resume)
     else:
         config = _config(args)
+        if config.parallel != "none" and not args.out:
+            # Each process would pick its own timestamped default folder.
+            raise SystemExit(f"--parallel {config.parallel} needs --out (one folder for all ranks)")
         out = Path(args.out) if args.out else _default_out(f"{config.model}-{config.optimizer}")
         if (out / "checkpoint.pt").exists():
             raise SystemExit(f"{out} already holds a run; use --resume {out} or another --out")
         result = train(config, out, progress=not args.quiet)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
     acc = "" if result.final_val_accuracy is None else f", val acc {result.final_val_accuracy:.4f}"
     print(f"final val loss {result.final_val_loss:.4f}{acc}, {result.train_time_s:.1f} s")
     print(f"run folder: {out}")
@@ -253,6 +259,19 @@ def cmd_plot(args: argparse.Namespace) -> int:
     out = report.plot_runs(groups, args.out, args.title or "")
     print(f"plot: {out}")
     return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    d = report.compare_runs(args.run_a, args.run_b)
+    if d["max_param_diff"] == 0.0 and d["first_diff_step"] is None:
+        print(f"same: losses equal bit for bit over {d['steps']} steps; final weights equal")
+        return 0
+    where = f", first at step {d['first_diff_step']}" if d["first_diff_step"] else ""
+    print(
+        f"differ: max |loss difference| {d['max_loss_diff']:.3g} over {d['steps']} steps{where}; "
+        f"max |weight difference| {d['max_param_diff']:.3g}"
+    )
+    return 0 if d["max_loss_diff"] <= args.tolerance else 1
 
 
 def cmd_smoothness(args: argparse.Namespace) -> int:
@@ -422,6 +441,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="time one optimizer step of ours and the peers on nanoGPT matrix shapes, with "
         "orthogonalisation error and state bytes (gluon-optim bench --help)",
     )
+
+    p = sub.add_parser(
+        "diff", help="compare two runs step by step (a distributed run against one process)"
+    )
+    p.add_argument("run_a", help="run folder")
+    p.add_argument("run_b", help="run folder")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        help="largest |loss difference| that still passes (default %(default)s: bit for bit)",
+    )
+    p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser("plot", help="plot loss against steps and wall-clock from run folders")
     p.add_argument("runs", nargs="+", help="run folders (runs of one optimizer are averaged)")

@@ -32,6 +32,9 @@ class OptimizerEntry:
     help: str
     # Tuned default lr per model family ("gpt", "cnn", "vit") and extra options.
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # A gluon_optim optimizer, which takes distributed="replicated" under data parallelism;
+    # the torch peers run as they are (every rank repeats their whole step).
+    gluon: bool = True
 
 
 def _adamw(model: nn.Module, lr: float, **options: Any) -> list[torch.optim.Optimizer]:
@@ -117,6 +120,7 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
             _adamw,
             "torch.optim.AdamW on every parameter (betas 0.9/0.95, no weight decay)",
             {"gpt": {"lr": 3e-3}, "cnn": {"lr": 6e-3}, "vit": {"lr": 3e-3}},
+            gluon=False,
         ),
         OptimizerEntry(
             "muon",
@@ -137,6 +141,7 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
             _torch_muon,
             "torch.optim.Muon on 2-D hidden matrices + torch.optim.AdamW (adamw_lr) on the rest",
             _every_family(**_MUON),
+            gluon=False,
         ),
         OptimizerEntry(
             "scion",
@@ -217,10 +222,14 @@ def get(name: str) -> OptimizerEntry:
 
 
 def build(
-    name: str, model: nn.Module, lr: float, options: dict[str, Any]
+    name: str, model: nn.Module, lr: float, options: dict[str, Any], parallel: bool = False
 ) -> list[torch.optim.Optimizer]:
-    """Build the optimizer(s) ``name`` for ``model``."""
-    return get(name).build(model, lr, **dict(options))
+    """Build the optimizer(s) ``name`` for ``model``; ``parallel``: under data parallelism."""
+    entry = get(name)
+    opts = dict(options)
+    if parallel and entry.gluon:
+        opts["distributed"] = "replicated"
+    return entry.build(model, lr, **opts)
 
 
 def describe(optimizers: list[torch.optim.Optimizer]) -> str:

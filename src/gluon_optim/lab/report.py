@@ -186,3 +186,33 @@ def load_summaries(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
             raise FileNotFoundError(f"{run} has no summary.json (unfinished run?)")
         out.append(json.loads(path.read_text()))
     return out
+
+
+def compare_runs(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
+    """How far two runs of the same configuration are apart: losses per step, final weights.
+
+    For checking a distributed run against one process: ``max_loss_diff`` is the largest
+    ``|loss_a - loss_b|`` over the common steps, ``first_diff_step`` the first step whose
+    losses differ at all (``None``: none does), and ``max_param_diff`` the largest entry of
+    ``|X_a - X_b|`` in the final checkpoints (``0.0``: bit-identical).
+    """
+    import torch
+
+    a, b = read_metrics(run_a), read_metrics(run_b)
+    steps = min(len(a), len(b))
+    diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(a[:steps], b[:steps], strict=True)]
+    first = next((a[i]["step"] for i, d in enumerate(diffs) if d != 0.0), None)
+    models = [
+        torch.load(Path(r) / "checkpoint.pt", weights_only=True)["model"] for r in (run_a, run_b)
+    ]
+    if models[0].keys() != models[1].keys():
+        raise ValueError(f"{run_a} and {run_b} hold different models")
+    param_diff = max(
+        float((models[0][k].double() - models[1][k].double()).abs().max()) for k in models[0]
+    )
+    return {
+        "steps": steps,
+        "max_loss_diff": max(diffs, default=0.0),
+        "first_diff_step": first,
+        "max_param_diff": param_diff,
+    }

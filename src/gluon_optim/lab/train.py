@@ -45,6 +45,19 @@ from gluon_optim.lab.models import GPTConfig, build_model, model_config, model_t
 #: The lr schedules, with a note for the names that need one (the help text shows it).
 SCHEDULE_NOTES = {"constant": "", "wsd": "warmup-stable-decay", "cosine": ""}
 SCHEDULES = tuple(SCHEDULE_NOTES)
+#: Data parallelism under torchrun.
+PARALLEL_NOTES = {
+    "none": "one process",
+    "ddp": "DistributedDataParallel over torchrun's processes; Gluon optimizers run "
+    "distributed='replicated'",
+}
+#: How a data-parallel run splits its batches.
+BATCH_SPLIT_NOTES = {
+    "rank": "each rank takes its slice of a global batch of W x batch-size: W ranks see what "
+    "one process sees at W x batch-size",
+    "none": "every rank takes the same batch of batch-size: no speed-up, but the iterates "
+    "equal one process's bit for bit (a correctness check)",
+}
 #: Gluon's radius policies (Gluon Theorems 1 and 2), offered as ``--radius-policy``.
 RADIUS_POLICIES = tuple(go.radius.POLICIES)
 
@@ -190,6 +203,12 @@ class RunConfig:
         ),
     )
     threads: int | None = _setting(None, Option("torch CPU threads (default: torch's)"))
+    parallel: str = _setting(
+        "none", Option("data parallelism (run under torchrun)", choices=lambda: PARALLEL_NOTES)
+    )
+    batch_split: str = _setting(
+        "rank", Option("data parallelism: how batches split", choices=lambda: BATCH_SPLIT_NOTES)
+    )
     data_cache: str | None = _setting(
         None,
         Option(
@@ -208,10 +227,15 @@ class RunConfig:
         for name, ok, need in self._checks():
             if not ok:
                 raise ConfigError(name, f"Invalid {name}: {getattr(self, name)!r} ({need})")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(
-                "schedule", f"Unknown schedule {self.schedule!r}; expected one of {SCHEDULES}"
-            )
+        for name, allowed in (
+            ("schedule", SCHEDULES),
+            ("parallel", tuple(PARALLEL_NOTES)),
+            ("batch_split", tuple(BATCH_SPLIT_NOTES)),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    name, f"Unknown {name} {getattr(self, name)!r}; expected one of {allowed}"
+                )
         if model_task(self.model) == "lm" and self.batch_size < 1:
             raise ConfigError(
                 "batch_size",
@@ -408,14 +432,22 @@ def batch_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: TokenDataset | ImageDataset, config: RunConfig, block_size: int
+    model: nn.Module,
+    data: TokenDataset | ImageDataset,
+    config: RunConfig,
+    block_size: int,
+    world: int = 1,
 ) -> tuple[float, float | None]:
-    """Mean validation loss (and accuracy for images) on a fixed set of batches."""
+    """Mean validation loss (and accuracy for images) on a fixed set of batches.
+
+    Under data parallelism every rank evaluates the same batches of the global batch size
+    (``world`` x ``batch_size``), so the number equals a one-process run's at that batch size.
+    """
     was_training = model.training
     model.eval()
     if isinstance(data, TokenDataset):
         batches = data.eval_batches(
-            "val", config.eval_batches, max(config.batch_size, 1), block_size
+            "val", config.eval_batches, max(config.batch_size, 1) * world, block_size
         )
     else:
         batches = data.eval_batches("val", 512)
@@ -430,6 +462,38 @@ def evaluate(
     model.train(was_training)
     accuracy = correct / count if isinstance(data, ImageDataset) else None
     return total / count, accuracy
+
+
+def _start_parallel(config: RunConfig) -> tuple[int, int]:
+    """``(rank, world)``; under ``parallel="ddp"`` joins torchrun's process group first.
+
+    gloo on CPU (the lab trains on the CPU). The ranks come from torchrun's environment.
+    """
+    if config.parallel == "none":
+        return 0, 1
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # a caller's group (the lab's own spawner, a test)
+        return dist.get_rank(), dist.get_world_size()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ConfigError(
+            "parallel",
+            f"--parallel {config.parallel} runs under torchrun (RANK and WORLD_SIZE are not "
+            "set): torchrun --standalone --nproc-per-node 2 -m gluon_optim.lab train ...",
+        )
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _mean_over_ranks(value: Tensor, world: int) -> Tensor:
+    """The mean of ``value`` over the ranks (gloo has no AVG: a SUM, then a division)."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return total / world
 
 
 def _model_for(config: RunConfig, data: TokenDataset | ImageDataset) -> nn.Module:
@@ -480,6 +544,10 @@ def train(
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
+    rank, world = _start_parallel(config)
+    lead = rank == 0  # the one rank that writes files and shows progress
+    # The ranks whose slices make up one global batch (1: every rank takes the whole batch).
+    shards = world if config.batch_split == "rank" else 1
     run_path.mkdir(parents=True, exist_ok=True)
 
     data = load_data(config.data, cache_dir=config.data_cache)
@@ -493,7 +561,12 @@ def train(
     lr, options = optim_registry.resolve(
         config.optimizer, config.model, config.lr, config.opt_options
     )
-    optimizers = optim_registry.build(config.optimizer, model, lr, options)
+    optimizers = optim_registry.build(config.optimizer, model, lr, options, parallel=world > 1)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model)
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
 
     start_step, elapsed, resumed_evals = 0, 0.0, 0
@@ -505,9 +578,10 @@ def train(
         torch.set_rng_state(ckpt["rng"])
         start_step, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
         resumed_evals = int(ckpt.get("grad_evals", 0))
-        _truncate_jsonl(run_path / "metrics.jsonl", start_step)
-        _truncate_jsonl(run_path / "smoothness.jsonl", start_step)
-    else:
+        if lead:
+            _truncate_jsonl(run_path / "metrics.jsonl", start_step)
+            _truncate_jsonl(run_path / "smoothness.jsonl", start_step)
+    elif lead:
         resolved = dataclasses.asdict(config)
         _write_json(run_path / "config.json", {"config": resolved, "lr": lr, "options": options})
         meta = {
@@ -516,6 +590,7 @@ def train(
             "python": platform.python_version(),
             "device": "cpu",
             "threads": torch.get_num_threads(),
+            "world_size": world,
             "parameters": sum(p.numel() for p in model.parameters()),
         }
         _write_json(run_path / "meta.json", meta)
@@ -526,10 +601,12 @@ def train(
     if isinstance(data, ImageDataset) and config.batch_size <= 0:
         per_step = data.num_examples("train") * config.grad_accum
     else:
-        per_step = config.batch_size * config.grad_accum * (block_size if is_lm else 1)
+        per_step = config.batch_size * shards * config.grad_accum * (block_size if is_lm else 1)
     unit = "tok" if is_lm else "img"
 
     def save(step: int) -> None:
+        if not lead:  # the state is the same on every rank (distributed="replicated")
+            return
         atomic_save(
             {
                 "model": model.state_dict(),
@@ -553,7 +630,7 @@ def train(
         probe = go.smoothness.SmoothnessProbe(
             optimizers[0],
             config.probe_every,
-            sink=run_path / "smoothness.jsonl",
+            sink=run_path / "smoothness.jsonl" if lead else None,
             start_step=start_step + 1,  # number steps as metrics.jsonl does, from 1
         )
     two_point = needs_closure(optimizers)
@@ -569,20 +646,25 @@ def train(
             total = torch.zeros(())
             for micro in range(config.grad_accum):
                 index = step * config.grad_accum + micro
+                # Every rank draws the same global batch and keeps its slice, so W ranks see
+                # what one process sees at W x batch_size.
+                size = config.batch_size * shards if config.batch_size > 0 else config.batch_size
                 if isinstance(data, TokenDataset):
-                    x, y = data.batch("train", index, config.batch_size, block_size, config.seed)
+                    x, y = data.batch("train", index, size, block_size, config.seed)
                 else:
-                    x, y = data.batch("train", index, config.batch_size, config.seed)
-                loss = batch_loss(model, x, y) / config.grad_accum
+                    x, y = data.batch("train", index, size, config.seed)
+                if shards > 1:
+                    x, y = x.chunk(shards)[rank], y.chunk(shards)[rank]
+                loss = batch_loss(net, x, y) / config.grad_accum
                 loss.backward()  # type: ignore[no-untyped-call]
                 total += loss.detach()
             grad_evals += config.grad_accum
-            return total
+            return _mean_over_ranks(total, world)
 
         return closure
 
-    bar = _Progress(config.steps, f"{config.optimizer}/s{config.seed}", progress)
-    metrics = (run_path / "metrics.jsonl").open("a")
+    bar = _Progress(config.steps, f"{config.optimizer}/s{config.seed}", progress and lead)
+    metrics = (run_path / "metrics.jsonl").open("a") if lead else None
     val_loss, val_acc = math.nan, None
     try:
         model.train()
@@ -608,24 +690,34 @@ def train(
                 **_state_metrics(optimizers),
             }
             if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-                val_loss, val_acc = evaluate(model, data, config, block_size)
+                val_loss, val_acc = evaluate(model, data, config, block_size, shards)
                 record["val_loss"] = val_loss
                 if val_acc is not None:
                     record["val_accuracy"] = val_acc
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            if metrics is not None:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
             bar.update(step, loss_sum, per_step / dt if dt > 0 else 0.0, unit)
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"Training loss is {loss_sum} at step {step + 1}")
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
                 save(step + 1)
         save(end)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # the checkpoint and metrics are written before any rank reads them
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         if probe is not None:
             probe.remove()
+        if world > 1 and "RANK" in os.environ:  # the group this run started (torchrun's)
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     if math.isnan(val_loss):  # nothing left to run (resuming a finished run)
-        val_loss, val_acc = evaluate(model, data, config, block_size)
+        val_loss, val_acc = evaluate(model, data, config, block_size, shards)
     step_times = [r["step_time"] for r in read_metrics(run_path)]
     median_ms = 1000 * statistics.median(step_times) if step_times else math.nan
     if end < config.steps:  # stopped early on request: no summary yet
@@ -653,7 +745,8 @@ def train(
         lr=lr,
         median_step_ms=median_ms,
     )
-    _write_json(run_path / "summary.json", dataclasses.asdict(result))
+    if lead:
+        _write_json(run_path / "summary.json", dataclasses.asdict(result))
     return result
 
 

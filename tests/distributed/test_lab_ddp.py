@@ -1,0 +1,78 @@
+"""The lab under --parallel ddp: rank 0 writes one run folder that a one-process run matches."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from gluon_optim.lab import report
+from gluon_optim.lab.cli import main
+from gluon_optim.lab.parallel import run
+from gluon_optim.lab.train import ConfigError, RunConfig, train
+
+TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16}
+_ENV = "GLUON_OPTIM_TEST_LAB_DIR"
+
+
+def _config(folder: Path, **kw: Any) -> RunConfig:
+    base = RunConfig(
+        model="gpt-tiny",
+        data=f"text:{folder / 'corpus.txt'}",
+        optimizer="muon",
+        steps=6,
+        batch_size=4,
+        eval_every=3,
+        eval_batches=2,
+        model_options=dict(TINY),
+        threads=1,
+    )
+    return dataclasses.replace(base, **kw)
+
+
+def _ddp_runs(rank: int, world: int) -> None:
+    folder = Path(os.environ[_ENV])
+    for split in ("none", "rank"):
+        config = _config(folder, parallel="ddp", batch_split=split)
+        train(config, folder / f"ddp-{split}", progress=False)
+
+
+@pytest.fixture
+def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    gen = torch.Generator().manual_seed(0)
+    (tmp_path / "corpus.txt").write_bytes(
+        bytes(torch.randint(32, 127, (6000,), generator=gen).tolist())
+    )
+    monkeypatch.setenv(_ENV, str(tmp_path))
+    return tmp_path
+
+
+def test_ddp_runs_match_one_process(folder: Path) -> None:
+    run(_ddp_runs, 2, folder / "spawn")
+    threads = torch.get_num_threads()
+    try:
+        train(_config(folder), folder / "one-b4", progress=False)
+        train(_config(folder, batch_size=8), folder / "one-b8", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    # The same batch on both ranks: bit for bit.
+    same = report.compare_runs(folder / "ddp-none", folder / "one-b4")
+    assert same["first_diff_step"] is None and same["max_param_diff"] == 0.0
+    # Each rank its half of a batch of 8: what one process sees at 8, up to the order of sums.
+    split = report.compare_runs(folder / "ddp-rank", folder / "one-b8")
+    assert split["steps"] == 6 and split["max_loss_diff"] < 1e-3
+    # Rank 0 alone wrote the folder: one metrics line per step.
+    assert len((folder / "ddp-rank" / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+def test_parallel_needs_torchrun_and_one_folder(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ConfigError, match="--parallel ddp runs under torchrun"):
+        train(_config(folder, parallel="ddp"), folder / "x", progress=False)
+    with pytest.raises(SystemExit, match="--parallel ddp needs --out"):
+        main(["train", "--parallel", "ddp", "--steps", "1"])
