@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -14,24 +13,14 @@ from gluon_optim.lab import report
 from gluon_optim.lab.cli import main
 from gluon_optim.lab.parallel import run
 from gluon_optim.lab.train import ConfigError, RunConfig, train
+from test_lab_train import _config as lab_config
 
-TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16}
 _ENV = "GLUON_OPTIM_TEST_LAB_DIR"
 
 
 def _config(folder: Path, **kw: Any) -> RunConfig:
-    base = RunConfig(
-        model="gpt-tiny",
-        data=f"text:{folder / 'corpus.txt'}",
-        optimizer="muon",
-        steps=6,
-        batch_size=4,
-        eval_every=3,
-        eval_batches=2,
-        model_options=dict(TINY),
-        threads=1,
-    )
-    return dataclasses.replace(base, **kw)
+    corpus = f"text:{folder / 'corpus.txt'}"
+    return lab_config(corpus, optimizer="muon", steps=6, eval_every=3, lr=None, threads=1, **kw)
 
 
 def _ddp_runs(rank: int, world: int) -> None:
