@@ -46,6 +46,7 @@ __all__ = [
     "PresetOptions",
     "check_keys",
     "settings_table",
+    "upgrade",
     "validate",
     "where",
     "write_docs",
@@ -255,6 +256,22 @@ class GroupSettings(GroupOptions, total=False):
     """The settings a param group may set, for the type checker (a test checks the keys)."""
 
     lr: float | Tensor
+
+
+def upgrade(group: dict[str, Any]) -> dict[str, Any]:
+    """A param group saved by gluon-optim 0.1.0, in today's settings (``Gluon.load_state_dict``).
+
+    ``radius`` becomes ``radius_policy``; LiMuon's ``momentum`` (its beta, the weight of the
+    fresh gradient) becomes ``1 - beta``, and estimator ``storm`` is ``mvr1``.
+    """
+    if "radius" not in group:  # 0.1.0 saved every default, "radius" included
+        return group
+    group["radius_policy"] = group.pop("radius")
+    if group.get("estimator") in ("storm", "storm_lowrank"):
+        group["momentum"] = 1.0 - group["momentum"]
+        if group["estimator"] == "storm":
+            group["estimator"] = "mvr1"
+    return group
 
 
 def where(group: Mapping[str, Any], index: int | None) -> str:

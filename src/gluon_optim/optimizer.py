@@ -460,7 +460,7 @@ class Gluon(Optimizer):
         ``momentum`` (its beta, the weight of the fresh gradient) becomes ``1 - beta``, the weight
         of the old momentum, with estimator ``storm`` renamed ``mvr1``.
         """
-        groups = [_upgrade(dict(g)) for g in state_dict["param_groups"]]
+        groups = [_groups.upgrade(dict(g)) for g in state_dict["param_groups"]]
         for index, group in enumerate(groups):
             _groups.check_keys(group, f"load_state_dict: param group {index}")
             _groups.validate({**DEFAULTS, **group}, index)
@@ -645,18 +645,6 @@ class Gluon(Optimizer):
                 "was updated. Set nonfinite='skip' to skip such steps instead."
             )
         return skipped
-
-
-def _upgrade(group: dict[str, Any]) -> dict[str, Any]:
-    """A param group saved by gluon-optim 0.1.0, in today's settings (see ``load_state_dict``)."""
-    if "radius" not in group:  # 0.1.0 saved every default, "radius" included
-        return group
-    group["radius_policy"] = group.pop("radius")
-    if group.get("estimator") in ("storm", "storm_lowrank"):
-        group["momentum"] = 1.0 - group["momentum"]
-        if group["estimator"] == "storm":
-            group["estimator"] = "mvr1"
-    return group
 
 
 def describe(optimizer: Gluon) -> str:
