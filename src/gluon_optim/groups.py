@@ -335,9 +335,19 @@ def _raise_first(
             raise ValueError(rule.message.format(where=loc, **group))
 
 
+_LR_ON_DEVICE = LearningRate(read_device_values=True)
+
+
 def validate(group: Mapping[str, Any], index: int | None) -> None:
-    """Raise ``ValueError`` naming the first invalid setting of a complete ``group``."""
+    """Raise ``ValueError`` naming the first invalid setting of a complete ``group``.
+
+    This complete check also reads a tensor lr that lives on a device (one host transfer), which
+    the per-step check leaves alone.
+    """
     _raise_first(group, index, SETTINGS)
+    err = _LR_ON_DEVICE.error("lr", group["lr"], where(group, index))
+    if err is not None:
+        raise ValueError(err)
 
 
 def validate_step(group: Mapping[str, Any], index: int, seen: dict[int, tuple[Any, ...]]) -> None:

@@ -99,8 +99,24 @@ def shape_factor(rule: str, d_out: int, d_in: int) -> float:
 
 
 def _vnorm(x: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
+    """The l2 norm over ``dim``, accurate where the squares of the entries underflow.
+
+    ``sqrt(sum x^2)`` loses entries below ``sqrt(tiny)`` (about 1e-19 in float32): a momentum
+    row that decays for hundreds of steps (a rare token's embedding) has a norm that rounds to
+    0, and its LMO direction ``x / max(norm, tiny)`` comes out near 1e15 instead of unit size.
+    Entries above ``sqrt(max)`` overflow the other way (the norm is inf and the direction 0).
+    Where the plain norm is below ``sqrt(tiny / eps)`` or infinite it is recomputed scaled by
+    the largest entry, ``m ||x / m||``; everywhere else it is the plain norm, bit for bit.
+    """
     out: Tensor = torch.linalg.vector_norm(x, dim=dim, keepdim=keepdim)
-    return out
+    info = torch.finfo(out.dtype)
+    # Too small to trust, or overflowed (entries above sqrt(max), about 1e19 in float32).
+    small = (out < math.sqrt(info.tiny / info.eps)) | (out == math.inf)
+    dims = tuple(range(x.ndim)) if dim is None else (dim,)
+    peak = x.abs().amax(dim=dims, keepdim=True).to(out.dtype).clamp(min=info.tiny)
+    scaled = torch.linalg.vector_norm(x / peak, dim=dim, keepdim=keepdim)
+    peak = peak if keepdim else (peak.reshape(()) if dim is None else peak.squeeze(dim))
+    return torch.where(small, scaled * peak, out)
 
 
 def _spectral_norm(x: Tensor) -> Tensor:

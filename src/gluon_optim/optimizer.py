@@ -303,6 +303,8 @@ def _apply(item: _Pending) -> None:
     assert direction is not None
     factor = item.norm.factor(item.operand.shape)
     lr = group["lr"]
+    if isinstance(lr, Tensor):  # a one-element lr of any shape acts as a scalar
+        lr = lr.reshape(())
     policy = POLICIES[group["radius_policy"]]
     radius = policy.radius(
         RadiusInput(
@@ -440,6 +442,14 @@ class Gluon(Optimizer):
             candidate["param_names"] = names
         _groups.validate(candidate, None)
         _check_shapes(candidate, None)
+        own: dict[int, int] = {}
+        for i, p in enumerate(tensors):
+            j = own.setdefault(id(p), i)
+            if j != i:
+                raise ValueError(
+                    f"Parameter {_name(candidate, i)!r} is listed twice in one param group "
+                    f"(also as {_name(candidate, j)!r}); list every parameter once"
+                )
         seen: dict[int, str] = {}
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
@@ -464,7 +474,8 @@ class Gluon(Optimizer):
         for index, group in enumerate(groups):
             _groups.check_keys(group, f"load_state_dict: param group {index}")
             _groups.validate({**DEFAULTS, **group}, index)
-        super().load_state_dict({**state_dict, "param_groups": groups})
+        state = _checked_state(self.param_groups, groups, state_dict.get("state", {}))
+        super().load_state_dict({**state_dict, "param_groups": groups, "state": state})
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -645,6 +656,71 @@ class Gluon(Optimizer):
                 "was updated. Set nonfinite='skip' to skip such steps instead."
             )
         return skipped
+
+
+def _checked_state(
+    current: list[dict[str, Any]], saved_groups: list[dict[str, Any]], saved: Mapping[Any, Any]
+) -> dict[Any, Any]:
+    """The saved per-parameter state, checked against the parameters it will belong to.
+
+    Raises ``ValueError`` naming the parameter and key for a key its group's configuration does
+    not declare, a tensor of the wrong shape or a non-floating dtype, a non-finite value, or a
+    ``step`` that is not a count. A plain-number ``step`` (as PyTorch's own tests write) is
+    turned into the tensor the step expects. Nothing is loaded before every entry passed.
+    """
+    owner: dict[Any, tuple[dict[str, Any], int, Tensor]] = {}
+    for group, saved_group in zip(current, saved_groups, strict=False):
+        merged = {**DEFAULTS, **saved_group}
+        for i, (key, p) in enumerate(zip(saved_group["params"], group["params"], strict=False)):
+            owner[key] = (merged, i, p)
+    out: dict[Any, Any] = {}
+    for key, entry in saved.items():
+        if key not in owner:
+            raise ValueError(f"load_state_dict: state for parameter {key!r}, which no group holds")
+        group, i, p = owner[key]
+        where_ = f"load_state_dict: parameter {_name(group, i)!r}"
+        allowed = {"step", *ALGORITHMS[group["algorithm"]].state(group)}
+        out[key] = {}
+        for name, value in entry.items():
+            if name not in allowed:
+                raise ValueError(
+                    f"{where_}: state key {name!r} is not kept by its group's configuration "
+                    f"(keeps {sorted(allowed)})"
+                )
+            out[key][name] = _checked_value(where_, name, value, p)
+    return out
+
+
+def _checked_value(where_: str, name: str, value: Any, p: Tensor) -> Any:
+    if name == "step":
+        number = value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ValueError(f"{where_}: step must be a count, got {value!r}")
+        if not (number >= 0 and float(number).is_integer()):
+            raise ValueError(f"{where_}: step must be a whole number >= 0, got {number!r}")
+        return value if isinstance(value, Tensor) else torch.tensor(float(number))
+    if not isinstance(value, Tensor) or not value.is_floating_point():
+        raise ValueError(f"{where_}: state {name!r} must be a floating-point tensor")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{where_}: state {name!r} holds non-finite values")
+    expected = _state_shape(name, p, value)
+    if expected is not None and tuple(value.shape) != expected:
+        raise ValueError(
+            f"{where_}: state {name!r} has shape {tuple(value.shape)}, expected {expected}"
+        )
+    if name == "exp_avg_sq" and bool((value < 0).any()):
+        raise ValueError(f"{where_}: state 'exp_avg_sq' has negative entries")
+    return value
+
+
+def _state_shape(name: str, p: Tensor, value: Tensor) -> tuple[int, ...] | None:
+    """The shape state ``name`` must have for parameter ``p`` (low-rank factors: by rank)."""
+    if name in ("lowrank_u", "lowrank_s", "lowrank_v"):
+        m = p.shape[0]
+        n = p.numel() // m
+        r = value.shape[-1] if name != "lowrank_s" else value.shape[0]
+        return {"lowrank_u": (m, r), "lowrank_s": (r,), "lowrank_v": (n, r)}[name]
+    return tuple(p.shape)
 
 
 def describe(optimizer: Gluon) -> str:

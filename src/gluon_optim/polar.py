@@ -399,7 +399,15 @@ def _normalised_wide(
 
     Returns it with the function that undoes the orientation and the flattening.
     """
-    x = g.to(dtype) if dtype is not None else g
+    # A compute dtype of narrower range than the input (float16: max 65504) would turn large
+    # entries into inf if cast first, so such inputs are normalised in their own dtype and cast
+    # after. bfloat16 has float32's range and is cast first, as torch.optim.Muon does.
+    narrow = (
+        dtype is not None
+        and g.is_floating_point()
+        and torch.finfo(dtype).max < 0.5 * torch.finfo(g.dtype).max
+    )
+    x = g.to(dtype) if dtype is not None and not narrow else g
     transposed = g.size(-2) > g.size(-1)
     if transposed:
         x = x.mT
@@ -413,6 +421,8 @@ def _normalised_wide(
     # an in-place division would then rescale the caller's tensor (the aliasing bug fixed in
     # pytorch/pytorch#190597).
     x = x / norm.clamp(min=eps)
+    if narrow:
+        x = x.to(dtype)
 
     def undo(y: Tensor) -> Tensor:
         if len(batch_shape) > 1:

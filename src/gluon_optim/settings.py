@@ -204,7 +204,13 @@ class Pair(Check):
 
 @dataclass(frozen=True)
 class LearningRate(Check):
-    """A finite float ``>= 0``, or a one-element tensor that does not require grad."""
+    """A finite float ``>= 0``, or a one-element floating tensor that does not require grad.
+
+    A tensor's value is read where that is free (a CPU tensor) or where a host transfer is
+    acceptable (``read_device_values``).
+    """
+
+    read_device_values: bool = False
 
     def __call__(self, value: Any) -> str | None:
         if isinstance(value, Tensor):
@@ -212,6 +218,14 @@ class LearningRate(Check):
                 return f"tensor lr must have one element, got shape {tuple(value.shape)}"
             if value.requires_grad:
                 return "tensor lr must not require grad"
+            if not value.is_floating_point():
+                return f"tensor lr must be floating point, got {value.dtype}"
+            # Reading a CPU tensor costs nothing; a device tensor is read only by the complete
+            # checks (construction, add_param_group, load_state_dict), never in step().
+            if value.device.type == "cpu" or self.read_device_values:
+                number = float(value.item())
+                if not (number >= 0.0 and math.isfinite(number)):
+                    return f"tensor lr {number} must be finite and >= 0"
             return None
         if not _is_number(value):
             return "expected a float or a tensor"
