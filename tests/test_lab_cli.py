@@ -85,6 +85,13 @@ def test_train_and_resume(corpus: str, tmp_path: Path, capsys: pytest.CaptureFix
     assert cli.main(["train", "--resume", str(out), "--quiet"]) == 0
     with pytest.raises(SystemExit, match="already holds a run"):
         cli.main(["train", "--data", corpus, "--out", str(out), *TINY])
+    # --resume honours --steps (a constant schedule) and refuses every other change.
+    with pytest.raises(SystemExit, match=r"only --steps may change \(got --lr, --optimizer\)"):
+        cli.main(["train", "--resume", str(out), "--lr", "0.1", "--optimizer", "adamw"])
+    steps = json.loads((out / "config.json").read_text())["config"]["steps"]
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(out), "--steps", str(steps + 2)]) == 0
+    assert f"resuming at step {steps} of {steps + 2}" in capsys.readouterr().err
 
 
 def test_compare_sweep_plot(
@@ -328,3 +335,21 @@ def test_a_bad_run_setting_names_its_option(
     err = _error(["train", *argv, "--out", str(tmp_path / "r"), "--quiet"], capsys)
     assert f"argument {flag}:" in err
     assert not (tmp_path / "r").exists()  # rejected before anything ran
+
+
+def test_compare_and_sweep_check_every_run_before_training(
+    corpus: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "c"
+    status = cli.main(
+        ["compare", "--data", corpus, "--optimizers", "adamw,muonn", "--out", str(out), *TINY]
+    )
+    assert status == 2 and "Unknown optimizer 'muonn'" in capsys.readouterr().err
+    assert not list(out.glob("*/metrics.jsonl"))  # adamw did not train first
+    out = tmp_path / "s"
+    status = cli.main(
+        ["sweep", "--data", corpus, "--optimizers", "adamw", "--lrs", "1e-3,-1", "--out", str(out)]
+        + TINY
+    )
+    assert status == 2 and "lr" in capsys.readouterr().err
+    assert not list(out.glob("*/metrics.jsonl"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,48 @@ def test_mismatched_model_and_data(tmp_path: Path) -> None:
             tmp_path / "x",
             progress=False,
         )
+
+
+# -- checkpoints that know their run ---------------------------------------------------------------
+def test_resume_refuses_another_runs_checkpoint(tmp_path: Path, corpus: str) -> None:
+    train(_config(corpus, optimizer="unscion"), tmp_path / "a", progress=False)
+    train(_config(corpus, optimizer="muon"), tmp_path / "b", progress=False, stop_after=4)
+    shutil.copy(tmp_path / "a" / "checkpoint.pt", tmp_path / "b" / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"belongs to another run \(optimizer: 'unscion' there"):
+        train(RunConfig(), tmp_path / "b", resume=True, progress=False)
+
+
+def test_resume_refuses_a_config_edited_after_the_checkpoint(tmp_path: Path, corpus: str) -> None:
+    run = tmp_path / "r"
+    train(_config(corpus, optimizer="muon"), run, progress=False, stop_after=4)
+    saved = json.loads((run / "config.json").read_text())
+    saved["config"]["optimizer"] = "limuon"
+    (run / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="optimizer: 'muon' there, 'limuon' here"):
+        train(RunConfig(), run, resume=True, progress=False)
+
+
+def test_resume_refuses_a_corrupted_checkpoint(tmp_path: Path, corpus: str) -> None:
+    run = tmp_path / "r"
+    train(_config(corpus), run, progress=False, stop_after=4)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    first = next(iter(ckpt["model"]))
+    ckpt["model"][first].view(-1)[0] += 1.0  # one changed weight, as a flipped bit would
+    torch.save(ckpt, run / "checkpoint.pt")
+    with pytest.raises(ValueError, match="corrupt"):
+        train(RunConfig(), run, resume=True, progress=False)
+    (run / "checkpoint.pt").write_bytes(b"\0" * 64)
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        train(RunConfig(), run, resume=True, progress=False)
+
+
+def test_resume_with_more_steps_continues_as_a_longer_run(tmp_path: Path, corpus: str) -> None:
+    train(_config(corpus, steps=8), tmp_path / "short", progress=False)
+    train(RunConfig(), tmp_path / "short", resume=True, progress=False, steps=12)
+    train(_config(corpus, steps=12), tmp_path / "long", progress=False)
+    a, b = _params(tmp_path / "short"), _params(tmp_path / "long")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "short" / "config.json").read_text())["config"]["steps"] == 12
+    with pytest.raises(ValueError, match="would change this run's wsd schedule"):
+        train(_config(corpus, schedule="wsd"), tmp_path / "w", progress=False)
+        train(RunConfig(), tmp_path / "w", resume=True, progress=False, steps=20)

@@ -194,7 +194,20 @@ def _add_quiet(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
-        result = train(RunConfig(), args.resume, resume=True, progress=not args.quiet)
+        changed = config_overrides(args, RunConfig())
+        other = sorted(flag_of(name) for name in changed if name != "steps")
+        if other:
+            raise SystemExit(
+                f"gluon-optim train: error: --resume continues the saved configuration; only "
+                f"--steps may change (got {', '.join(other)})"
+            )
+        result = train(
+            RunConfig(),
+            args.resume,
+            resume=True,
+            progress=not args.quiet,
+            steps=changed.get("steps"),
+        )
         out = Path(args.resume)
     else:
         config = _config(args)

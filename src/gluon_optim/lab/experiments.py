@@ -103,6 +103,8 @@ def compare(
         label = _label(name, lr, options)
         for seed in seeds:
             variants.append((label, dataclasses.replace(config, seed=seed)))
+    for _, config in variants:  # every run checked before the first one trains
+        config.validate()
     results = _run_all(base, out, variants, progress)
     summaries = [{**dataclasses.asdict(r), "label": label} for label, r in results]
     if target_loss is not None:
@@ -173,6 +175,7 @@ def sweep(
     out.mkdir(parents=True, exist_ok=True)
     points: list[dict[str, Any]] = []
     best: dict[str, dict[str, Any]] = {}
+    plan: list[tuple[str, float, list[tuple[str, RunConfig]]]] = []
     for name in optimizers:
         default_lr, _ = resolve(name, base.model, None, base.opt_options)
         grid = list(lrs) if lrs else [default_lr * f for f in lr_factors]
@@ -181,18 +184,22 @@ def sweep(
                 (f"{name}-lr{lr:.3g}", dataclasses.replace(base, optimizer=name, lr=lr, seed=s))
                 for s in seeds
             ]
-            results = _run_all(base, out, variants, progress)
-            loss, std = report.mean_std([r.final_val_loss for _, r in results])
-            point = {
-                "optimizer": name,
-                "lr": lr,
-                "val_loss": loss,
-                "val_loss_std": std,
-                "seeds": len(seeds),
-            }
-            points.append(point)
-            if math.isfinite(loss) and (name not in best or loss < best[name]["val_loss"]):
-                best[name] = point
+            for _, config in variants:  # every point checked before the first one trains
+                config.validate()
+            plan.append((name, lr, variants))
+    for name, lr, variants in plan:
+        results = _run_all(base, out, variants, progress)
+        loss, std = report.mean_std([r.final_val_loss for _, r in results])
+        point = {
+            "optimizer": name,
+            "lr": lr,
+            "val_loss": loss,
+            "val_loss_std": std,
+            "seeds": len(seeds),
+        }
+        points.append(point)
+        if math.isfinite(loss) and (name not in best or loss < best[name]["val_loss"]):
+            best[name] = point
     lines = ["| optimizer | lr | val loss | best |", "|---|---|---|---|"]
     for p in points:
         mark = "**best**" if best.get(p["optimizer"]) is p else ""

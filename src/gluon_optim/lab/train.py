@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -335,6 +336,57 @@ def code_version() -> dict[str, Any]:
     return {"git_sha": sha, "dirty": dirty, "gluon_optim": __version__}
 
 
+def tensor_checksum(obj: Any) -> str:
+    """SHA-256 over every tensor in ``obj`` (nested dicts, lists), in a fixed order.
+
+    Stored in a checkpoint and checked on resume, so a flipped bit is an error, not a run that
+    quietly continues from corrupted weights.
+    """
+    digest = hashlib.sha256()
+
+    def walk(x: object, path: str) -> None:
+        if isinstance(x, Tensor):
+            digest.update(path.encode())
+            digest.update(
+                x.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+            )
+        elif isinstance(x, Mapping):
+            for k in sorted(x, key=str):
+                walk(x[k], f"{path}/{k}")
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(v, f"{path}/{i}")
+
+    walk(obj, "")
+    return digest.hexdigest()
+
+
+def check_checkpoint(ckpt: Mapping[str, Any], config: RunConfig, path: Path) -> None:
+    """Raise ``ValueError`` unless ``ckpt`` is intact and belongs to the run ``config`` describes.
+
+    The checkpoint carries the resolved configuration it was written under and a checksum of
+    its tensors (checkpoints written before 0.2.0 carry neither and are not verified). Only
+    ``steps`` may differ (a longer constant-schedule run), and the checkpoint's step must be
+    within the run.
+    """
+    if "checksum" in ckpt:
+        tensors = {k: ckpt[k] for k in ("model", "optimizers", "rng")}
+        if tensor_checksum(tensors) != ckpt["checksum"]:
+            raise ValueError(f"{path}: corrupt (the tensors do not match their checksum)")
+    if "config" in ckpt:
+        saved, now = dict(ckpt["config"]), dataclasses.asdict(config)
+        differ = [
+            k for k in sorted(set(saved) | set(now)) if k != "steps" and saved.get(k) != now.get(k)
+        ]
+        if differ:
+            details = "; ".join(f"{k}: {saved.get(k)!r} there, {now.get(k)!r} here" for k in differ)
+            raise ValueError(f"{path} belongs to another run ({details})")
+    if int(ckpt["step"]) > config.steps:
+        raise ValueError(
+            f"{path} is at step {int(ckpt['step'])}, past the run's {config.steps} steps"
+        )
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
@@ -523,6 +575,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    steps: int | None = None,
 ) -> RunResult:
     """Train ``config`` in ``run_dir`` (created if needed) and return the final numbers.
 
@@ -533,6 +586,8 @@ def train(
         progress: show a progress bar (terminal) or periodic lines (pipes) on stderr.
         stop_after: stop after this many steps of this call, as if killed (for tests and for
             splitting long runs); a checkpoint is written first.
+        steps: with ``resume``, run to this many steps instead of the saved number (a constant
+            schedule only: the others depend on the total).
     """
     run_path = Path(run_dir)
     ckpt_path = run_path / "checkpoint.pt"
@@ -541,6 +596,16 @@ def train(
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         saved_config = json.loads((run_path / "config.json").read_text())
         config = RunConfig(**saved_config["config"])
+        if steps is not None and steps != config.steps:
+            if config.schedule != "constant" or config.warmup:
+                raise ConfigError(
+                    "steps",
+                    f"--steps {steps} would change this run's {config.schedule} schedule "
+                    "(it depends on the total); start a new run instead",
+                )
+            config = dataclasses.replace(config, steps=steps)
+    elif steps is not None:
+        raise ValueError("steps= goes with resume=True; set RunConfig.steps for a new run")
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -571,7 +636,16 @@ def train(
 
     start_step, elapsed, resumed_evals = 0, 0.0, 0
     if resume:
-        ckpt = torch.load(ckpt_path, weights_only=True)
+        try:
+            ckpt = torch.load(ckpt_path, weights_only=True)
+        except Exception as exc:  # a truncated or zeroed file: name it, no traceback
+            raise ValueError(f"{ckpt_path}: not a readable checkpoint ({exc})") from None
+        check_checkpoint(ckpt, config, ckpt_path)
+        if lead and steps is not None:
+            saved_config["config"]["steps"] = config.steps
+            _write_json(run_path / "config.json", saved_config)
+        if lead and progress:
+            print(f"resuming at step {int(ckpt['step'])} of {config.steps}", file=sys.stderr)
         model.load_state_dict(ckpt["model"])
         for opt, sd in zip(optimizers, ckpt["optimizers"], strict=True):
             opt.load_state_dict(sd)
@@ -607,14 +681,20 @@ def train(
     def save(step: int) -> None:
         if not lead:  # the state is the same on every rank (distributed="replicated")
             return
+        tensors = {
+            "model": model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in optimizers],
+            "rng": torch.get_rng_state(),
+        }
         atomic_save(
             {
-                "model": model.state_dict(),
-                "optimizers": [opt.state_dict() for opt in optimizers],
-                "rng": torch.get_rng_state(),
+                **tensors,
                 "step": step,
                 "elapsed": elapsed,
                 "grad_evals": grad_evals,
+                # What it belongs to and what it holds, checked on resume.
+                "config": dataclasses.asdict(config),
+                "checksum": tensor_checksum(tensors),
             },
             ckpt_path,
         )
