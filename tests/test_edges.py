@@ -167,3 +167,12 @@ def test_a_plain_number_step_loads_and_steps() -> None:
     p.grad = torch.randn(4, 3)
     opt.step()
     assert float(opt.state[p]["step"]) == 3.0
+
+
+def test_no_silent_fallback_to_radius_one() -> None:
+    # An empty probe's fits used to give settings={} and every layer at lr * scale = 1.
+    with pytest.raises(ValueError, match="no fit has constants"):
+        go.smoothness.radius_settings({})
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3))
+    opt = go.gluon(model, lr=1.0, head=model[1], radius_policy="l0l1", l1=40.0)
+    assert "l0l1(1)" in go.describe(opt)  # not "1", as if the radius were constant

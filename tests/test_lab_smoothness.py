@@ -9,6 +9,8 @@ import pytest
 
 from gluon_optim import smoothness
 from gluon_optim.lab import cli
+from gluon_optim.lab import optimizers as optim_registry
+from gluon_optim.lab.models import build_model
 from gluon_optim.lab.train import RunConfig, train
 
 CNN = [
@@ -124,3 +126,17 @@ def test_probe_in_the_training_loop_survives_resume(tmp_path: Path) -> None:
     assert sorted({r["step"] for r in part}) == [2, 4, 8]
     key = lambda r: (r["step"], r["param"])  # noqa: E731
     assert sorted(part, key=key) == sorted((r for r in full if r["step"] != 6), key=key)
+
+
+def test_fits_that_miss_a_role_are_refused(tmp_path: Path) -> None:
+    # Fits from a model without a head (a tied one) on a model with a head: that head would
+    # have trained at radius lr * scale = 1.
+    fits = {
+        role: smoothness.Fit(l0=1e-6, l1=20.0, mse_rel=0.1, n_points=10, role=role)
+        for role in ("conv", "norm", "bias")
+    }
+    path = tmp_path / "fits.json"
+    smoothness.save_fits(path, fits)
+    model = build_model("cnn-small", in_channels=1, num_classes=10, widths=(8, 16))
+    with pytest.raises(ValueError, match=r"no fitted constants for role\(s\) \['head'\]"):
+        optim_registry.build("gluon", model, 1.0, {"fit": str(path)})

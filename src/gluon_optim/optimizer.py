@@ -728,7 +728,8 @@ def describe(optimizer: Gluon) -> str:
 
     Columns: parameter name, shape, role, update (``adamw``, or the norm with its shape rule;
     ``(T)`` marks a transposed view), the LMO factor ``f`` of that shape (``lmo = -f * D``), the
-    group's scale, lr, and the radius ``t = lr * scale`` of a constant-radius step.
+    group's scale, lr, and the radius ``t = lr * scale`` of a constant-radius step; for another
+    radius policy its name around ``lr * scale``, e.g. ``l0l1(1)``.
     """
     header = ("param", "shape", "role", "update", "factor", "scale", "lr", "radius t")
     rows: list[tuple[str, ...]] = []
@@ -751,6 +752,8 @@ def describe(optimizer: Gluon) -> str:
                 f = norm.factor(norm.operand_shape(p.shape, group["transposed"]))
                 factor, scale = f"{f:.4g}", f"{group['scale']:.4g}"
                 radius = f"{lr_f * group['scale']:.4g}"
+                if group["radius_policy"] != "constant":  # t changes every step
+                    radius = f"{group['radius_policy']}({radius})"
             rows.append(
                 (_name(group, i), shape, role, update, factor, scale, f"{lr_f:.3g}", radius)
             )

@@ -78,7 +78,16 @@ def _gluon(model: nn.Module, lr: float, **options: Any) -> list[torch.optim.Opti
         user = options.pop("settings", None) or {}
         roles = set(theory) | set(user)
         options["settings"] = {r: {**theory.get(r, {}), **user.get(r, {})} for r in roles}
-    return [go.gluon(model, lr=lr, **options)]
+    opt = go.gluon(model, lr=lr, **options)
+    if fit is not None:
+        # A role the fits do not cover would train at lr * scale = 1: refuse, do not guess.
+        left = [g["role"] for g in opt.param_groups if g["radius_policy"] != "l0l1"]
+        if left:
+            raise ValueError(
+                f"fit={fit}: no fitted constants for role(s) {left} of this model (fits from "
+                "another model?); they would train at radius lr * scale = 1"
+            )
+    return [opt]
 
 
 def _vr(estimator: str, two_point: str) -> Factory:

@@ -66,6 +66,11 @@ def radius_settings(
             f"radius_settings: fit(s) {missing} have no constants ({fits[missing[0]].note}); "
             "measure more steps or pass skip_missing=True"
         )
+    if not fits or len(missing) == len(fits):
+        raise ValueError(
+            "radius_settings: no fit has constants (an empty probe or fits file?); empty "
+            "settings would leave every layer at its preset's radius lr * scale"
+        )
     constants: dict[str, tuple[float, float]] = {}
     for key, fit in fits.items():
         if fit.l0 is None or fit.l1 is None:
