@@ -353,3 +353,27 @@ def test_compare_and_sweep_check_every_run_before_training(
     )
     assert status == 2 and "lr" in capsys.readouterr().err
     assert not list(out.glob("*/metrics.jsonl"))
+
+
+def test_the_script_without_the_lab_extra_says_what_to_install() -> None:
+    code = (
+        "import sys; sys.modules['numpy'] = None\n"
+        "from gluon_optim.lab.launch import main\n"
+        "raise SystemExit(main())"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "pip install 'gluon-optim[lab]'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_checkpoints_get_the_mode_of_a_new_file(tmp_path: Path) -> None:
+    import os
+
+    from gluon_optim.lab.train import atomic_save
+
+    umask = os.umask(0o022)
+    try:
+        atomic_save({"x": torch.zeros(1)}, tmp_path / "c.pt")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o644
