@@ -36,6 +36,9 @@ def _worker(rank: int, world: int, tmp: str, fn: Callable[[int, int], Any]) -> N
     )
     try:
         result: Any = fn(rank, world)
+        # No rank may destroy the group while another is still inside a collective: gloo
+        # aborts the late process ("terminate called without an active exception").
+        dist.barrier()
     except BaseException:  # reported to the parent, which raises it
         result = {"error": traceback.format_exc()}
     finally:
