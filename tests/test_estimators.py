@@ -694,3 +694,19 @@ def test_gluon_mvr_trains_in_exact_mode(variant: int, tiny: TinyNet) -> None:
     opt = go.gluon_mvr(tiny, variant, lr=0.02)
     first, last = closure_losses(tiny, opt, 15)
     assert last < 0.93 * first
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_momentum_init_gradient_is_gluons_algorithm_1(foreach: bool) -> None:
+    # M^0 = g^0, then M <- beta M + (1 - beta) g: the float64 reference of the EMA from g^0
+    # (MVR-2 with q = 1), in both the loop and the multi-tensor path.
+    prob = LeastSquares(seed=31)
+    ref = _reference(prob, "mvr2", "exact", "spectral", beta=0.8, q=1.0)
+    w, opt = _optimizer(
+        prob, norm="spectral", momentum=0.8, momentum_init="gradient", foreach=foreach
+    )
+    for ours, expected in zip(_run(prob, w, opt), ref, strict=True):
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
+    # The default start differs from the second step on (by the transient beta^(k+1) g^0).
+    v, zero = _optimizer(prob, norm="spectral", momentum=0.8, foreach=foreach)
+    assert not torch.allclose(_run(prob, v, zero)[-1], ref[-1], rtol=0, atol=1e-6)

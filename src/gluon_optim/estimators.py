@@ -193,12 +193,22 @@ class Estimator:
         return self.advance(step) if self.ready(step.state) else self.start(step)
 
 
-def _zeros_buffer(state: dict[str, Any], g: Tensor) -> Tensor:
-    """The EMA momentum buffer of ``state``, created at zero like ``g`` on first use."""
-    if "momentum_buffer" not in state:
-        state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
-    buf: Tensor = state["momentum_buffer"]
-    return buf
+def _ema_buffer(s: EstimatorStep) -> tuple[Tensor, bool]:
+    """The EMA buffer of ``s.state`` and whether this step must still average ``g`` into it.
+
+    Created on first use: at zero (``momentum_init="zero"``, as torch.optim.Muon; the first
+    average then gives ``(1 - beta) g``), or as ``g`` itself (``"gradient"``: Gluon's
+    ``M^0 = g^0``, already this step's momentum).
+    """
+    state = s.state
+    if "momentum_buffer" in state:
+        buf: Tensor = state["momentum_buffer"]
+        return buf, True
+    if s.group["momentum_init"] == "gradient":
+        state["momentum_buffer"] = s.g.clone(memory_format=torch.preserve_format)
+        return state["momentum_buffer"], False
+    state["momentum_buffer"] = torch.zeros_like(s.g, memory_format=torch.preserve_format)
+    return state["momentum_buffer"], True
 
 
 def _ema(s: EstimatorStep) -> Tensor:
@@ -206,8 +216,9 @@ def _ema(s: EstimatorStep) -> Tensor:
     # from its first step on, where beta^0 = 0.
     if s.beta == 0.0 and not s.scheduled:
         return s.g
-    buf = _zeros_buffer(s.state, s.g)
-    buf.lerp_(s.g, 1.0 - s.beta)
+    buf, average = _ema_buffer(s)
+    if average:
+        buf.lerp_(s.g, 1.0 - s.beta)
     # Nesterov as torch.optim.Muon: g + beta (M - g), built out of place so that p.grad is never
     # written (KellerJordan/Muon's in-place lerp_ overwrites it).
     return s.g.lerp(buf, s.beta) if s.group["nesterov"] else buf
@@ -218,8 +229,11 @@ def _ema_many(steps: list[EstimatorStep], beta: float) -> list[Tensor]:
     grads = [s.g for s in steps]
     if beta == 0.0:
         return grads
-    bufs = [_zeros_buffer(s.state, s.g) for s in steps]
-    torch._foreach_lerp_(bufs, grads, 1.0 - beta)
+    made = [_ema_buffer(s) for s in steps]
+    bufs = [buf for buf, _ in made]
+    averaged = [(buf, s.g) for (buf, average), s in zip(made, steps, strict=True) if average]
+    if averaged:
+        torch._foreach_lerp_([b for b, _ in averaged], [g for _, g in averaged], 1.0 - beta)
     return list(torch._foreach_lerp(grads, bufs, beta)) if steps[0].group["nesterov"] else bufs
 
 
@@ -286,6 +300,14 @@ def _lowrank_advance(s: EstimatorStep) -> Tensor:
 NESTEROV = Setting(
     "nesterov", False, Flag(), ("ema",), "Nesterov momentum as torch.optim.Muon: `g + beta (M - g)`"
 )
+MOMENTUM_INIT = Setting(
+    "momentum_init",
+    "zero",
+    Choice(("zero", "gradient")),
+    ("ema",),
+    "the EMA's start: `zero` (torch.optim.Muon, Scion's code) or `gradient` (`M^0 = g^0`, as "
+    "Gluon's Algorithm 1 and the variance-reduced estimators)",
+)
 TWO_POINT = Setting(
     "two_point",
     "exact",
@@ -335,9 +357,9 @@ ESTIMATORS: dict[str, Estimator] = {
     for e in [
         Estimator(
             "ema",
-            "`M <- beta M + (1 - beta) g`, from `M = 0` (Gluon, Muon, Scion)",
+            "`M <- beta M + (1 - beta) g`, from `M = 0` or `M = g^0` (Gluon, Muon, Scion)",
             state=("momentum_buffer",),
-            settings=(NESTEROV,),
+            settings=(NESTEROV, MOMENTUM_INIT),
             two_point=False,
             start=_ema,
             advance=_ema,

@@ -236,6 +236,7 @@ class PresetOptions(TypedDict, total=False):
     role: str
     name: str
     nesterov: bool
+    momentum_init: str
     two_point: str
     mvr_q: float
     mars_gamma: float
