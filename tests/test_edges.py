@@ -176,3 +176,16 @@ def test_no_silent_fallback_to_radius_one() -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3))
     opt = go.gluon(model, lr=1.0, head=model[1], radius_policy="l0l1", l1=40.0)
     assert "l0l1(1)" in go.describe(opt)  # not "1", as if the radius were constant
+
+
+def test_a_step_that_would_overflow_is_refused_before_anything_moves() -> None:
+    a, b = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(5))
+    with pytest.raises(ValueError, match="overflows float32"):
+        go.Gluon([a, b], lr=1e300)
+    opt = go.Gluon([a, b], lr=0.1)
+    opt.param_groups[0]["scale"] = 1e305
+    a.grad, b.grad = torch.randn(4, 3), torch.randn(5)
+    before = [a.detach().clone(), b.detach().clone()]
+    with pytest.raises(ValueError, match="overflows float32"):
+        opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])

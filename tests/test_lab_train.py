@@ -230,3 +230,22 @@ def test_resume_with_more_steps_continues_as_a_longer_run(tmp_path: Path, corpus
     with pytest.raises(ValueError, match="would change this run's wsd schedule"):
         train(_config(corpus, schedule="wsd"), tmp_path / "w", progress=False)
         train(RunConfig(), tmp_path / "w", resume=True, progress=False, steps=20)
+
+
+def test_resume_survives_a_torn_metrics_line_and_stale_temp_files(
+    tmp_path: Path, corpus: str
+) -> None:
+    run = tmp_path / "r"
+    train(_config(corpus), run, progress=False, stop_after=4)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "loss": 2.')  # killed in the middle of a line
+    (run / ".checkpoint.pt.abc.tmp").write_bytes(b"torn")
+    train(RunConfig(), run, resume=True, progress=False)
+    assert not list(run.glob(".*.tmp"))
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[2] = "{broken"
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:3: not a JSON record"):
+        read_metrics(run)

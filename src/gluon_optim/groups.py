@@ -293,6 +293,16 @@ def check_keys(keys: Mapping[str, Any] | set[str], context: str) -> None:
         raise ValueError(f"{context} got unknown option(s) {unknown}; known: {sorted(DEFAULTS)}")
 
 
+#: The largest lr x scale (and lr x weight_decay) accepted: past it a float32 step overflows
+#: part-way through an update, after other parameters already moved.
+_HUGE = 1e30
+
+
+def _overflows(group: Mapping[str, Any], key: str) -> bool:
+    lr = group["lr"]
+    return not isinstance(lr, Tensor) and lr * group[key] > _HUGE
+
+
 @dataclass(frozen=True)
 class _Rule:
     """A constraint between settings: ``broken(group)`` is true when it does not hold."""
@@ -319,6 +329,12 @@ _RULES: tuple[_Rule, ...] = (
     _Rule(
         lambda g: g["radius_policy"] == "l0l1" and g["l0"] == 0.0 and g["l1"] == 0.0,
         "radius_policy='l0l1' needs l0 > 0 or l1 > 0{where}",
+    ),
+    _Rule(
+        lambda g: _overflows(g, "scale") or _overflows(g, "weight_decay"),
+        "lr={lr!r} with scale={scale!r} and weight_decay={weight_decay!r}{where}: a step of "
+        f"that size overflows float32 (lr times scale and lr times weight_decay must stay "
+        f"below {_HUGE:g}); nothing was changed",
     ),
 )
 

@@ -615,6 +615,8 @@ def train(
         torch.set_num_threads(config.threads)
     rank, world = _start_parallel(config)
     lead = rank == 0  # the one rank that writes files and shows progress
+    if lead and run_path.is_dir():
+        _remove_torn_files(run_path)
     # The ranks whose slices make up one global batch (1: every rank takes the whole batch).
     shards = world if config.batch_split == "rank" else 1
     run_path.mkdir(parents=True, exist_ok=True)
@@ -834,21 +836,42 @@ def train(
     return result
 
 
+def _records(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of ``path``. A torn last line (a kill mid-write) is dropped; a broken line
+    anywhere else raises ``ValueError`` naming the file and line."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for number, line in enumerate(lines, 1):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON record") from None
+    return out
+
+
 def _truncate_jsonl(path: Path, step: int) -> None:
-    # Lines written after the checkpoint belong to steps that will be run again.
+    # Lines written after the checkpoint belong to steps that will be run again. Rewritten
+    # through a temporary file and a rename, so a kill during the rewrite loses nothing.
     if not path.exists():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= step
-    ]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [r for r in _records(path) if r["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
+
+
+def _remove_torn_files(run_path: Path) -> None:
+    """Temporary files a killed write left behind (``atomic_save``, ``_write_json``, above)."""
+    for pattern in (".checkpoint.pt.*.tmp", "*.json.tmp", ".*.jsonl.tmp"):
+        for stale in run_path.glob(pattern):
+            stale.unlink(missing_ok=True)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of ``run_dir/metrics.jsonl``."""
+    """The records of ``run_dir/metrics.jsonl`` (a torn last line dropped)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"No metrics.jsonl in {run_dir}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _records(path)
