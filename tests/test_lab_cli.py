@@ -377,3 +377,32 @@ def test_checkpoints_get_the_mode_of_a_new_file(tmp_path: Path) -> None:
     finally:
         os.umask(umask)
     assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bench", "--widths", "0"], "argument --widths: must be >= 1, got 0"),
+        (["bench", "--widths", ""], "argument --widths: give at least one width"),
+        (["bench", "--repeats", "x"], "argument --repeats: expected a whole number"),
+        (["train", "--threads", "-1", "--steps", "1"], "argument --threads: Invalid threads"),
+        (
+            ["train", "--fit", "/nope.json", "--optimizer", "gluon"],
+            "--fit /nope.json: no such file",
+        ),
+        (["train", "--fit", "/nope.json", "--optimizer", "muon"], "--fit needs --optimizer gluon"),
+        (["smoothness", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
+        (["smoothness", "--every", "-2"], "argument --every: must be >= 1, got -2"),
+    ],
+)
+def test_user_errors_are_one_line_naming_the_option(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        status = cli.main([*argv, "--out", str(tmp_path / "run")] if argv[0] != "bench" else argv)
+    except SystemExit as exc:  # argparse's own errors
+        status = exc.code  # type: ignore[assignment]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert message in err[-1] and err[-1].startswith(f"gluon-optim {argv[0]}: error:")
+    assert not (tmp_path / "run").exists()  # nothing trained

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,26 @@ def _value(text: str) -> Any:
 
 def _csv(text: str, kind: type = str) -> list[Any]:
     return [kind(x) for x in text.split(",") if x.strip()]
+
+
+def count(lo: int) -> Callable[[str], int]:
+    """An argparse type: a whole number ``>= lo``, or an error that says so."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        return value
+
+    return parse
+
+
+def counts(text: str) -> list[int]:
+    """An argparse type: comma-separated whole numbers ``>= 1`` (possibly none)."""
+    return [count(1)(x.strip()) for x in text.split(",") if x.strip()]
 
 
 def _default_out(what: str) -> Path:
@@ -427,8 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(cnn-small on digits, full batch, no momentum) (default %(default)s)",
     )
     # A protocol's own overrides: 0 or no value keeps the protocol's, --data is the CNN's only.
-    p.add_argument("--steps", type=int, default=0, help="override the protocol's steps")
-    p.add_argument("--every", type=int, default=0, help="override the probe cadence")
+    p.add_argument("--steps", type=count(1), default=None, help="override the protocol's steps")
+    p.add_argument("--every", type=count(1), default=None, help="override the probe cadence")
     p.add_argument(
         "--data", default=None, help="cnn protocol data, e.g. cifar10:PATH (default digits)"
     )

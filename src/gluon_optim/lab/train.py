@@ -237,6 +237,16 @@ class RunConfig:
                 raise ConfigError(
                     name, f"Unknown {name} {getattr(self, name)!r}; expected one of {allowed}"
                 )
+        fit = self.opt_options.get("fit")
+        if fit is not None:
+            if self.optimizer != "gluon":
+                raise ConfigError(
+                    "opt_options",
+                    f"--fit needs --optimizer gluon (it sets Gluon's Theorem 1 radii), "
+                    f"not {self.optimizer!r}",
+                )
+            if not Path(str(fit)).is_file():
+                raise ConfigError("opt_options", f"--fit {fit}: no such file")
         if model_task(self.model) == "lm" and self.batch_size < 1:
             raise ConfigError(
                 "batch_size",
@@ -260,6 +270,7 @@ class RunConfig:
                 "need a finite lr > 0",
             ),
             ("block_size", self.block_size is None or self.block_size >= 1, "need >= 1"),
+            ("threads", self.threads is None or self.threads >= 1, "need >= 1"),
         ]
 
 

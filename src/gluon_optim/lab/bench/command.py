@@ -20,17 +20,13 @@ from gluon_optim.lab.bench.train import (
     check_train_args,
     format_train_table,
 )
-from gluon_optim.lab.cli import add_config_options, config_overrides
+from gluon_optim.lab.cli import add_config_options, config_overrides, count, counts
 from gluon_optim.lab.models import model_task
 from gluon_optim.lab.train import RunConfig
 from gluon_optim.polar import COMPILE_BACKENDS
 
 #: The run settings every benchmark takes; the other RUN_SETTINGS are --train-* options.
 _SHARED = ("threads", "seed")
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def _optimizer_names(text: str) -> list[str]:
@@ -60,10 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gluon-optim bench",
         description="Time optimizer steps on nanoGPT hidden matrices and polar-factor scaling.",
     )
-    p.add_argument("--widths", type=_ints, default=[256, 384], help="e.g. 256,384,768")
-    p.add_argument("--n-layer", type=int, default=6, help="blocks (default %(default)s)")
-    p.add_argument("--repeats", type=int, default=10, help="timed steps (default %(default)s)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps (default %(default)s)")
+    p.add_argument("--widths", type=counts, default=[256, 384], help="e.g. 256,384,768")
+    p.add_argument("--n-layer", type=count(1), default=6, help="blocks (default %(default)s)")
+    p.add_argument("--repeats", type=count(1), default=10, help="timed steps (default %(default)s)")
+    p.add_argument("--warmup", type=count(0), default=3, help="untimed steps (default %(default)s)")
     add_config_options(
         p,
         _SHARED,
@@ -72,12 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--sizes",
-        type=_ints,
+        type=counts,
         default=[256, 512, 1024, 2048],
         help="scaling sizes n; empty string skips the scaling benchmark",
     )
     p.add_argument(
-        "--scaling-repeats", type=int, default=5, help="scaling repeats (default %(default)s)"
+        "--scaling-repeats", type=count(1), default=5, help="scaling repeats (default %(default)s)"
     )
     p.add_argument(
         "--train",
@@ -91,10 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="lab optimizer names for --train, comma-separated (default %(default)s)",
     )
     p.add_argument(
-        "--train-steps", type=int, default=20, help="timed training steps (default %(default)s)"
+        "--train-steps",
+        type=count(1),
+        default=20,
+        help="timed training steps (default %(default)s)",
     )
     p.add_argument(
-        "--train-warmup", type=int, default=3, help="untimed training steps (default %(default)s)"
+        "--train-warmup",
+        type=count(0),
+        default=3,
+        help="untimed training steps (default %(default)s)",
     )
     train = add_config_options(
         p,
@@ -133,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.widths:
+        parser.error("argument --widths: give at least one width, e.g. 384")
     if args.distributed:
         result = bench_distributed()
         text = format_distributed_table(result)
