@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test pytest lint typecheck demo demo-distributed bench accuracy docs-tables clean
+.PHONY: test pytest lint typecheck demo demo-distributed bench accuracy faults docs-tables clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ bench: $(STAMP)
 ## accuracy: Newton–Schulz error per preset and parity errors against the peers
 accuracy: $(STAMP)
 	$(PY) benchmarks/accuracy.py
+
+## faults: kills, flipped bits, torn files and mixed-up runs against resume (a few minutes;
+## prints "N faults, S survived, R refused, X silent" and fails if any was silent)
+faults: $(STAMP)
+	$(PY) benchmarks/faults.py
 
 ## docs-tables: regenerate the settings, estimator and radius-policy tables of docs/optimizer.md
 docs-tables: $(STAMP)
