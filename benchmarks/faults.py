@@ -32,36 +32,25 @@ STEPS = 300
 
 
 def _args(corpus: Path, optimizer: str, out: Path) -> list[str]:
-    return [
-        "train",
-        "--model",
-        "gpt-tiny",
-        "--data",
-        f"text:{corpus}",
-        "--optimizer",
-        optimizer,
-        "--model-opt",
-        "n_layer=1",
-        "--model-opt",
-        "n_embd=32",
-        "--model-opt",
-        "block_size=16",
-        "--steps",
-        str(STEPS),
-        "--batch-size",
-        "4",
-        "--eval-every",
-        "100",
-        "--eval-batches",
-        "2",
-        "--checkpoint-every",
-        "7",
-        "--threads",
-        "1",
-        "--quiet",
-        "--out",
-        str(out),
-    ]
+    """``gluon-optim train`` arguments of the campaign's run (a 1-layer GPT, one thread)."""
+    options = {
+        "model": "gpt-tiny",
+        "data": f"text:{corpus}",
+        "optimizer": optimizer,
+        "steps": STEPS,
+        "batch-size": 4,
+        "eval-every": 100,
+        "eval-batches": 2,
+        "checkpoint-every": 7,
+        "threads": 1,
+        "out": out,
+    }
+    args = ["train", "--quiet"]
+    for key, value in options.items():
+        args += [f"--{key}", str(value)]
+    for override in ("n_layer=1", "n_embd=32", "block_size=16"):
+        args += ["--model-opt", override]
+    return args
 
 
 def _cli(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
