@@ -406,3 +406,17 @@ def test_user_errors_are_one_line_naming_the_option(
     assert status == 2
     assert message in err[-1] and err[-1].startswith(f"gluon-optim {argv[0]}: error:")
     assert not (tmp_path / "run").exists()  # nothing trained
+
+
+def test_plot_never_averages_runs_of_different_settings() -> None:
+    from gluon_optim.lab.report import run_labels
+
+    base = dataclasses.asdict(RunConfig(optimizer="muon", lr=0.02))
+    configs = [
+        {**base, "seed": 0},
+        {**base, "seed": 1},
+        {**base, "lr": 0.01},
+        {**base, "optimizer": "adamw"},
+    ]
+    assert run_labels(configs) == ["muon lr=0.02", "muon lr=0.02", "muon lr=0.01", "adamw"]
+    assert run_labels(configs[:2]) == ["muon", "muon"]  # seeds alone are averaged

@@ -282,12 +282,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    groups: dict[str, list[str]] = {}
+    configs = []
     for run in args.runs:
         cfg_path = Path(run) / "config.json"
         if not cfg_path.exists():
             raise SystemExit(f"{run} is not a run folder (no config.json)")
-        label = json.loads(cfg_path.read_text())["config"]["optimizer"]
+        saved = json.loads(cfg_path.read_text())
+        configs.append({**saved["config"], "lr": saved.get("lr", saved["config"]["lr"])})
+    groups: dict[str, list[str]] = {}
+    for run, label in zip(args.runs, report.run_labels(configs), strict=True):
         groups.setdefault(label, []).append(run)
     out = report.plot_runs(groups, args.out, args.title or "")
     print(f"plot: {out}")

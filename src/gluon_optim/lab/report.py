@@ -188,6 +188,34 @@ def load_summaries(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
     return out
 
 
+def run_labels(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A plot label per run config: runs that differ only by seed share one (and are averaged).
+
+    The label is the optimizer's name while all its runs share their settings; otherwise the
+    name plus the settings that differ between them (``muon lr=0.01``), so runs of different
+    settings are never averaged under one name.
+    """
+    settings = [{k: v for k, v in c.items() if k != "seed"} for c in configs]
+    keys = [json.dumps(s, sort_keys=True, default=str) for s in settings]
+    by_name: dict[str, list[int]] = {}
+    for i, c in enumerate(configs):
+        by_name.setdefault(str(c["optimizer"]), []).append(i)
+    labels = [str(c["optimizer"]) for c in configs]
+    for name, runs in by_name.items():
+        if len({keys[i] for i in runs}) == 1:
+            continue
+        fields = sorted(
+            k for k in settings[runs[0]] if len({_value_key(settings[i], k) for i in runs}) > 1
+        )
+        for i in runs:
+            labels[i] = name + " " + " ".join(f"{k}={settings[i].get(k)}" for k in fields)
+    return labels
+
+
+def _value_key(settings: Mapping[str, Any], key: str) -> str:
+    return json.dumps(settings.get(key), sort_keys=True, default=str)
+
+
 def compare_runs(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
     """How far two runs of the same configuration are apart: losses per step, final weights.
 
