@@ -189,3 +189,18 @@ def test_a_step_that_would_overflow_is_refused_before_anything_moves() -> None:
     with pytest.raises(ValueError, match="overflows float32"):
         opt.step()
     assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+
+
+def test_a_gradient_too_large_for_newton_schulz_is_not_a_silent_zero_step() -> None:
+    # Entries above about 1e19 overflow the Frobenius norm inside Newton-Schulz, which then
+    # returns zeros. Such a gradient is treated as non-finite: raise, or skip the group.
+    p = nn.Parameter(torch.randn(6, 4))
+    opt = go.Gluon([("w", p)], lr=0.1, norm="spectral")
+    p.grad = torch.randn(6, 4) * 1e30
+    before = p.detach().clone()
+    with pytest.raises(FloatingPointError, match=r"\['w'\].*entry above 1e18"):
+        opt.step()
+    assert torch.equal(p, before)
+    opt.param_groups[0]["nonfinite"] = "skip"
+    opt.step()
+    assert torch.equal(p, before)
