@@ -11,7 +11,9 @@ machine.
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -36,14 +38,21 @@ def _worker(rank: int, world: int, tmp: str, fn: Callable[[int, int], Any]) -> N
     )
     try:
         result: Any = fn(rank, world)
-        # No rank may destroy the group while another is still inside a collective: gloo
-        # aborts the late process ("terminate called without an active exception").
+        # No rank may destroy the group while another is still inside a collective.
         dist.barrier()
     except BaseException:  # reported to the parent, which raises it
         result = {"error": traceback.format_exc()}
-    finally:
-        dist.destroy_process_group()
+    # Objects of the cases that still hold the group (a DDP reducer, a device mesh) go first.
+    gc.collect()
+    dist.destroy_process_group()
     torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
+    # The result is on disk. Leave without the interpreter's teardown: on gloo, the order in
+    # which it destroys torch's remaining C++ objects (threads of a process group a DDP
+    # reducer still referenced) sometimes aborts the process ("terminate called without an
+    # active exception") after all the work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run(fn: Callable[[int, int], Any], world: int, tmp: Path, timeout: float = 240.0) -> list[Any]:
