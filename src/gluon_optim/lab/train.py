@@ -810,8 +810,12 @@ def train(
         if probe is not None:
             probe.remove()
         if world > 1 and "RANK" in os.environ:  # the group this run started (torchrun's)
+            import gc
+
             import torch.distributed as dist
 
+            net = model  # the DDP wrapper (its reducer holds the group) is freed first
+            gc.collect()
             dist.destroy_process_group()
     if math.isnan(val_loss):  # nothing left to run (resuming a finished run)
         val_loss, val_acc = evaluate(model, data, config, block_size, shards)
