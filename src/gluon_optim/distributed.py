@@ -113,6 +113,21 @@ class _Plan:
     costs: dict[tuple[int, int], int]
 
 
+#: The group settings that decide a parameter's norm (and so its cost and direction dtype).
+_NORM_KEYS = (
+    "algorithm",
+    "norm",
+    "shape_rule",
+    "transposed",
+    "polar_method",
+    "ns_preset",
+    "ns_steps",
+    "compute_dtype",
+    "ns_form",
+    "compile",
+)
+
+
 def _lmo_params(
     optimizer: _Optimizer,
 ) -> Iterator[tuple[tuple[int, int], str, Tensor, dict[str, Any]]]:
@@ -159,6 +174,7 @@ class ReplicatedExecutor(LocalExecutor):
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self._plan: _Plan | None = None
+        self._quick: tuple[Any, ...] = ()
         self._dtypes: dict[tuple[Any, ...], tuple[torch.dtype, torch.dtype | None]] = {}
         self.last_bytes = 0
         self.last_agree_bytes = 0
@@ -167,7 +183,17 @@ class ReplicatedExecutor(LocalExecutor):
 
     # -- the owner table --------------------------------------------------------------------
     def plan(self) -> _Plan:
-        """The owner table for the optimizer's current parameters, checked across ranks once."""
+        """The owner table for the optimizer's current parameters, checked across ranks once.
+
+        Rebuilt only when the parameters or the settings that decide their norms change: a
+        step looks up a cheap key of those first.
+        """
+        quick = tuple(
+            (tuple((id(p), p.shape, p.dtype) for p in g["params"]), *(g[k] for k in _NORM_KEYS))
+            for g in self._optimizer.param_groups
+        )
+        if self._plan is not None and self._quick == quick:
+            return self._plan
         entries = []
         for key, name, p, group in _lmo_params(self._optimizer):
             norm = self._resolve_norm(group, p)
@@ -182,7 +208,7 @@ class ReplicatedExecutor(LocalExecutor):
         costs = {e[0]: lmo_cost(e[4], e[2], e[5]) for e in entries}
         keys = list(costs)
         owners = dict(zip(keys, assign_owners([costs[k] for k in keys], self.world), strict=True))
-        self._plan = _Plan(signature, owners, costs)
+        self._plan, self._quick = _Plan(signature, owners, costs), quick
         return self._plan
 
     def _check_same_everywhere(self, signature: tuple[Any, ...]) -> None:
@@ -219,10 +245,12 @@ class ReplicatedExecutor(LocalExecutor):
         self, has_grad: list[bool], finite: list[Tensor | None]
     ) -> tuple[list[bool], list[bool]]:
         device = next((f.device for f in finite if f is not None), torch.device("cpu"))
-        counts = torch.tensor([*has_grad, *[True] * len(finite)], dtype=torch.int32, device=device)
-        for i, f in enumerate(finite):
-            if f is not None:
-                counts[len(has_grad) + i] = f.to(torch.int32)
+        present = torch.tensor(has_grad, dtype=torch.bool, device=device)
+        yes = torch.ones((), dtype=torch.bool, device=device)
+        ok = (
+            torch.stack([yes if f is None else f.to(device) for f in finite]) if finite else present
+        )
+        counts = torch.cat([present, ok]).to(torch.int32)
         dist.all_reduce(counts, group=self._group)
         self.last_agree_bytes = counts.numel() * counts.element_size()
         self.last_bytes, self.last_collectives, self.last_owned = 0, 1, {}

@@ -362,9 +362,11 @@ def validate(group: Mapping[str, Any], index: int | None) -> None:
     the per-step check leaves alone.
     """
     _raise_first(group, index, SETTINGS)
-    err = _LR_ON_DEVICE.error("lr", group["lr"], where(group, index))
-    if err is not None:
-        raise ValueError(err)
+    lr = group["lr"]
+    if isinstance(lr, Tensor) and lr.device.type != "cpu":  # a CPU lr was read just above
+        err = _LR_ON_DEVICE.error("lr", lr, where(group, index))
+        if err is not None:
+            raise ValueError(err)
 
 
 def validate_step(group: Mapping[str, Any], index: int, seen: dict[int, tuple[Any, ...]]) -> None:

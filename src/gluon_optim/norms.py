@@ -107,11 +107,17 @@ def _vnorm(x: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
     Entries above ``sqrt(max)`` overflow the other way (the norm is inf and the direction 0).
     Where the plain norm is below ``sqrt(tiny / eps)`` or infinite it is recomputed scaled by
     the largest entry, ``m ||x / m||``; everywhere else it is the plain norm, bit for bit.
+
+    The rescue costs three more passes over ``x``. On the CPU, where reading a flag costs no
+    device synchronisation, it runs only when some norm needs it; on a GPU it always runs, as
+    ``torch.where`` operands, so the step never waits on the device.
     """
     out: Tensor = torch.linalg.vector_norm(x, dim=dim, keepdim=keepdim)
     info = torch.finfo(out.dtype)
     # Too small to trust, or overflowed (entries above sqrt(max), about 1e19 in float32).
     small = (out < math.sqrt(info.tiny / info.eps)) | (out == math.inf)
+    if x.device.type == "cpu" and not bool(small.any()):
+        return out
     dims = tuple(range(x.ndim)) if dim is None else (dim,)
     peak = x.abs().amax(dim=dims, keepdim=True).to(out.dtype).clamp(min=info.tiny)
     scaled = torch.linalg.vector_norm(x / peak, dim=dim, keepdim=keepdim)

@@ -172,6 +172,7 @@ class _Pending:
     k: int
     norm: _norms.Norm
     operand: Tensor
+    batch: bool  # the group's foreach, resolved once for all its parameters
     direction: Tensor | None = field(default=None)
     dual: Tensor | None = field(default=None)
 
@@ -180,27 +181,26 @@ class _Pending:
         group = self.group
         dual = POLICIES[group["radius_policy"]].dual(group)
         gradient = self.norm.operand(self.g, group["transposed"]) if dual == "gradient" else None
-        batch = _use_foreach(group, [(self.p, self.g)])
-        return DirectionRequest(self.key, self.norm, self.operand, batch, dual, gradient)
+        return DirectionRequest(self.key, self.norm, self.operand, self.batch, dual, gradient)
 
 
 @dataclass(frozen=True)
 class Algorithm:
     """What a group does with its parameters (the group key ``algorithm``).
 
-    ``update(optimizer, group, items, at_previous)`` runs the algorithm's stages up to the
+    ``update(optimizer, index, group, items, at_previous)`` runs the algorithm's stages up to the
     direction stage and returns the parameters that still need a direction (AdamW needs none
     and returns ``[]``). ``state`` lists the per-parameter state keys it may keep, given the
     group (besides ``"step"``).
     """
 
     name: str
-    update: Callable[[Gluon, dict[str, Any], _Items, _AtPrevious], list[_Pending]]
+    update: Callable[[Gluon, int, dict[str, Any], _Items, _AtPrevious], list[_Pending]]
     state: Callable[[Mapping[str, Any]], tuple[str, ...]]
 
 
 def _lmo_estimate(
-    opt: Gluon, group: dict[str, Any], items: _Items, at_previous: _AtPrevious
+    opt: Gluon, index: int, group: dict[str, Any], items: _Items, at_previous: _AtPrevious
 ) -> list[_Pending]:
     """The estimator stage of one LMO group: ``M`` for every parameter with a gradient."""
     estimator = ESTIMATORS[group["estimator"]]
@@ -208,13 +208,13 @@ def _lmo_estimate(
     scheduled = schedule is not None and estimator.follows_schedule
     keys = (*estimator.state, *state_keys(group))
     position = {id(q): j for j, q in enumerate(group["params"])}
-    gi = next(i for i, g in enumerate(opt.param_groups) if g is group)
+    batch = _use_foreach(group, items)
     steps: list[EstimatorStep] = []
     for p, g in items:
         state = opt.state[p]
         _conform(state, keys)
         k = _begin_step(state)
-        beta = schedule(k) if scheduled and schedule is not None else group["momentum"]
+        beta = schedule(k) if schedule is not None and scheduled else group["momentum"]
         g_prev = (
             TwoPoint.partner(state, group, at_previous.get(id(p))) if estimator.two_point else None
         )
@@ -231,7 +231,7 @@ def _lmo_estimate(
                 group,
             )
         )
-    if estimator.advance_many is not None and not scheduled and _use_foreach(group, items):
+    if estimator.advance_many is not None and not scheduled and batch:
         momenta = estimator.advance_many(steps, group["momentum"])
     else:
         momenta = [estimator.update(s) for s in steps]
@@ -242,7 +242,7 @@ def _lmo_estimate(
     for s, m in zip(steps, momenta, strict=True):
         norm = resolve_norm(group, s.p)
         operand = norm.operand(m, group["transposed"])
-        out.append(_Pending((gi, s.index), s.p, s.g, group, s.k, norm, operand))
+        out.append(_Pending((index, s.index), s.p, s.g, group, s.k, norm, operand, batch))
     return out
 
 
@@ -254,7 +254,7 @@ def _use_foreach(group: Mapping[str, Any], items: list[tuple[Tensor, Tensor]]) -
 
 
 def _adamw(
-    opt: Gluon, group: dict[str, Any], items: _Items, _unused: _AtPrevious
+    opt: Gluon, index: int, group: dict[str, Any], items: _Items, _unused: _AtPrevious
 ) -> list[_Pending]:
     """torch.optim.AdamW's own update (``torch.optim.adam.adam`` with decoupled decay).
 
@@ -592,7 +592,8 @@ class Gluon(Optimizer):
         pending: list[_Pending] = []
         for index, (group, items) in enumerate(work):
             if index not in skipped and items:
-                pending += ALGORITHMS[group["algorithm"]].update(self, group, items, at_previous)
+                update = ALGORITHMS[group["algorithm"]].update
+                pending += update(self, index, group, items, at_previous)
         # Stage 4, one call for every LMO of the step.
         results = self.executor.directions([item.request() for item in pending])
         for item, result in zip(pending, results, strict=True):
@@ -649,8 +650,6 @@ class Gluon(Optimizer):
                 if id(p) in at_previous:
                     ok = ok & _all_finite(at_previous[id(p)])
                 finite.append(ok)
-        if not any(f is not None for f in finite) and self.executor.mode == "local":
-            return set()
         _, flags = self.executor.agree(has_grad, finite)
         skipped: set[int] = set()
         pos = 0

@@ -13,6 +13,7 @@ otherwise the reason, and ``describe()`` says in words what it allows (for the d
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,17 +35,19 @@ __all__ = [
 ]
 
 
-class Check:
+class Check(ABC):
     """Base class: ``check(value)`` is ``None`` for an allowed value, else why it is not."""
 
     #: The verb of the error message: "Invalid" (a bad number) or "Unknown" (a bad name).
     verb = "Invalid"
 
+    @abstractmethod
     def __call__(self, value: Any) -> str | None:
-        raise NotImplementedError
+        """``None`` when ``value`` is allowed, else the reason it is not."""
 
+    @abstractmethod
     def describe(self) -> str:
-        raise NotImplementedError
+        """In words, what the check allows (for the docs table)."""
 
     def error(self, name: str, value: Any, where: str = "") -> str | None:
         """The error message for ``value`` of setting ``name``, or ``None`` if it is allowed."""
