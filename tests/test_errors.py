@@ -69,7 +69,7 @@ def test_norm_that_does_not_fit_names_the_parameter(tiny: TinyNet) -> None:
         go.Gluon([{"params": list(tiny.fc.named_parameters(prefix="fc")), "norm": "spectral"}])
     with pytest.raises(ValueError, match=r"'fc.weight'.*needs a conv kernel"):
         go.Gluon([("fc.weight", tiny.fc.weight)], norm="spectral_conv")
-    with pytest.raises(ValueError, match="transposed=True needs a 2-D parameter"):
+    with pytest.raises(ValueError, match="transposed=True needs a matrix norm"):
         go.Gluon([tiny.fc.bias], transposed=True)
     with pytest.raises(ValueError, match="muon takes matrices"):
         go.muon(list(tiny.parameters()))

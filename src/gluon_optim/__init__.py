@@ -11,6 +11,7 @@ Quick start::
 
 from gluon_optim import estimators, groups, lowrank, norms, polar, radius, smoothness
 from gluon_optim.groups import DEFAULTS
+from gluon_optim.integrations import unwrap
 from gluon_optim.optimizer import Gluon, describe, resolve_norm
 from gluon_optim.presets import (
     PRESETS,
@@ -23,7 +24,7 @@ from gluon_optim.presets import (
     scion,
     unscion,
 )
-from gluon_optim.roles import ROLES, Assignment, assign_roles
+from gluon_optim.roles import ROLES, Assignment, RoleKey, assign_roles, unwrap_model
 
 __version__ = "0.2.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "ROLES",
     "Assignment",
     "Gluon",
+    "RoleKey",
     "assign_roles",
     "describe",
     "estimators",
@@ -51,4 +53,6 @@ __all__ = [
     "scion",
     "smoothness",
     "unscion",
+    "unwrap",
+    "unwrap_model",
 ]

@@ -183,7 +183,7 @@ class Norm(ABC):
         """
         if self.kind == "matrix" and len(shape) >= 2:
             if transposed:
-                return (shape[1], shape[0])
+                return (shape[-1], math.prod(shape[:-1]))
             return (shape[0], math.prod(shape[1:]))
         return tuple(shape)
 
@@ -192,17 +192,23 @@ class Norm(ABC):
 
         Matrix norms see a ``(d_out, d_in)`` matrix: conv kernels are flattened to
         ``(C_out, C_in*k*k)`` (shape rules then use the flattened shape, never kernel dimensions)
-        and ``transposed`` parameters, stored ``(d_in, d_out)`` as ``nn.Embedding.weight``, are
-        transposed. Other norms see the tensor as it is.
+        and ``transposed`` parameters, stored ``(d_in, d_out)`` as ``nn.Embedding.weight`` or a
+        Hugging Face ``Conv1D`` weight, are transposed. A transposed tensor with more than two
+        dims (a ``(1, N, D)`` positional embedding) is read as ``(D, prod(leading dims))``: its
+        last dim is the feature, the others index inputs. Other norms see the tensor as it is.
         """
         if self.kind == "matrix":
-            return t.T if transposed else t.reshape(t.shape[0], -1)
+            if transposed:
+                return t.T if t.ndim == 2 else t.reshape(-1, t.shape[-1]).T
+            return t.reshape(t.shape[0], -1)
         return t
 
     def restore(self, t: Tensor, like: Tensor, transposed: bool = False) -> Tensor:
         """The inverse of :meth:`operand`: ``t`` back in the shape of the parameter ``like``."""
         if self.kind == "matrix":
-            return t.T if transposed else t.reshape(like.shape)
+            if transposed:
+                return t.T if like.ndim == 2 else t.T.reshape(like.shape)
+            return t.reshape(like.shape)
         return t
 
     def dual_of(self, t: Tensor, transposed: bool = False) -> Tensor:

@@ -126,9 +126,10 @@ def _check_shapes(group: Mapping[str, Any], index: int | None) -> None:
         if err is not None:
             raise ValueError(f"Parameter {name!r}{loc}: {err}")
         norm = resolve_norm(group, p)
-        if group["transposed"] and not (norm.kind == "matrix" and p.ndim == 2):
+        if group["transposed"] and not (norm.kind == "matrix" and p.ndim >= 2):
             raise ValueError(
-                f"transposed=True needs a 2-D parameter and a matrix norm; parameter {name!r} "
+                f"transposed=True needs a matrix norm and a parameter of 2 or more dims; "
+                f"parameter {name!r} "
                 f"has shape {tuple(p.shape)} and norm {norm.name!r}{loc}"
             )
         err = norm.shape_error(norm.operand_shape(p.shape, group["transposed"]))
@@ -507,6 +508,20 @@ class Gluon(Optimizer):
         step evaluates the same batch at the previous and the current iterate.
         """
         return any(is_exact(group) for group in self.param_groups)
+
+    @property
+    def in_previous_iterate(self) -> bool:
+        """True while the parameters hold the previous iterate ``X^{k-1}``.
+
+        That is during the first closure call of an exact two-point :meth:`step` and inside a
+        :meth:`previous_iterate` block. A training step that logs metrics can skip logging then,
+        so the second evaluation of the batch does not count twice (Lightning's
+        ``training_step`` runs once per closure call)::
+
+            if not opt.in_previous_iterate:
+                self.log("train_loss", loss)
+        """
+        return getattr(self._two_point, "active", False)  # False for pickles before 0.3
 
     @contextlib.contextmanager
     def previous_iterate(self) -> Iterator[None]:

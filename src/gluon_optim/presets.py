@@ -41,9 +41,10 @@ import torch
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
+from gluon_optim import norms as _norms
 from gluon_optim.groups import DEFAULTS, PresetOptions
 from gluon_optim.optimizer import Gluon
-from gluon_optim.roles import ROLES, ModuleRef, assign_roles
+from gluon_optim.roles import ROLES, ModuleRef, RoleKey, assign_roles
 
 __all__ = [
     "FAST_NS",
@@ -88,24 +89,54 @@ SCION_SCALES: dict[str, float] = {
 }
 
 
-def preset_table(preset: str, **options: Any) -> dict[str, dict[str, Any]]:
+#: Group keys a preset sets itself, per group: an option would give every group the same one.
+_PER_GROUP_KEYS = ("params", "param_names", "role", "name")
+
+
+def preset_table(
+    preset: str,
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
+    **options: Any,
+) -> dict[str, dict[str, Any]]:
     """The settings of every role under ``preset`` (plain data, one dict per role).
 
     ``options`` are the keyword arguments of the matching factory (:func:`muon`,
-    :func:`scion`, ...), minus the model and role arguments.
+    :func:`scion`, ...), minus the model and role arguments: the preset's own options, and any
+    group key, which overrides the preset's value on the groups the options reach (the LMO
+    groups of ``muon`` and ``limuon``, every group of the others). ``settings`` then overrides
+    per role, for every preset: ``settings={"head": {"lr": 1e-3}}``.
     """
+    for key in _PER_GROUP_KEYS:
+        if key in options:
+            raise ValueError(
+                f"{preset}: option {key!r} is set per group by the preset; reassign parameters "
+                f"with roles=, or set one role's value with settings={{'hidden': {{{key!r}: ...}}}}"
+                if key != "params"
+                else f"{preset}: pass the model (or parameters) as the first argument, not params="
+            )
     if preset == "muon":
-        return _muon_table(**options)
-    if preset in ("scion", "unscion"):
+        table = _muon_table(**options)
+    elif preset in ("scion", "unscion"):
         options.setdefault("constrained", preset == "scion")
-        return _scion_table(**options)
-    if preset == "gluon":
-        return _gluon_table(**options)
-    if preset == "gluon_mvr":
-        return _gluon_mvr_table(**options)
-    if preset == "limuon":
-        return _limuon_table(**options)
-    raise ValueError(f"Unknown preset {preset!r}; expected one of {PRESETS}")
+        table = _scion_table(**options)
+    elif preset == "gluon":
+        table = _gluon_table(**options)
+    elif preset == "gluon_mvr":
+        table = _gluon_mvr_table(**options)
+    elif preset == "limuon":
+        table = _limuon_table(**options)
+    else:
+        raise ValueError(f"Unknown preset {preset!r}; expected one of {PRESETS}")
+    for role, values in (settings or {}).items():
+        if role not in ROLES:
+            raise ValueError(f"settings[{role!r}]: unknown role; expected one of {ROLES}")
+        if not isinstance(values, Mapping):
+            raise ValueError(f"settings[{role!r}] must be a dict of group keys, got {values!r}")
+        for key in _PER_GROUP_KEYS[:3]:
+            if key in values:
+                raise ValueError(f"settings[{role!r}][{key!r}]: set by the preset; use roles=")
+        table[role].update(values)
+    return table
 
 
 def _with_adamw(
@@ -135,18 +166,20 @@ def _muon_table(
     adamw_weight_decay: float = 0.0,
     **lmo_options: Any,
 ) -> dict[str, dict[str, Any]]:
-    matrix = dict(
-        algorithm="lmo",
-        norm="spectral",
-        shape_rule=shape_rule,
-        lr=lr,
-        momentum=momentum,
-        nesterov=nesterov,
-        weight_decay=weight_decay,
-        ns_preset=ns_preset,
-        ns_steps=ns_steps,
+    matrix = {
+        **dict(
+            algorithm="lmo",
+            norm="spectral",
+            shape_rule=shape_rule,
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            ns_preset=ns_preset,
+            ns_steps=ns_steps,
+        ),
         **lmo_options,
-    )
+    }
     return _with_adamw(matrix, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
 
 
@@ -164,35 +197,30 @@ def _scion_table(
         if role not in ROLES:
             raise ValueError(f"scales[{role!r}]: unknown role; expected one of {ROLES}")
         scale[role] = value
+    # Later entries win: a group key in the options overrides the norm table's.
     return {
-        role: dict(
-            algorithm="lmo",
-            lr=lr,
-            scale=scale[role],
-            momentum=momentum,
-            constrained=constrained,
-            weight_decay=weight_decay,
+        role: {
+            **dict(
+                algorithm="lmo",
+                lr=lr,
+                scale=scale[role],
+                momentum=momentum,
+                constrained=constrained,
+                weight_decay=weight_decay,
+            ),
             **_SCION_NORMS[role],
             **lmo_options,
-        )
+        }
         for role in ROLES
     }
 
 
 def _gluon_table(
-    *,
-    lr: float | Tensor = DEFAULTS["lr"],
-    settings: Mapping[str, Mapping[str, Any]] | None = None,
-    **lmo_options: Any,
+    *, lr: float | Tensor = DEFAULTS["lr"], **lmo_options: Any
 ) -> dict[str, dict[str, Any]]:
-    table = {
-        role: dict(algorithm="lmo", lr=lr, **_SCION_NORMS[role], **lmo_options) for role in ROLES
+    return {
+        role: {"algorithm": "lmo", "lr": lr, **_SCION_NORMS[role], **lmo_options} for role in ROLES
     }
-    for role, values in (settings or {}).items():
-        if role not in ROLES:
-            raise ValueError(f"settings[{role!r}]: unknown role; expected one of {ROLES}")
-        table[role].update(values)
-    return table
 
 
 def _gluon_mvr_table(
@@ -202,20 +230,12 @@ def _gluon_mvr_table(
     momentum: float = DEFAULTS["momentum"],
     mvr_q: float = DEFAULTS["mvr_q"],
     two_point: str = "exact",
-    settings: Mapping[str, Mapping[str, Any]] | None = None,
     **lmo_options: Any,
 ) -> dict[str, dict[str, Any]]:
     if isinstance(variant, bool) or variant not in (1, 2, 3):
         raise ValueError(f"gluon_mvr: variant must be 1, 2 or 3, got {variant!r}")
-    return _gluon_table(
-        lr=lr,
-        settings=settings,
-        estimator=f"mvr{variant}",
-        momentum=momentum,
-        mvr_q=mvr_q,
-        two_point=two_point,
-        **lmo_options,
-    )
+    vr = dict(estimator=f"mvr{variant}", momentum=momentum, mvr_q=mvr_q, two_point=two_point)
+    return _gluon_table(lr=lr, **{**vr, **lmo_options})
 
 
 def _limuon_table(
@@ -248,22 +268,24 @@ def _limuon_table(
         )
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < beta <= 1.0:
         raise ValueError(f"limuon: beta must be a number in (0, 1], got {beta!r}")
-    matrix = dict(
-        algorithm="lmo",
-        norm="spectral",
-        shape_rule=shape_rule,
-        polar_method=method,
-        estimator="storm_lowrank" if low_rank else "mvr1",
-        rank=rank,
-        oversampling=oversampling,
-        rsvd_seed=rsvd_seed,
-        two_point=two_point,
-        lr=lr,
-        # LiMuon's beta weighs the fresh gradient: M <- g + (1 - beta)(M - g_prev).
-        momentum=1.0 - beta,
-        weight_decay=weight_decay,
+    matrix = {
+        **dict(
+            algorithm="lmo",
+            norm="spectral",
+            shape_rule=shape_rule,
+            polar_method=method,
+            estimator="storm_lowrank" if low_rank else "mvr1",
+            rank=rank,
+            oversampling=oversampling,
+            rsvd_seed=rsvd_seed,
+            two_point=two_point,
+            lr=lr,
+            # LiMuon's beta weighs the fresh gradient: M <- g + (1 - beta)(M - g_prev).
+            momentum=1.0 - beta,
+            weight_decay=weight_decay,
+        ),
         **lmo_options,
-    )
+    }
     return _with_adamw(matrix, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
 
 
@@ -273,10 +295,15 @@ def param_groups(
     *,
     head: ModuleRef | None = None,
     embedding: ModuleRef | None = None,
-    roles: Mapping[str, str] | None = None,
+    roles: Mapping[RoleKey, Any] | None = None,
     **options: Any,
 ) -> list[dict[str, Any]]:
     """One plain-data parameter group per role present in ``model``, under ``preset``.
+
+    Weights stored transposed (Hugging Face ``Conv1D``) get a group of their own, named
+    ``"<role>_transposed"``, whose ``transposed`` key is flipped where the role's norm reads
+    matrices, so their factors are those of an ``nn.Linear`` of the same layer. Each group's
+    ``name`` is its role unless ``settings`` names it.
 
     Args:
         model: the network; every trainable parameter must get exactly one role
@@ -284,20 +311,35 @@ def param_groups(
         preset: one of :data:`PRESETS`: ``"muon"``, ``"scion"``, ``"unscion"``, ``"gluon"``,
             ``"gluon_mvr"`` or ``"limuon"``.
         head, embedding, roles: passed to :func:`~gluon_optim.roles.assign_roles`.
-        **options: the preset's options (for ``gluon``: ``settings={role: {key: value}}``
-            and any :data:`~gluon_optim.optimizer.DEFAULTS` key for every role).
+        **options: the preset's options, any group key (see :func:`preset_table`), and
+            ``settings={role: {key: value}}``.
 
     Returns:
-        Groups in role order, each ``{"params": [(name, p), ...], "role": role, ...settings}``,
-        ready for :class:`~gluon_optim.Gluon`.
+        Groups in role order, each ``{"params": [(name, p), ...], "role": role, "name": ...,
+        ...settings}``, ready for :class:`~gluon_optim.Gluon`.
     """
     table = preset_table(preset, **options)
-    by_role: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    by_role: dict[tuple[str, bool], list[tuple[str, nn.Parameter]]] = {}
     for a in assign_roles(model, head=head, embedding=embedding, roles=roles):
-        by_role.setdefault(a.role, []).append((a.name, a.param))
-    return [
-        {"params": by_role[role], "role": role, **table[role]} for role in ROLES if role in by_role
-    ]
+        flip = a.transposed and _reads_matrices(table[a.role])
+        by_role.setdefault((a.role, flip), []).append((a.name, a.param))
+    groups: list[dict[str, Any]] = []
+    for (role, flip), params in sorted(by_role.items(), key=lambda kv: ROLES.index(kv[0][0])):
+        group = {"params": params, "role": role, "name": role, **table[role]}
+        if flip:
+            group["transposed"] = not group.get("transposed", DEFAULTS["transposed"])
+            group["name"] = f"{group['name']}_transposed"
+        groups.append(group)
+    return groups
+
+
+def _reads_matrices(settings: Mapping[str, Any]) -> bool:
+    """Whether a role's LMO reads a weight as a ``(d_out, d_in)`` matrix (layout matters)."""
+    if settings.get("algorithm", DEFAULTS["algorithm"]) != "lmo":
+        return False
+    norm = settings.get("norm", DEFAULTS["norm"])
+    # An unknown norm name is left for Gluon's validation to report.
+    return norm == "auto" or getattr(_norms.NORMS.get(norm), "kind", None) == "matrix"
 
 
 #: Options of the optimizer object rather than of its groups, accepted by every preset.
@@ -312,7 +354,7 @@ def _engine(options: dict[str, Any]) -> dict[str, Any]:
 def _from_model(
     model: nn.Module,
     preset: str,
-    refs: tuple[ModuleRef | None, ModuleRef | None, Mapping[str, str] | None],
+    refs: tuple[ModuleRef | None, ModuleRef | None, Mapping[RoleKey, Any] | None],
     **options: Any,
 ) -> Gluon:
     """One :class:`Gluon` over ``param_groups(model, preset, ...)``; ``refs`` = head, embedding,
@@ -359,7 +401,7 @@ def muon(
     weight_decay: float = 0.0,
     head: ModuleRef | None = None,
     embedding: ModuleRef | None = None,
-    roles: Mapping[str, str] | None = None,
+    roles: Mapping[RoleKey, Any] | None = None,
     **options: Any,
 ) -> Gluon:
     """Muon: spectral LMO with Muon's shape rule on hidden matrices, AdamW on the rest.
@@ -405,7 +447,7 @@ def scion(
     scales: Mapping[str, float] | None = None,
     head: ModuleRef | None = None,
     embedding: ModuleRef | None = None,
-    roles: Mapping[str, str] | None = None,
+    roles: Mapping[RoleKey, Any] | None = None,
     **options: Any,
 ) -> Gluon:
     """Scion (``constrained=True``) or unconstrained Scion: a norm per role, no Adam anywhere.
@@ -445,7 +487,7 @@ def gluon(
     settings: Mapping[str, Mapping[str, Any]] | None = None,
     head: ModuleRef | None = None,
     embedding: ModuleRef | None = None,
-    roles: Mapping[str, str] | None = None,
+    roles: Mapping[RoleKey, Any] | None = None,
     **options: Any,
 ) -> Gluon:
     """Gluon with any role -> settings mapping.
@@ -470,7 +512,7 @@ def gluon_mvr(
     settings: Mapping[str, Mapping[str, Any]] | None = None,
     head: ModuleRef | None = None,
     embedding: ModuleRef | None = None,
-    roles: Mapping[str, str] | None = None,
+    roles: Mapping[RoleKey, Any] | None = None,
     **options: Any,
 ) -> Gluon:
     """Gluon-MVR-1/2/3: the :func:`gluon` preset with a variance-reduced momentum on every role.
@@ -528,7 +570,7 @@ def limuon(
     *,
     head: ModuleRef | None = None,
     embedding: ModuleRef | None = None,
-    roles: Mapping[str, str] | None = None,
+    roles: Mapping[RoleKey, Any] | None = None,
     **options: Unpack[LiMuonOptions],
 ) -> Gluon:
     """LiMuon: a STORM momentum with a randomized-SVD low-rank state, and a polar step.

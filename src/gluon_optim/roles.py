@@ -1,4 +1,4 @@
-"""Roles: which part of the network each parameter is, decided from module types.
+"""Roles: which part of the network each parameter is, decided from modules, never from shapes.
 
 A role says how a parameter enters the network, which is what the choice of norm depends on
 (Scion Recommendation 3.1; Gluon section 4.1):
@@ -6,30 +6,66 @@ A role says how a parameter enters the network, which is what the choice of norm
 ========== ===========================================================================
 role       parameters
 ========== ===========================================================================
-embedding  ``nn.Embedding`` weights (one-hot input), or whatever ``embedding=`` names
+embedding  ``nn.Embedding`` weights (one-hot input), learned positions and tokens (below), or
+           whatever ``embedding=`` names
 tied       a weight that is both the token embedding and the output head
-hidden     ``nn.Linear`` weights and attention projections inside the network
+hidden     ``nn.Linear`` and Hugging Face ``Conv1D`` weights, attention projections
 conv       ``nn.Conv1d/2d/3d`` kernels
-head       the output layer's weight, named by ``head=`` (or ``model.head``/``model.lm_head``)
+head       the output layer's weight (found as described below, or named by ``head=``)
 bias       biases of linear, conv and attention layers (including the head's)
-norm       gains and shifts of LayerNorm, RMSNorm, BatchNorm, GroupNorm, InstanceNorm
+norm       gains and shifts of normalisation layers, learned per-channel scales
 ========== ===========================================================================
 
-Roles are never guessed from ``ndim`` alone: the head must be named (a linear head is
-indistinguishable from a hidden layer by shape), a parameter no rule covers is an error, and so
-is a parameter that two rules claim. Frozen parameters (``requires_grad=False``) are left out.
+The rules, in order of precedence (the first that applies decides):
+
+1. ``roles=``: by parameter name (``fnmatch`` patterns, ``"*.pos_embed"``) or by module class
+   (``{LlamaRMSNorm: "norm"}``, all of that class's own parameters; or
+   ``{MyLinear: {"weight": "hidden", "bias": "bias"}}``). Names match with and without the
+   prefixes that wrappers add (``module.`` of DDP, ``_orig_mod.`` of ``torch.compile``,
+   ``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.``).
+2. ``head=`` / ``embedding=``; without ``head=``, the head is the first of: the model's
+   ``get_output_embeddings()`` (Hugging Face), ``get_classifier()`` (timm), then an attribute
+   ``lm_head``, ``head``, ``fc``, ``classifier`` or ``score``. A module without parameters of
+   its own stands for the last ``nn.Linear`` inside it (a ``Sequential`` classifier); one with
+   no ``nn.Linear`` at all (timm's ``nn.Identity`` for ``num_classes=0``) means "no head".
+3. Module types: ``nn.Embedding``, ``nn.Linear``, ``nn.Conv*d``, ``nn.MultiheadAttention``,
+   torch's normalisation layers, and two families torch does not define:
+
+   * **Hugging Face ``Conv1D``** (GPT-2 and its relatives): a module whose class is named
+     ``Conv1D``, with an ``nf`` attribute and a weight of shape ``(d_in, nf)``. It is a linear
+     layer stored transposed, so its weight is ``hidden`` and flagged ``transposed``: the
+     presets put it in a group with ``transposed=True`` where the norm reads matrices, so shape
+     factors come from the true ``(d_out, d_in)``, the same as an ``nn.Linear`` twin.
+   * **Normalisation layers of any library**: a module whose class name contains ``Norm`` not
+     followed by a lower-case letter (``LayerNorm``, ``LlamaRMSNorm``, ``T5LayerNorm``,
+     ``LayerNorm2d``, ``FusedRMSNorm``; not ``Normal`` or ``Normalize``) and whose own
+     parameters are all vectors. Limits: a norm class named otherwise (``ScaleNorm`` matches,
+     ``LN`` does not), or one that holds a matrix, needs ``roles={TheClass: "norm"}``.
+4. Bare ``nn.Parameter``s that no module type covers, by their own name: learned positions and
+   tokens (``pos_embed``, ``pos_embedding``, ``position_embedding(s)``, ``absolute_pos_embed``,
+   ``cls_token``, ``dist_token``, ``reg_token``, ``mask_token``) are ``embedding``; vectors
+   named ``gamma``, ``gamma_1``, ``gamma_2``, ``scale``, ``layer_scale`` or ``ls_gamma`` (layer
+   scale) are ``norm``; a vector named ``bias`` is ``bias``. Any other bare parameter is an
+   error: its meaning cannot be read off its name or shape.
+
+A parameter no rule covers is an error, and so is a parameter that two rules of the same rank
+claim with different roles. The error lists the parameters grouped by module class and ends
+with a ``roles=`` argument to paste and check. Frozen parameters (``requires_grad=False``) are
+left out.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["ROLES", "Assignment", "assign_roles"]
+__all__ = ["ROLES", "Assignment", "RoleKey", "assign_roles", "unwrap_model"]
 
 ROLES: tuple[str, ...] = ("embedding", "tied", "hidden", "conv", "head", "bias", "norm")
 
@@ -39,24 +75,71 @@ _NORM_LAYERS: tuple[type[nn.Module], ...] = (
     nn.GroupNorm,
     nn.modules.batchnorm._BatchNorm,
     nn.modules.instancenorm._InstanceNorm,
+    nn.LocalResponseNorm,
 )
+#: "Norm" not followed by a lower-case letter: LayerNorm, RMSNorm2d, RMSNormGated; not Normal.
+_NORM_CLASS_NAME = re.compile(r"Norm(?![a-z])")
 _ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 _ATTENTION_BIASES = ("in_proj_bias", "bias_k", "bias_v")
+_HEAD_ATTRIBUTES = ("lm_head", "head", "fc", "classifier", "score")
+_RAW_EMBEDDINGS = (
+    "pos_embed",
+    "pos_embedding",
+    "position_embedding",
+    "position_embeddings",
+    "absolute_pos_embed",
+    "cls_token",
+    "dist_token",
+    "reg_token",
+    "mask_token",
+)
+_RAW_SCALES = ("gamma", "gamma_1", "gamma_2", "scale", "layer_scale", "ls_gamma")
+#: Path segments that wrappers insert into parameter names.
+_WRAPPER_SEGMENT = re.compile(
+    r"(^|\.)(_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)(?=\.)"
+)
 
 ModuleRef = nn.Module | nn.Parameter | Iterable[nn.Module | nn.Parameter]
+#: A key of ``roles=``: a parameter-name pattern or a module class.
+RoleKey = str | type[nn.Module]
 
 
 @dataclass(frozen=True)
 class Assignment:
-    """One parameter with its role: ``name`` is its first name in ``model.named_parameters()``."""
+    """One parameter with its role: ``name`` is its first name in ``model.named_parameters()``.
+
+    ``transposed`` is true for a weight stored ``(d_in, d_out)`` where its role's modules store
+    ``(d_out, d_in)`` (a Hugging Face ``Conv1D`` weight in role ``hidden`` or ``head``).
+    """
 
     name: str
     param: nn.Parameter
     role: str
     module: str
+    transposed: bool = False
 
 
-def _param_ids(ref: ModuleRef | None) -> dict[int, str]:
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _plain_names(name: str, wrapped: bool) -> list[str]:
+    """``name`` and the same name without the segments that wrappers insert."""
+    plain = _WRAPPER_SEGMENT.sub(lambda m: m.group(1), name).lstrip(".")
+    plain = re.sub(r"\.{2,}", ".", plain)
+    if wrapped and plain.startswith("module."):
+        plain = plain[len("module.") :]
+    return [name] if plain == name else [name, plain]
+
+
+def _param_ids(ref: ModuleRef | None, what: str) -> dict[int, str]:
     """Parameter ids named by a head/embedding argument, mapped to the role they imply."""
     if ref is None:
         return {}
@@ -68,46 +151,209 @@ def _param_ids(ref: ModuleRef | None) -> dict[int, str]:
                 out[id(p)] = "bias" if pname == "bias" else "weight"
             if not any(True for _ in item.parameters(recurse=False)):
                 raise ValueError(
-                    f"{type(item).__name__} module passed as head/embedding has no parameters "
-                    "of its own"
+                    f"{what}: the {type(item).__name__} module passed has no parameters of its "
+                    "own; pass the layer itself (or its weight)"
                 )
         elif isinstance(item, torch.Tensor):
             out[id(item)] = "weight"
         else:
-            raise TypeError(
-                f"head/embedding must be modules or parameters, got {type(item).__name__}"
-            )
+            raise TypeError(f"{what} must be modules or parameters, got {type(item).__name__}")
     return out
 
 
-def _type_role(module: nn.Module, pname: str) -> str | None:
+def _is_conv1d(module: nn.Module) -> bool:
+    """A Hugging Face ``Conv1D``: ``y = x @ W + b`` with ``W`` of shape ``(d_in, nf)``."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, torch.Tensor)
+        and weight.ndim == 2
+        and weight.shape[1] == getattr(module, "nf", None)
+    )
+
+
+def _is_norm_layer(module: nn.Module) -> bool:
+    if isinstance(module, _NORM_LAYERS):
+        return True
+    own = [p for _, p in module.named_parameters(recurse=False)]
+    return (
+        bool(_NORM_CLASS_NAME.search(type(module).__name__))
+        and bool(own)
+        and all(p.ndim == 1 for p in own)
+    )
+
+
+def _type_role(module: nn.Module, pname: str) -> tuple[str, bool] | None:
+    """The role (and whether the weight is stored transposed) that a module type implies."""
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-        return "embedding" if pname == "weight" else None
+        return ("embedding", False) if pname == "weight" else None
     if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
-        return {"weight": "conv", "bias": "bias"}.get(pname)
+        return {"weight": ("conv", False), "bias": ("bias", False)}.get(pname)
     if isinstance(module, nn.Linear):
-        return {"weight": "hidden", "bias": "bias"}.get(pname)
+        return {"weight": ("hidden", False), "bias": ("bias", False)}.get(pname)
+    if _is_conv1d(module):
+        return {"weight": ("hidden", True), "bias": ("bias", False)}.get(pname)
     if isinstance(module, nn.MultiheadAttention):
         if pname in _ATTENTION_WEIGHTS:
-            return "hidden"
+            return "hidden", False
         if pname in _ATTENTION_BIASES:
-            return "bias"
+            return "bias", False
         return None
-    if isinstance(module, _NORM_LAYERS):
-        return "norm"
+    if _is_norm_layer(module):
+        return "norm", False
     return None
 
 
+def _raw_role(pname: str, p: torch.Tensor) -> str | None:
+    """The role of a bare parameter with a conventional name (rule 4 of the module docstring)."""
+    if pname in _RAW_EMBEDDINGS and p.ndim >= 2:
+        return "embedding"
+    if pname in _RAW_SCALES and p.ndim == 1:
+        return "norm"
+    if pname == "bias" and p.ndim == 1:
+        return "bias"
+    return None
+
+
+def _last_linear(module: nn.Module) -> nn.Module | None:
+    found = [m for m in module.modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
+    return found[-1] if found else None
+
+
+def _as_head(found: object) -> ModuleRef | None:
+    """A head candidate as a head argument; ``[]`` for "no head", ``None`` for "not a head"."""
+    if isinstance(found, nn.Parameter):
+        return found
+    if not isinstance(found, nn.Module):
+        return None
+    if any(True for _ in found.parameters(recurse=False)):
+        return found
+    inner = _last_linear(found)
+    if inner is not None:
+        return inner
+    return [] if not any(True for _ in found.parameters()) else None
+
+
 def _default_head(model: nn.Module) -> ModuleRef:
-    for attr in ("head", "lm_head"):
-        found = getattr(model, attr, None)
-        if isinstance(found, (nn.Module, nn.Parameter)):
-            return found
+    inner = unwrap_model(model)
+    for method in ("get_output_embeddings", "get_classifier"):
+        getter = getattr(inner, method, None)
+        if callable(getter):
+            try:
+                head = _as_head(getter())
+            except (AttributeError, NotImplementedError, TypeError):
+                head = None  # a model whose getter is declared but not wired up
+            if head is not None:
+                return head
+    for attr in _HEAD_ATTRIBUTES:
+        head = _as_head(getattr(inner, attr, None))
+        if head is not None:
+            return head
     raise ValueError(
-        f"No head named for {type(model).__name__}: pass head=<output module> (the layer that "
-        "produces logits, which gets its own norm), or head=[] if the model has none. "
-        "Roles are not guessed from shapes."
+        f"No head found for {type(inner).__name__}: it has no get_output_embeddings() or "
+        f"get_classifier() and no attribute {', '.join(_HEAD_ATTRIBUTES)}. Pass head=<output "
+        "module> (the layer that produces logits, which gets its own norm), or head=[] if the "
+        "model has none. Roles are not guessed from shapes."
     )
+
+
+def _check_overrides(roles: Mapping[RoleKey, Any]) -> None:
+    for key, value in roles.items():
+        if not isinstance(key, (str, type)):
+            raise TypeError(
+                f"roles: key {key!r} must be a parameter-name pattern or a module class"
+            )
+        values = value.values() if isinstance(value, Mapping) and isinstance(key, type) else [value]
+        for role in values:
+            if role not in ROLES:
+                raise ValueError(
+                    f"roles[{_key_text(key)}] = {value!r}: {role!r} is not a role; expected one "
+                    f"of {ROLES}"
+                )
+
+
+def _class_roles(
+    roles: Mapping[RoleKey, Any], module: nn.Module, pname: str
+) -> list[tuple[RoleKey, str]]:
+    out: list[tuple[RoleKey, str]] = []
+    for key, value in roles.items():
+        if isinstance(key, type) and isinstance(module, key):
+            if isinstance(value, Mapping):
+                out += [(key, r) for pat, r in value.items() if fnmatch.fnmatchcase(pname, pat)]
+            else:
+                out.append((key, value))
+    return out
+
+
+def _key_text(key: RoleKey) -> str:
+    return key.__name__ if isinstance(key, type) else repr(key)
+
+
+@dataclass
+class _Seen:
+    """What the module walk learned about one parameter."""
+
+    names: list[str]
+    module: nn.Module
+    typed: list[tuple[str, bool, str]]  # (role, transposed, why)
+    by_class: list[tuple[RoleKey, str]]
+    raw: str | None
+
+
+def _walk(model: nn.Module, roles: Mapping[RoleKey, Any]) -> dict[int, _Seen]:
+    seen: dict[int, _Seen] = {}
+    wrapped = unwrap_model(model) is not model
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            info = seen.setdefault(id(p), _Seen([], module, [], [], None))
+            info.names += [n for n in _plain_names(full, wrapped) if n not in info.names]
+            typed = _type_role(module, pname)
+            if typed is not None:
+                info.typed.append((*typed, f"{type(module).__name__} {full}"))
+            info.by_class += _class_roles(roles, module, pname)
+            if info.raw is None:
+                info.raw = _raw_role(pname, p)
+    return seen
+
+
+def _suggest(name: str, p: torch.Tensor) -> str:
+    """A role to propose in the error message (to be checked: shapes do not decide roles)."""
+    if name.rsplit(".", 1)[-1] == "bias":
+        return "bias"
+    if p.ndim == 1:
+        return "norm"
+    if p.ndim >= 3 and p.shape[0] == 1:
+        return "embedding"
+    return "conv" if p.ndim > 2 else "hidden"
+
+
+def _unassigned_message(model: nn.Module, missing: list[tuple[str, torch.Tensor, _Seen]]) -> str:
+    by_class: dict[type, list[tuple[str, torch.Tensor]]] = {}
+    for name, p, info in missing:
+        by_class.setdefault(type(info.module), []).append((name, p))
+    lines = [
+        f"{len(missing)} parameter(s) of {type(model).__name__} have no role (no rule covers "
+        "their module type or name); by module class:"
+    ]
+    suggestion: dict[str, str] = {}
+    for cls, params in by_class.items():
+        examples = ", ".join(f"{n} {tuple(p.shape)}" for n, p in params[:3])
+        more = f", ... ({len(params) - 3} more)" if len(params) > 3 else ""
+        lines.append(
+            f"      {cls.__module__}.{cls.__qualname__}: {len(params)} parameter(s): "
+            f"{examples}{more}"
+        )
+        for name, p in params:
+            # Layer indices become wildcards: one entry covers every block.
+            pattern = re.sub(r"(?<=\.)\d+(?=\.)", "*", name)
+            suggestion.setdefault(pattern, _suggest(name, p))
+    pasted = ", ".join(f"{k!r}: {v!r}" for k, v in suggestion.items())
+    lines.append(
+        "Give them roles by name or by class (roles={TheClass: 'norm'}). A starting point, "
+        "guessed from shapes, so check every entry:\n      roles={" + pasted + "}"
+    )
+    return "\n".join(lines)
 
 
 def assign_roles(
@@ -115,17 +361,18 @@ def assign_roles(
     *,
     head: ModuleRef | None = None,
     embedding: ModuleRef | None = None,
-    roles: Mapping[str, str] | None = None,
+    roles: Mapping[RoleKey, Any] | None = None,
 ) -> list[Assignment]:
-    """Give every trainable parameter of ``model`` exactly one role.
+    """Give every trainable parameter of ``model`` exactly one role (rules: module docstring).
 
     Args:
-        model: the network.
-        head: the output layer (module or parameter, or a list); ``None`` looks for
-            ``model.head`` or ``model.lm_head``; ``[]`` declares that there is none.
-        embedding: extra input embeddings beyond the ``nn.Embedding`` modules found by type.
-        roles: explicit roles by parameter name; keys may be ``fnmatch`` patterns
-            (``"pos_emb*"``). Use it for parameters that no module type covers.
+        model: the network (DDP, DataParallel and ``torch.compile`` wrappers are looked through).
+        head: the output layer (module or parameter, or a list); ``None`` finds it as the module
+            docstring says; ``[]`` declares that there is none.
+        embedding: extra input embeddings beyond those found by module type and name.
+        roles: explicit roles. Keys are parameter-name patterns (``fnmatch``: ``"*.pos_embed"``)
+            mapped to a role, or module classes mapped to a role (for all of the class's own
+            parameters) or to ``{parameter-name pattern: role}``.
 
     Returns:
         One :class:`Assignment` per parameter, in ``model.named_parameters()`` order.
@@ -135,84 +382,72 @@ def assign_roles(
             unknown role or matches nothing.
     """
     roles = dict(roles or {})
-    for pattern, role in roles.items():
-        if role not in ROLES:
-            raise ValueError(
-                f"roles[{pattern!r}] = {role!r} is not a role; expected one of {ROLES}"
-            )
-    head_ids = _param_ids(_default_head(model) if head is None else head)
-    embedding_ids = _param_ids(embedding)
+    _check_overrides(roles)
+    head_ids = _param_ids(_default_head(model) if head is None else head, "head")
+    embedding_ids = _param_ids(embedding, "embedding")
+    seen = _walk(model, roles)
 
-    names: dict[int, list[str]] = {}
-    claims: dict[int, list[tuple[str, str]]] = {}  # id -> [(role, why)]
-    modules: dict[int, str] = {}
-    for mname, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            full = f"{mname}.{pname}" if mname else pname
-            names.setdefault(id(p), []).append(full)
-            modules.setdefault(id(p), type(module).__name__)
-            typed_role = _type_role(module, pname)
-            if typed_role is not None:
-                claims.setdefault(id(p), []).append((typed_role, f"{type(module).__name__} {full}"))
-
-    used_patterns: set[str] = set()
+    used: set[RoleKey] = set()
     out: list[Assignment] = []
     problems: list[str] = []
+    missing: list[tuple[str, torch.Tensor, _Seen]] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        pid = id(p)
-        all_names = names.get(pid, [name])
-        typed = {r for r, _ in claims.get(pid, [])}
+        pid, info = id(p), seen[id(p)]
+        typed_roles = {r for r, _, _ in info.typed}
         explicit = [
-            (pat, roles[pat])
-            for pat in roles
-            if any(fnmatch.fnmatchcase(n, pat) for n in all_names)
-        ]
-        used_patterns.update(pat for pat, _ in explicit)
+            (pat, r)
+            for pat, r in roles.items()
+            if isinstance(pat, str) and any(fnmatch.fnmatchcase(n, pat) for n in info.names)
+        ] or info.by_class
+        used.update(key for key, _ in explicit)
         in_head = head_ids.get(pid)
-        in_emb = embedding_ids.get(pid) or ("weight" if "embedding" in typed else None)
+        in_emb = embedding_ids.get(pid) or ("weight" if "embedding" in typed_roles else None)
 
-        chosen: list[str] = []
-        if in_head == "weight" and in_emb == "weight":
-            chosen.append("tied")
-        elif in_head == "weight":
-            chosen.append("head")
+        chosen: str | None = None
+        if in_head == "weight":
+            chosen = "tied" if in_emb == "weight" else "head"
         elif in_head == "bias":
-            chosen.append("bias")
+            chosen = "bias"
         elif pid in embedding_ids:
-            chosen.append("embedding" if embedding_ids[pid] == "weight" else "bias")
+            chosen = "embedding" if embedding_ids[pid] == "weight" else "bias"
         if explicit:
             if len({r for _, r in explicit}) > 1:
-                problems.append(f"{name!r} matches role overrides with different roles: {explicit}")
+                where = ", ".join(f"roles[{_key_text(k)}] -> {r!r}" for k, r in explicit)
+                problems.append(f"{name!r} matches role overrides with different roles: {where}")
                 continue
-            if chosen and chosen[0] != explicit[0][1]:
+            if chosen is not None and chosen != explicit[0][1]:
                 problems.append(
-                    f"{name!r} is given two roles: {chosen[0]!r} (head/embedding argument) and "
-                    f"{explicit[0][1]!r} (roles[{explicit[0][0]!r}])"
+                    f"{name!r} is given two roles: {chosen!r} (head/embedding argument) and "
+                    f"{explicit[0][1]!r} (roles[{_key_text(explicit[0][0])}])"
                 )
                 continue
-            chosen = [explicit[0][1]]
-        if not chosen:
-            if len(typed) > 1:
-                where = "; ".join(f"{why} -> {r}" for r, why in claims[pid])
-                problems.append(
-                    f"{name!r} is shared by modules with different roles ({where}); name it with "
-                    "head=, embedding= or roles="
-                )
-                continue
-            if not typed:
-                problems.append(
-                    f"{name!r} (shape {tuple(p.shape)}, in a {modules.get(pid, '?')}) has no role: "
-                    "no rule covers this module type; give it one with roles={name: role}"
-                )
-                continue
-            chosen = [typed.pop()]
-        out.append(Assignment(name=name, param=p, role=chosen[0], module=modules.get(pid, "")))
+            chosen = explicit[0][1]
+        if chosen is None and len(typed_roles) > 1:
+            where = "; ".join(f"{why} -> {r}" for r, _, why in info.typed)
+            problems.append(
+                f"{name!r} is shared by modules with different roles ({where}); name it with "
+                "head=, embedding= or roles="
+            )
+            continue
+        if chosen is None:
+            chosen = typed_roles.pop() if typed_roles else info.raw
+        if chosen is None:
+            missing.append((name, p, info))
+            continue
+        # The stored layout matters only where the chosen role reads the weight as a layer.
+        transposed = chosen in ("hidden", "head") and any(
+            t for r, t, _ in info.typed if r == "hidden"
+        )
+        module = type(info.module).__name__
+        out.append(Assignment(name, p, chosen, module, transposed))
 
-    unused = sorted(set(roles) - used_patterns)
+    unused = sorted((_key_text(k) for k in set(roles) - used), key=str)
     if unused:
-        problems.append(f"role override(s) {unused} match no trainable parameter")
+        problems.append(f"role override(s) [{', '.join(unused)}] match no trainable parameter")
+    if missing:
+        problems.append(_unassigned_message(model, missing))
     if problems:
         raise ValueError("Cannot assign parameter roles:\n  - " + "\n  - ".join(problems))
     return out

@@ -65,6 +65,8 @@ class TwoPoint:
 
     def __init__(self, optimizer: Optimizer) -> None:
         self._opt = optimizer
+        #: True while parameters hold ``X^{k-1}`` (a closure's first call, a block's body).
+        self.active = False
 
     # -- which parameters ----------------------------------------------------------------------
     def targets(self, work: Work | None = None) -> list[Tensor]:
@@ -111,13 +113,16 @@ class TwoPoint:
                     p.copy_(self._opt.state[p]["prev_param"])
                     if id(p) in start:
                         p.grad = start[id(p)].clone(memory_format=torch.preserve_format)
+            self.active = True
             yield found
+            self.active = False
             # Copied, not taken over: gradient storage may be reused by the next backward pass
             # (DDP's gradient_as_bucket_view, user hooks), and the state must not alias it.
             for p in params:
                 if p.grad is not None:
                     found[id(p)] = p.grad.clone(memory_format=torch.preserve_format)
         finally:
+            self.active = False
             with torch.no_grad():
                 for p, x in zip(params, current, strict=True):
                     p.copy_(x)
