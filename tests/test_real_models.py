@@ -245,7 +245,7 @@ def test_five_steps_reduce_the_loss_and_the_state_round_trips(name: str, preset:
         assert torch.equal(p, q), n
 
 
-# -- GPT-2's Conv1D against an nn.Linear twin -------------------------------------------------------
+# -- GPT-2's Conv1D against an nn.Linear twin ------------------------------------------------
 def _linear_twin(model: nn.Module) -> nn.Module:
     """The same GPT-2 with every Conv1D replaced by the nn.Linear it computes."""
     conv1d = transformers.pytorch_utils.Conv1D
@@ -302,7 +302,7 @@ def test_conv1d_groups_are_named_and_flagged() -> None:
     assert all("(T)" in ln for ln in go.describe(opt).splitlines() if "c_attn.weight" in ln)
 
 
-# -- wrappers and overrides by class ----------------------------------------------------------------
+# -- wrappers and overrides by class -------------------------------------------------------------
 # torch.compile's first import warns from torch's own modules (torch.jit deprecations).
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_names_under_wrappers_resolve() -> None:

@@ -69,7 +69,7 @@ def optimizer_cls_and_kwargs(
     return Gluon, kwargs
 
 
-class GluonTrainer(Trainer):  # type: ignore[misc]
+class GluonTrainer(Trainer):
     """A ``Trainer`` whose optimizer is a gluon-optim preset built from the model.
 
     Args:
@@ -107,6 +107,8 @@ class GluonTrainer(Trainer):  # type: ignore[misc]
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             target = self.model if model is None else model
+            if target is None:
+                raise ValueError("GluonTrainer: no model to build the optimizer from")
             self.optimizer = build(target, self.gluon_preset, **self.gluon_options)
             max_norm = self.args.max_grad_norm
             if self.optimizer.needs_closure() and max_norm is not None and max_norm > 0:
@@ -133,7 +135,8 @@ class GluonTrainer(Trainer):  # type: ignore[misc]
         return super().training_step(model, inputs, *args, **kwargs)
 
     def _get_learning_rate(self) -> float:
-        index = lmo_group_index(self.optimizer)
+        optimizer = unwrap(self.optimizer)
+        index = lmo_group_index(optimizer)
         last = self.lr_scheduler.get_last_lr() if self.lr_scheduler is not None else None
-        lr = last[index] if last else self.optimizer.param_groups[index]["lr"]
+        lr = last[index] if last else optimizer.param_groups[index]["lr"]
         return float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)

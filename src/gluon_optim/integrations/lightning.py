@@ -1,5 +1,7 @@
 """Lightning with gluon-optim: a callback that refuses what would make a step silently wrong.
 
+Needs the ``lightning`` package (``lightning.pytorch``).
+
 ``configure_optimizers`` returns a preset as it would any optimizer::
 
     def configure_optimizers(self):
@@ -29,13 +31,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning.pytorch import Callback
+
 from gluon_optim.integrations import unwrap
 from gluon_optim.optimizer import Gluon
-
-try:  # the unified package first, then the standalone one
-    from lightning.pytorch import Callback
-except ImportError:  # pragma: no cover - depends on what is installed
-    from pytorch_lightning import Callback
 
 __all__ = ["GluonCallback", "gluon_optimizers"]
 
@@ -51,7 +50,7 @@ def gluon_optimizers(trainer: Any) -> list[Gluon]:
     return out
 
 
-class GluonCallback(Callback):  # type: ignore[misc]
+class GluonCallback(Callback):
     """Checks, when ``fit`` starts, that Lightning's settings suit the Gluon optimizers.
 
     Raises ``ValueError`` naming the setting when an exact two-point optimizer meets
