@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test pytest lint typecheck demo demo-distributed bench accuracy faults docs-tables clean
+.PHONY: test test-vision pytest lint typecheck demo demo-distributed bench accuracy faults docs-tables clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,21 @@ $(STAMP): pyproject.toml constraints.txt
 
 ## test: lint, type-check and run the test suite (what CI runs)
 test: lint typecheck pytest
+
+## test-vision: the timm / torchvision models of the real-models matrix, in their own venv
+## (torch 2.14.1 + torchvision 0.29.1, about 5.5 GB: no torchvision imports beside the main
+## venv's CPU torch 2.13.0). CI runs it after `make test`.
+VISION := .venv-vision
+VISION_STAMP := $(VISION)/.installed
+$(VISION_STAMP): pyproject.toml constraints-vision.txt
+	test -x $(VISION)/bin/python || $(PYTHON) -m venv $(VISION)
+	$(VISION)/bin/python -m pip install --quiet --upgrade pip
+	$(VISION)/bin/python -m pip install --quiet -c constraints-vision.txt torch torchvision timm pytest
+	$(VISION)/bin/python -m pip install --quiet -c constraints-vision.txt --no-deps -e .
+	touch $(VISION_STAMP)
+
+test-vision: $(VISION_STAMP)
+	$(VISION)/bin/python -m pytest -q tests/vision
 
 pytest: $(STAMP)
 	$(PY) -m pytest -q
@@ -66,4 +81,4 @@ docs-tables: $(STAMP)
 	$(PY) -c "from gluon_optim.groups import write_docs; write_docs('docs/optimizer.md')"
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VISION) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

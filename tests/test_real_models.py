@@ -11,7 +11,6 @@ their own environment, with torch 2.14.1: ``make test-vision`` (tests/vision/).
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable
 
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import gluon_optim as go
+from _matrix import PRESETS, check_trains_and_round_trips, roles_of
 
 transformers = pytest.importorskip("transformers")
 
@@ -183,11 +183,6 @@ EXPECTED: dict[str, dict[str, str]] = {
         "transformer.h.1.attn.c_attn.weight": "hidden",
     },
 }
-BUILDS: dict[str, Callable[[nn.Module], go.Gluon]] = {
-    "muon": go.muon,
-    "scion": go.scion,
-    "unscion": lambda m: go.scion(m, constrained=False),
-}
 
 
 def _batch() -> Tensor:
@@ -209,40 +204,17 @@ def _model(name: str) -> nn.Module:
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_roles_with_the_plain_call(name: str) -> None:
-    roles = {a.name: a.role for a in go.assign_roles(_model(name))}
+    roles = roles_of(_model(name))
     assert {n: roles[n] for n in EXPECTED[name]} == EXPECTED[name]
 
 
-@pytest.mark.parametrize("preset", sorted(BUILDS))
+@pytest.mark.parametrize("preset", sorted(PRESETS))
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_five_steps_reduce_the_loss_and_the_state_round_trips(name: str, preset: str) -> None:
-    model, ids = _model(name), _batch()
-    opt = BUILDS[preset](model)
+    ids = _batch()
+    opt = check_trains_and_round_trips(MODELS[name], lambda m: _loss(m, ids), PRESETS[preset])
     text = go.describe(opt)
     assert all(n in text for n in EXPECTED[name])
-    losses = []
-    for _ in range(5):
-        opt.zero_grad()
-        loss = _loss(model, ids)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0], losses
-
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=True)
-    twin = _model(name)
-    twin.load_state_dict(model.state_dict())
-    opt2 = BUILDS[preset](twin)
-    opt2.load_state_dict(state)
-    for m, o in ((model, opt), (twin, opt2)):
-        o.zero_grad()
-        _loss(m, ids).backward()
-        o.step()
-    for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
-        assert torch.equal(p, q), n
 
 
 # -- GPT-2's Conv1D against an nn.Linear twin ------------------------------------------------
@@ -266,13 +238,13 @@ def _factors(opt: go.Gluon) -> dict[str, str]:
     return {r.split()[0]: r.split()[-4] for r in rows}  # param ... factor scale lr radius
 
 
-@pytest.mark.parametrize("preset", sorted(BUILDS))
+@pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_gpt2_conv1d_steps_like_its_linear_twin(preset: str) -> None:
     model = _model("gpt2")
     twin = _linear_twin(_model("gpt2"))
     ids = _batch()
     torch.testing.assert_close(_loss(model, ids), _loss(twin, ids))
-    opt, opt_twin = BUILDS[preset](model), BUILDS[preset](twin)
+    opt, opt_twin = PRESETS[preset](model), PRESETS[preset](twin)
     assert _factors(opt) == _factors(opt_twin)
     # The values the old shape-only reading got wrong: Muon's sqrt(3) on c_attn (32 -> 96).
     if preset == "muon":

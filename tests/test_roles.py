@@ -143,3 +143,160 @@ def test_describe_table(tiny: TinyNet) -> None:
         "embedding.weight" in ln and "colnorm (T)" in ln and "0.018" in ln
         for ln in scion.splitlines()
     )
+
+
+# -- rules for modules torch does not define ----------------------------------------------------
+class LayerScale(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), 0.1))
+
+
+class TokenNet(nn.Module):
+    """A ViT-style model: a class token, a positional embedding, layer scale, a bare bias."""
+
+    def __init__(self, n: int = 5, d: int = 8) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.randn(1, n + 1, d))
+        self.proj = nn.Linear(d, d)
+        self.ls = LayerScale(d)
+        self.bias = nn.Parameter(torch.zeros(d))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, n, d)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
+        x = x + self.ls.gamma * torch.tanh(self.proj(x)) + self.bias
+        out: torch.Tensor = self.head(x.mean(1))  # every position gets a gradient
+        return out
+
+
+def test_bare_positions_tokens_and_scales_get_roles_by_name() -> None:
+    roles = _roles(TokenNet())
+    assert roles["cls_token"] == roles["pos_embed"] == "embedding"
+    assert roles["ls.gamma"] == "norm" and roles["bias"] == "bias"
+
+
+def test_a_positional_embedding_under_scion_normalises_each_position() -> None:
+    model = TokenNet()
+    opt = go.unscion(model, momentum=0.0)
+    line = next(ln for ln in go.describe(opt).splitlines() if ln.startswith("pos_embed"))
+    assert "colnorm (T)" in line and "1x6x8" in line
+    before = model.pos_embed.detach().clone()
+    model(torch.randn(4, 5, 8)).square().mean().backward()
+    opt.step()
+    rows = (model.pos_embed - before)[0]  # (positions, d): one input index per row
+    norms = rows.norm(dim=1)
+    torch.testing.assert_close(norms, torch.full_like(norms, norms[0].item()))
+    # colnorm of the (d, positions) operand: every position moves by the same RMS, radius * 1.
+    torch.testing.assert_close(rows.square().mean(dim=1).sqrt(), torch.full((6,), 0.018))
+
+
+def test_norm_classes_are_recognised_by_name_and_structure() -> None:
+    class MyRMSNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(4))
+
+    class Normalizer(MyRMSNorm):  # "Norm" followed by a lower-case letter: not a norm layer
+        pass
+
+    class MatrixNorm(nn.Module):  # holds a matrix: not a norm layer by this rule
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(4, 4))
+
+    for cls, ok in ((MyRMSNorm, True), (Normalizer, False), (MatrixNorm, False)):
+        model = nn.Sequential(cls(), nn.Linear(4, 2))
+        if ok:
+            assert _roles(model, head=model[1])["0.weight"] == "norm"
+        else:
+            with pytest.raises(ValueError, match=f"{cls.__qualname__}: 1 parameter"):
+                go.assign_roles(model, head=model[1])
+        assert _roles(model, head=model[1], roles={cls: "norm"})["0.weight"] == "norm"
+
+
+def test_heads_found_the_ways_libraries_expose_them() -> None:
+    class Classifier(nn.Module):  # torchvision style: classifier = Sequential(Dropout, Linear)
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Linear(4, 8)
+            self.classifier = nn.Sequential(nn.Dropout(0.1), nn.Linear(8, 8), nn.Linear(8, 3))
+
+    assert _roles(Classifier())["classifier.2.weight"] == "head"
+    assert _roles(Classifier())["classifier.1.weight"] == "hidden"
+
+    class Fc(nn.Module):  # ResNet style
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.fc = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    assert _roles(Fc())["fc.weight"] == "head"
+
+    class Headless(nn.Module):  # timm style with num_classes=0: get_classifier() is Identity
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head = nn.Linear(4, 8), nn.Identity()
+
+        def get_classifier(self) -> nn.Module:
+            return self.head
+
+    assert _roles(Headless()) == {"body.weight": "hidden", "body.bias": "bias"}
+
+
+def test_unassigned_parameters_give_one_message_grouped_by_class() -> None:
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.alpha = nn.Parameter(torch.ones(3))
+            self.table = nn.Parameter(torch.ones(3, 3))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(Odd() for _ in range(4))
+            self.head = nn.Linear(3, 2)
+
+    with pytest.raises(ValueError) as info:
+        go.assign_roles(Net())
+    text = str(info.value)
+    assert "8 parameter(s) of Net have no role" in text
+    assert text.count("Odd: 8 parameter(s)") == 1 and "(5 more)" in text
+    assert "roles={'blocks.*.alpha': 'norm', 'blocks.*.table': 'hidden'}" in text
+
+
+# -- presets' options compose --------------------------------------------------------------------
+def test_any_group_key_overrides_the_presets_value(tiny: TinyNet) -> None:
+    opt = go.scion(tiny, norm="auto", constrained=False)
+    assert all(g["norm"] == "auto" for g in opt.param_groups)
+    with pytest.raises(ValueError, match="transposed=True needs a matrix norm.*'conv.weight'"):
+        go.scion(tiny, transposed=True)  # reaches every group; a conv kernel cannot be transposed
+    opt = go.muon(tiny, settings={"head": {"lr": 1e-3}, "hidden": {"ns_steps": 3}})
+    by_role = {g["role"]: g for g in opt.param_groups}
+    assert by_role["head"]["lr"] == 1e-3 and by_role["embedding"]["lr"] == 3e-4
+    assert by_role["hidden"]["ns_steps"] == 3 and by_role["conv"]["ns_steps"] == 5
+    lim = go.limuon(tiny, settings={"conv": {"rank": 2}})
+    assert {g["role"]: g.get("rank") for g in lim.param_groups}["conv"] == 2
+
+
+def test_per_group_keys_are_refused_as_options(tiny: TinyNet) -> None:
+    for key in ("role", "name"):
+        with pytest.raises(ValueError, match=f"option '{key}' is set per group by the preset"):
+            go.muon(tiny, **{key: "x"})
+    with pytest.raises(ValueError, match=r"settings\['head'\]\['role'\]: set by the preset"):
+        go.scion(tiny, settings={"head": {"role": "hidden"}})
+    with pytest.raises(ValueError, match=r"settings\['mlp'\]: unknown role"):
+        go.muon(tiny, settings={"mlp": {}})
+
+
+def test_groups_are_named_by_role_and_accept_lr_scale(tiny: TinyNet) -> None:
+    opt = go.muon(tiny)
+    assert [g["name"] for g in opt.param_groups] == [g["role"] for g in opt.param_groups]
+    opt = go.scion(tiny, settings={"hidden": {"name": "matrices"}})
+    assert {g["role"]: g["name"] for g in opt.param_groups}["hidden"] == "matrices"
+    groups = go.param_groups(tiny, "scion")
+    for g in groups:
+        g["lr_scale"] = 0.5  # timm's layer decay: its scheduler applies it to lr
+    go.Gluon(groups, lr=0.01).step()
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['lr_scal'\]"):
+        go.Gluon([{**groups[0], "lr_scale": None, "lr_scal": 1}], lr=0.01)

@@ -202,8 +202,11 @@ _STABLE: tuple[str, ...] = tuple(s.name for s in SETTINGS if not s.per_step)
 #: ``state_dict()`` loads with ``torch.load(weights_only=True)``.
 DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}
 
-#: Keys torch or its schedulers may add to a group.
-FOREIGN_KEYS = frozenset({"params", "param_names", "initial_lr", "differentiable"})
+#: Keys that torch, its schedulers or other frameworks add to a group; accepted and ignored by
+#: the step. ``lr_scale`` is timm's layer-wise decay factor: timm's schedulers multiply the lr by
+#: it, so the group's ``lr`` already includes it when a step reads it. Any other unknown key is
+#: an error, because a misspelt setting (``momentun``) must not pass as a label.
+FOREIGN_KEYS = frozenset({"params", "param_names", "initial_lr", "differentiable", "lr_scale"})
 
 #: Group keys of earlier versions, with the key that replaces them.
 RENAMED_KEYS: dict[str, str] = {"radius": "radius_policy"}

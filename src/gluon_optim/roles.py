@@ -25,9 +25,10 @@ The rules, in order of precedence (the first that applies decides):
    ``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.``).
 2. ``head=`` / ``embedding=``; without ``head=``, the head is the first of: the model's
    ``get_output_embeddings()`` (Hugging Face), ``get_classifier()`` (timm), then an attribute
-   ``lm_head``, ``head``, ``fc``, ``classifier`` or ``score``. A module without parameters of
-   its own stands for the last ``nn.Linear`` inside it (a ``Sequential`` classifier); one with
-   no ``nn.Linear`` at all (timm's ``nn.Identity`` for ``num_classes=0``) means "no head".
+   ``lm_head``, ``head``, ``heads``, ``fc``, ``classifier`` or ``score``. A module without
+   parameters of its own stands for the last ``nn.Linear`` inside it (a ``Sequential``
+   classifier); one with no parameters at all (timm's ``nn.Identity`` for ``num_classes=0``)
+   means "no head".
 3. Module types: ``nn.Embedding``, ``nn.Linear``, ``nn.Conv*d``, ``nn.MultiheadAttention``,
    torch's normalisation layers, and two families torch does not define:
 
@@ -43,10 +44,11 @@ The rules, in order of precedence (the first that applies decides):
      ``LN`` does not), or one that holds a matrix, needs ``roles={TheClass: "norm"}``.
 4. Bare ``nn.Parameter``s that no module type covers, by their own name: learned positions and
    tokens (``pos_embed``, ``pos_embedding``, ``position_embedding(s)``, ``absolute_pos_embed``,
-   ``cls_token``, ``dist_token``, ``reg_token``, ``mask_token``) are ``embedding``; vectors
-   named ``gamma``, ``gamma_1``, ``gamma_2``, ``scale``, ``layer_scale`` or ``ls_gamma`` (layer
-   scale) are ``norm``; a vector named ``bias`` is ``bias``. Any other bare parameter is an
-   error: its meaning cannot be read off its name or shape.
+   ``cls_token``, ``class_token``, ``dist_token``, ``reg_token``, ``mask_token``) with 2 or
+   more dims are ``embedding``; vectors named ``gamma``, ``gamma_1``, ``gamma_2``, ``scale``,
+   ``layer_scale`` or ``ls_gamma`` (layer scale) are ``norm``; a vector named ``bias`` is
+   ``bias``. Any other bare parameter is an error: its meaning cannot be read off its name or
+   shape.
 
 A parameter no rule covers is an error, and so is a parameter that two rules of the same rank
 claim with different roles. The error lists the parameters grouped by module class and ends
@@ -81,7 +83,7 @@ _NORM_LAYERS: tuple[type[nn.Module], ...] = (
 _NORM_CLASS_NAME = re.compile(r"Norm(?![a-z])")
 _ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 _ATTENTION_BIASES = ("in_proj_bias", "bias_k", "bias_v")
-_HEAD_ATTRIBUTES = ("lm_head", "head", "fc", "classifier", "score")
+_HEAD_ATTRIBUTES = ("lm_head", "head", "heads", "fc", "classifier", "score")
 _RAW_EMBEDDINGS = (
     "pos_embed",
     "pos_embedding",
@@ -89,6 +91,7 @@ _RAW_EMBEDDINGS = (
     "position_embeddings",
     "absolute_pos_embed",
     "cls_token",
+    "class_token",
     "dist_token",
     "reg_token",
     "mask_token",
