@@ -306,3 +306,16 @@ def test_override_by_class() -> None:
     }
     assert roles["transformer.h.0.attn.c_attn.weight"] == "conv"
     assert roles["transformer.h.0.attn.c_attn.bias"] == "norm"
+
+
+def test_describe_shows_the_papers_factors_on_llama() -> None:
+    """Scion's factors (RMS->RMS sqrt(d_out/d_in), sign 1/d_in, colnorm sqrt(d) per token) and
+    Muon's sqrt(max(1, d_out/d_in)), read off describe() for an untied Llama (d = 32)."""
+    scion = _factors(go.scion(_model("llama-untied")))
+    muon = _factors(go.muon(_model("llama-untied")))
+    up, down = "model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight"
+    assert scion[up] == f"{math.sqrt(2):.4g}" and scion[down] == f"{math.sqrt(0.5):.4g}"
+    assert muon[up] == f"{math.sqrt(2):.4g}" and muon[down] == "1"
+    assert scion["lm_head.weight"] == f"{1 / 32:.4g}"
+    assert scion["model.embed_tokens.weight"] == f"{math.sqrt(32):.4g}"
+    assert muon["lm_head.weight"] == "-"  # AdamW

@@ -300,3 +300,28 @@ def test_groups_are_named_by_role_and_accept_lr_scale(tiny: TinyNet) -> None:
     go.Gluon(groups, lr=0.01).step()
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['lr_scal'\]"):
         go.Gluon([{**groups[0], "lr_scale": None, "lr_scal": 1}], lr=0.01)
+
+
+@pytest.mark.parametrize("preset", go.PRESETS)
+def test_no_group_key_makes_a_preset_raise_type_error(tiny: TinyNet, preset: str) -> None:
+    """Every setting, passed to every preset at its default, builds or gets a ValueError that
+    names it; never an internal TypeError (a key given twice to dict())."""
+    factory = getattr(go, preset)
+    for key, value in go.DEFAULTS.items():
+        if key in ("name",):
+            continue  # refused by design: test_per_group_keys_are_refused_as_options
+        try:
+            factory(tiny, **{key: value})
+        except ValueError as err:
+            assert key in str(err) or "momentum" in str(err), (key, err)
+
+
+def test_wrapper_segments_are_dropped_from_names() -> None:
+    from gluon_optim.roles import _plain_names
+
+    assert _plain_names("_fsdp_wrapped_module.h.0._checkpoint_wrapped_module.w", False) == [
+        "_fsdp_wrapped_module.h.0._checkpoint_wrapped_module.w",
+        "h.0.w",
+    ]
+    assert _plain_names("module.fc.weight", True) == ["module.fc.weight", "fc.weight"]
+    assert _plain_names("module.fc.weight", False) == ["module.fc.weight"]  # a real "module"

@@ -89,8 +89,6 @@ SCION_SCALES: dict[str, float] = {
 }
 
 
-#: Group keys a preset sets itself, per group: an option would give every group the same one.
-_PER_GROUP_KEYS = ("params", "param_names", "role", "name")
 
 
 def preset_table(
@@ -106,14 +104,15 @@ def preset_table(
     groups of ``muon`` and ``limuon``, every group of the others). ``settings`` then overrides
     per role, for every preset: ``settings={"head": {"lr": 1e-3}}``.
     """
-    for key in _PER_GROUP_KEYS:
+    fixes = {
+        "params": "pass the model (or parameters) as the first argument",
+        "param_names": "names come from the model",
+        "role": "assign parameters to roles with roles={pattern or class: role}",
+        "name": "name one role's group with settings={'hidden': {'name': ...}}",
+    }
+    for key, fix in fixes.items():
         if key in options:
-            raise ValueError(
-                f"{preset}: option {key!r} is set per group by the preset; reassign parameters "
-                f"with roles=, or set one role's value with settings={{'hidden': {{{key!r}: ...}}}}"
-                if key != "params"
-                else f"{preset}: pass the model (or parameters) as the first argument, not params="
-            )
+            raise ValueError(f"{preset}: option {key!r} is set per group by the preset; {fix}")
     if preset == "muon":
         table = _muon_table(**options)
     elif preset in ("scion", "unscion"):
@@ -132,7 +131,7 @@ def preset_table(
             raise ValueError(f"settings[{role!r}]: unknown role; expected one of {ROLES}")
         if not isinstance(values, Mapping):
             raise ValueError(f"settings[{role!r}] must be a dict of group keys, got {values!r}")
-        for key in _PER_GROUP_KEYS[:3]:
+        for key in ("params", "param_names", "role"):
             if key in values:
                 raise ValueError(f"settings[{role!r}][{key!r}]: set by the preset; use roles=")
         table[role].update(values)

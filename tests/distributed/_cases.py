@@ -264,7 +264,12 @@ def ddp(rank: int, world: int) -> dict[str, Any]:
     def wrap(net: nn.Module) -> nn.Module:
         return DistributedDataParallel(net, gradient_as_bucket_view=True)
 
-    return {name: params(train(name, wrap=wrap, distributed="replicated")[0]) for name in DDP_CASES}
+    out: dict[str, Any] = {
+        name: params(train(name, wrap=wrap, distributed="replicated")[0]) for name in DDP_CASES
+    }
+    # Roles read through the wrapper: names carry DDP's "module." and the head is still found.
+    out["roles"] = {a.name: a.role for a in go.assign_roles(wrap(model()))}
+    return out
 
 
 RESUME_CASES = ("muon", "mvr2-exact", "limuon-exact", "gluon-l0l1")

@@ -134,7 +134,9 @@ def test_modes_and_their_errors() -> None:
 def test_ddp_with_the_full_batch_on_every_rank_equals_one_process(
     tmp_path: Path, reference: dict[str, Any]
 ) -> None:
+    plain = {a.name: a.role for a in go.assign_roles(_cases.model())}
     for rank, result in enumerate(run(_cases.ddp, 2, tmp_path)):
+        assert result["roles"] == {f"module.{n}": r for n, r in plain.items()}
         for case in _cases.DDP_CASES:
             for name, value in reference["params"][case].items():
                 assert torch.equal(result[case][name], value), f"rank {rank}: {case} {name}"
