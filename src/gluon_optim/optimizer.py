@@ -521,7 +521,7 @@ class Gluon(Optimizer):
             if not opt.in_previous_iterate:
                 self.log("train_loss", loss)
         """
-        return getattr(self._two_point, "active", False)  # False for pickles before 0.3
+        return getattr(self._two_point, "active", False)  # absent in older pickles
 
     @contextlib.contextmanager
     def previous_iterate(self) -> Iterator[None]:

@@ -89,8 +89,6 @@ SCION_SCALES: dict[str, float] = {
 }
 
 
-
-
 def preset_table(
     preset: str,
     settings: Mapping[str, Mapping[str, Any]] | None = None,

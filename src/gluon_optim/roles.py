@@ -353,7 +353,7 @@ def _unassigned_message(model: nn.Module, missing: list[tuple[str, torch.Tensor,
             suggestion.setdefault(pattern, _suggest(name, p))
     pasted = ", ".join(f"{k!r}: {v!r}" for k, v in suggestion.items())
     lines.append(
-        "Give them roles by name or by class (roles={TheClass: 'norm'}). A starting point, "
+        "    Give them roles by name or by class (roles={TheClass: 'norm'}). A starting point, "
         "guessed from shapes, so check every entry:\n      roles={" + pasted + "}"
     )
     return "\n".join(lines)
