@@ -307,3 +307,15 @@ def test_lightning_callback_refuses_a_gradient_scaler() -> None:
         lightning.GluonCallback().on_fit_start(trainer, None)
     trainer.optimizers = [go.gluon_mvr(net, head=net[1], two_point="approx")]
     lightning.GluonCallback().on_fit_start(trainer, None)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_lightning_lr_monitor_labels_groups_by_role(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    monitor = LearningRateMonitor(logging_interval="step")
+    trainer = _trainer(logger=CSVLogger(tmp_path), callbacks=[monitor], log_every_n_steps=1)
+    trainer.fit(_Module("muon"), _loader())
+    names = {k.split("/")[-1] for k in monitor.lrs}
+    assert names == {"hidden", "head", "bias", "norm"}, monitor.lrs.keys()

@@ -7,6 +7,7 @@ beside the CPU torch, and timm imports torchvision, so these run in ``.venv-visi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pytest
@@ -97,3 +98,20 @@ def test_timm_vit_positions_under_scion_are_read_per_position() -> None:
     line = next(ln for ln in go.describe(opt).splitlines() if ln.startswith("pos_embed "))
     # (1, 17, 192) read as (192, 17): colnorm factor sqrt(d_out) = sqrt(192)
     assert "colnorm (T)" in line and f"{192**0.5:.4g}" in line
+
+
+def test_timm_scheduler_drives_gluon_with_lr_scale() -> None:
+    """timm's schedulers set lr = value * lr_scale on groups that carry it (layer decay)."""
+    from timm.scheduler import CosineLRScheduler
+
+    model = MODELS["timm-resnet18"]()
+    groups = go.param_groups(model, "scion")
+    groups[0]["lr_scale"] = 0.5
+    opt = go.Gluon(groups, lr=0.00036)
+    sched = CosineLRScheduler(opt, t_initial=10, warmup_t=0)
+    _loss(model).backward()
+    opt.step()
+    sched.step(1)
+    base = 0.00036 * (1 + math.cos(math.pi * 1 / 10)) / 2
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * base)
+    assert opt.param_groups[1]["lr"] == pytest.approx(base)
