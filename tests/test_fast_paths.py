@@ -248,6 +248,21 @@ def _halving(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return opt
 
 
+def test_compile_handles_more_matrix_shapes_than_dynamos_default_limit() -> None:
+    # Dynamo allows 8 specialisations per function by default; a ResNet has more distinct
+    # kernel shapes than that, and used to fail with FailOnRecompileLimitHit.
+    torch._dynamo.reset()
+    ps = [nn.Parameter(torch.randn(4 + i, 5)) for i in range(12)]
+    qs = [nn.Parameter(p.detach().clone()) for p in ps]
+    compiled, plain = go.Gluon(ps, lr=0.01, compile="eager"), go.Gluon(qs, lr=0.01)
+    for p, q in zip(ps, qs, strict=True):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    compiled.step()
+    plain.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, qs, strict=True))
+
+
 def test_compile_option_is_validated() -> None:
     with pytest.raises(ValueError, match="compile"):
         go.muon(RepeatNet(), compile="tensorrt")

@@ -188,6 +188,17 @@ def test_gluon_trainer_refuses_clipping_with_exact_steps(tmp_path: Path) -> None
     )
     with pytest.raises(ValueError, match="max_grad_norm=1.0 would clip"):
         trainer.create_optimizer()
+    model = _gpt2()
+    before = [p.detach().clone() for p in model.parameters()]
+    given = hf.GluonTrainer(
+        model=model,
+        args=_args(tmp_path, max_grad_norm=1.0),
+        train_dataset=_Tokens(),
+        optimizers=(go.gluon_mvr(model), None),
+    )
+    with pytest.raises(ValueError, match="max_grad_norm=1.0 would clip"):
+        given.train()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
     with pytest.raises(ValueError, match="preset 'adam' is not one of"):
         hf.GluonTrainer(model=_gpt2(), args=_args(tmp_path), preset="adam")
 

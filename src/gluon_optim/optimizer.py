@@ -266,7 +266,7 @@ def _adamw(
     states = [opt.state[p] for p, _ in items]
     for (p, _), state in zip(items, states, strict=True):
         _conform(state, ("exp_avg", "exp_avg_sq"))
-        if "exp_avg" not in state:
+        if "exp_avg" not in state or "exp_avg_sq" not in state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -716,6 +716,12 @@ def _checked_state(
                     f"(keeps {sorted(allowed)})"
                 )
             out[key][name] = _checked_value(where_, name, value, p)
+        # AdamW's two moments only make sense together (the LMO estimators restart a buffer
+        # that is missing, which is how a configuration change mid-run starts its new state).
+        moments = {"exp_avg", "exp_avg_sq"} & set(entry)
+        if group["algorithm"] == "adamw" and len(moments) == 1:
+            (have,) = moments
+            raise ValueError(f"{where_}: state has {have!r} but not its partner AdamW moment")
     return out
 
 

@@ -24,11 +24,12 @@ leading ones.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -455,7 +456,21 @@ def compiled_newton_schulz(backend: str = "inductor") -> Callable[..., Tensor]:
     compiled: Callable[..., Tensor] = torch.compile(
         newton_schulz, backend=backend, fullgraph=True, dynamic=False
     )
-    return compiled
+
+    @functools.wraps(newton_schulz)
+    def run(*args: Any, **kwargs: Any) -> Tensor:
+        # One specialisation per (shape, dtype, setting) in the model. Dynamo's default limit of
+        # 8 per function would make a model with more distinct matrix shapes than that (any
+        # ResNet) fail with FailOnRecompileLimitHit, so the limit is raised for this call only.
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return compiled(*args, **kwargs)
+
+    return run
+
+
+#: The most specialisations :func:`compiled_newton_schulz` keeps per backend (distinct
+#: shape / dtype / Newton–Schulz settings); past it, dynamo fails loudly, never silently.
+RECOMPILE_LIMIT = 256
 
 
 def polar_svd(g: Tensor, *, dtype: torch.dtype | None = None, rtol: float | None = None) -> Tensor:

@@ -243,7 +243,7 @@ class LearningRate(Check):
             return None
         if isinstance(value, Tensor):
             return f"T{reason[1:]}{where}"
-        return f"Invalid learning rate: {value!r}{where}; {reason}"
+        return f"Invalid learning rate: {value!r}{where}; {reason} (option lr)"
 
 
 @dataclass(frozen=True)

@@ -109,23 +109,28 @@ class GluonTrainer(Trainer):
             target = self.model if model is None else model
             if target is None:
                 raise ValueError("GluonTrainer: no model to build the optimizer from")
-            self.optimizer = build(target, self.gluon_preset, **self.gluon_options)
-            max_norm = self.args.max_grad_norm
-            if self.optimizer.needs_closure() and max_norm is not None and max_norm > 0:
-                self.optimizer = None
-                raise ValueError(
-                    f"GluonTrainer: preset {self.gluon_preset!r} takes exact two-point steps, and "
-                    f"TrainingArguments.max_grad_norm={max_norm} would clip the gradient at the "
-                    "current iterate but not the one at the previous iterate, biasing the "
-                    "variance-reduced estimate; set max_grad_norm=0 (an LMO step's size does not "
-                    "depend on the gradient's norm), or two_point='approx'"
-                )
+            built = build(target, self.gluon_preset, **self.gluon_options)
+            self._check_two_point(built)
+            self.optimizer = built
         optimizer: torch.optim.Optimizer = self.optimizer
         return optimizer
+
+    def _check_two_point(self, optimizer: Gluon) -> None:
+        """Refuse gradient clipping with exact two-point steps (before anything changes)."""
+        max_norm = self.args.max_grad_norm
+        if optimizer.needs_closure() and max_norm is not None and max_norm > 0:
+            raise ValueError(
+                "GluonTrainer: the optimizer takes exact two-point steps, and "
+                f"TrainingArguments.max_grad_norm={max_norm} would clip the gradient at the "
+                "current iterate but not the one at the previous iterate, biasing the "
+                "variance-reduced estimate; set max_grad_norm=0 (an LMO step's size does not "
+                "depend on the gradient's norm), or two_point='approx'"
+            )
 
     def training_step(self, model: nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         optimizer = unwrap(self.optimizer)
         if optimizer.needs_closure():
+            self._check_two_point(optimizer)  # also for an optimizer passed in optimizers=(...)
             # The same micro-batch at X^(k-1) first; its gradient accumulates in the
             # optimizer's state, and .grad is put back as it was.
             with optimizer.previous_iterate():
