@@ -83,11 +83,13 @@ def test_train_and_resume(corpus: str, tmp_path: Path, capsys: pytest.CaptureFix
     assert "final val loss" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["options"]["adamw_lr"] == 0.003
     assert cli.main(["train", "--resume", str(out), "--quiet"]) == 0
-    with pytest.raises(SystemExit, match="already holds a run"):
-        cli.main(["train", "--data", corpus, "--out", str(out), *TINY])
+    capsys.readouterr()
+    assert cli.main(["train", "--data", corpus, "--out", str(out), *TINY]) == 2
+    assert f"train: error: --out: {out} already holds a run" in capsys.readouterr().err
     # --resume honours --steps (a constant schedule) and refuses every other change.
-    with pytest.raises(SystemExit, match=r"only --steps may change \(got --lr, --optimizer\)"):
-        cli.main(["train", "--resume", str(out), "--lr", "0.1", "--optimizer", "adamw"])
+    assert cli.main(["train", "--resume", str(out), "--lr", "0.1", "--optimizer", "adamw"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --resume: continues" in err and "(got --lr, --optimizer)" in err
     steps = json.loads((out / "config.json").read_text())["config"]["steps"]
     capsys.readouterr()
     assert cli.main(["train", "--resume", str(out), "--steps", str(steps + 2)]) == 0
@@ -199,8 +201,9 @@ def test_bad_input_is_a_clear_error(
         == 2
     )
     assert "Invalid momentum: 1.5" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="KEY=VALUE"):
+    with pytest.raises(SystemExit) as exc:
         cli.main(["train", "--data", corpus, "--opt", "momentum", *TINY])
+    assert exc.value.code == 2 and "--opt: expected KEY=VALUE" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["train", "--optimizer", "sgd"])
 
@@ -333,7 +336,7 @@ def test_a_bad_run_setting_names_its_option(
     argv: list[str], flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     err = _error(["train", *argv, "--out", str(tmp_path / "r"), "--quiet"], capsys)
-    assert f"argument {flag}:" in err
+    assert f"error: {flag}:" in err
     assert not (tmp_path / "r").exists()  # rejected before anything ran
 
 
@@ -344,7 +347,7 @@ def test_compare_and_sweep_check_every_run_before_training(
     status = cli.main(
         ["compare", "--data", corpus, "--optimizers", "adamw,muonn", "--out", str(out), *TINY]
     )
-    assert status == 2 and "Unknown optimizer 'muonn'" in capsys.readouterr().err
+    assert status == 2 and "unknown optimizer 'muonn'" in capsys.readouterr().err
     assert not list(out.glob("*/metrics.jsonl"))  # adamw did not train first
     out = tmp_path / "s"
     status = cli.main(
@@ -382,29 +385,49 @@ def test_checkpoints_get_the_mode_of_a_new_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["bench", "--widths", "0"], "argument --widths: must be >= 1, got 0"),
-        (["bench", "--widths", ""], "argument --widths: give at least one width"),
-        (["bench", "--repeats", "x"], "argument --repeats: expected a whole number"),
-        (["train", "--threads", "-1", "--steps", "1"], "argument --threads: Invalid threads"),
+        (["bench", "--widths", "0"], "--widths: must be >= 1, got 0"),
+        (["bench", "--widths", ""], "--widths: give at least one width"),
+        (["bench", "--repeats", "x"], "--repeats: expected a whole number"),
+        (["train", "--threads", "-1", "--steps", "1"], "--threads: Invalid threads"),
         (
             ["train", "--fit", "/nope.json", "--optimizer", "gluon"],
             "--fit /nope.json: no such file",
         ),
         (["train", "--fit", "/nope.json", "--optimizer", "muon"], "--fit needs --optimizer gluon"),
-        (["smoothness", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
-        (["smoothness", "--every", "-2"], "argument --every: must be >= 1, got -2"),
+        (["smoothness", "--steps", "0"], "--steps: must be >= 1, got 0"),
+        (["smoothness", "--every", "-2"], "--every: must be >= 1, got -2"),
+        (["smoothness", "--protocols", "gpt,nope"], "--protocols: unknown protocol(s) ['nope']"),
+        (["smoothness", "--sweep", "a,b"], "--sweep: expected comma-separated numbers"),
+        (["bench", "--threads", "-1"], "--threads: Invalid threads"),
+        (["bench", "--nope"], "--nope: unrecognized"),
+        (["train", "--nope"], "--nope: unrecognized (gluon-optim train -h)"),
+        (["train", "--lr", "abc"], "--lr: invalid float value: 'abc'"),
+        (["train", "--opt", "momentum"], "--opt: expected KEY=VALUE"),
+        (["compare", "--optimizers", ""], "--optimizers: give at least one value"),
+        (["compare", "--optimizers", "adamw,muonn"], "--optimizers: unknown optimizer 'muonn'"),
+        (["compare", "--optimizers", "muon@x"], "--optimizers: optimizer spec 'muon@x': lr 'x'"),
+        (["compare", "--seeds", "x"], "--seeds: expected comma-separated whole numbers"),
+        (["sweep", "--lrs", ""], "--lrs: give at least one lr"),
+        (["sweep", "--lrs", "abc"], "--lrs: expected comma-separated numbers, got 'abc'"),
+        (["sweep", "--lr-factors", ""], "--lr-factors: give at least one value"),
+        (["demo", "--steps", "0"], "--steps: unrecognized"),
+        (["diff", "/nope", "/nope2"], "run_a: /nope is not a run folder"),
+        (["diff", "/nope", "/nope2", "--tolerance", "-1"], "--tolerance: must be finite and >= 0"),
+        (["plot", "/nope"], "runs: /nope is not a run folder"),
     ],
 )
 def test_user_errors_are_one_line_naming_the_option(
     argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    takes_out = argv[0] not in ("bench", "diff", "plot")
     try:
-        status = cli.main([*argv, "--out", str(tmp_path / "run")] if argv[0] != "bench" else argv)
+        status = cli.main([*argv, "--out", str(tmp_path / "run")] if takes_out else argv)
     except SystemExit as exc:  # argparse's own errors
         status = exc.code  # type: ignore[assignment]
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2
-    assert message in err[-1] and err[-1].startswith(f"gluon-optim {argv[0]}: error:")
+    assert len(err) == 1, err  # one line, no usage text, no traceback
+    assert message in err[0] and err[0].startswith(f"gluon-optim {argv[0]}: error: "), err
     assert not (tmp_path / "run").exists()  # nothing trained
 
 

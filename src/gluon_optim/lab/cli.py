@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -21,6 +22,7 @@ from typing import Any
 from gluon_optim.lab import experiments, report
 from gluon_optim.lab.optimizers import OPTIMIZERS
 from gluon_optim.lab.train import ConfigError, RunConfig, option_of, train
+from gluon_optim.lab.usage import Parser, UsageError, print_error
 
 #: `make demo`: gpt-tiny on the standard-library corpus, the three optimizers the papers compare.
 DEMO_OPTIMIZERS = ("adamw", "muon", "unscion")
@@ -44,8 +46,29 @@ def _value(text: str) -> Any:
         return text
 
 
-def _csv(text: str, kind: type = str) -> list[Any]:
-    return [kind(x) for x in text.split(",") if x.strip()]
+def _csv(text: str, kind: type = str, option: str = "") -> list[Any]:
+    """Comma-separated values of ``kind``; a value that does not parse names ``option``."""
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        try:
+            out.append(kind(item))
+        except ValueError:
+            what = {int: "whole numbers", float: "numbers"}.get(kind, "values")
+            raise UsageError(option, f"expected comma-separated {what}, got {item!r}") from None
+    return out
+
+
+def _nonnegative(text: str) -> float:
+    """An argparse type: a finite number ``>= 0``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text}")
+    return value
 
 
 def count(lo: int) -> Callable[[str], int]:
@@ -98,7 +121,7 @@ class _PairsAction(argparse.Action):
         if not key:
             key, sep, text = values.partition("=")
             if not sep or not key:
-                raise SystemExit(f"{option_string} expects KEY=VALUE, got {values!r}")
+                parser.error(f"argument {option_string}: expected KEY=VALUE, got {values!r}")
             value = _value(text)
         setattr(namespace, self.dest, {**getattr(namespace, self.dest, {}), key: value})
 
@@ -217,9 +240,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         changed = config_overrides(args, RunConfig())
         other = sorted(flag_of(name) for name in changed if name != "steps")
         if other:
-            raise SystemExit(
-                f"gluon-optim train: error: --resume continues the saved configuration; only "
-                f"--steps may change (got {', '.join(other)})"
+            raise UsageError(
+                "--resume",
+                "continues the saved configuration; only --steps may change (got "
+                f"{', '.join(other)})",
             )
         result = train(
             RunConfig(),
@@ -233,10 +257,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = _config(args)
         if config.parallel != "none" and not args.out:
             # Each process would pick its own timestamped default folder.
-            raise SystemExit(f"--parallel {config.parallel} needs --out (one folder for all ranks)")
+            raise UsageError(
+                "--parallel", f"{config.parallel} needs --out (one folder for all ranks)"
+            )
         out = Path(args.out) if args.out else _default_out(f"{config.model}-{config.optimizer}")
         if (out / "checkpoint.pt").exists():
-            raise SystemExit(f"{out} already holds a run; use --resume {out} or another --out")
+            raise UsageError(
+                "--out", f"{out} already holds a run; use --resume {out} or another --out"
+            )
         result = train(config, out, progress=not args.quiet)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
@@ -246,13 +274,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _nonempty(option: str, text: str) -> str:
+    if not _csv(text):
+        raise UsageError(option, "give at least one value (comma-separated)")
+    return text
+
+
+def _optimizer_specs(text: str) -> list[str]:
+    """``--optimizers``: specs ``name[@lr][:key=value]...`` whose names exist."""
+    specs = _csv(_nonempty("--optimizers", text))
+    for spec in specs:
+        try:
+            name = experiments.parse_spec(spec)[0]
+        except ValueError as err:
+            raise UsageError("--optimizers", str(err)) from None
+        if name not in OPTIMIZERS:
+            raise UsageError("--optimizers", f"unknown optimizer {name!r}").with_valid(
+                ", ".join(sorted(OPTIMIZERS))
+            )
+    return specs
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
+    specs = _optimizer_specs(args.optimizers)
+    seeds = _csv(_nonempty("--seeds", args.seeds), int, "--seeds")
     config = _config(args)
     out = Path(args.out) if args.out else _default_out(f"compare-{config.model}")
     res = experiments.compare(
         config,
-        _csv(args.optimizers),
-        _csv(args.seeds, int),
+        specs,
+        seeds,
         out,
         progress=not args.quiet,
         target_loss=args.target_loss,
@@ -263,15 +314,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    specs = _optimizer_specs(args.optimizers)
+    seeds = _csv(_nonempty("--seeds", args.seeds), int, "--seeds")
+    if args.lrs is not None and not _csv(args.lrs):
+        raise UsageError("--lrs", "give at least one lr, or leave --lrs out to use --lr-factors")
+    lrs = _csv(args.lrs, float, "--lrs") if args.lrs is not None else None
+    factors = _csv(_nonempty("--lr-factors", args.lr_factors), float, "--lr-factors")
     config = _config(args)
     out = Path(args.out) if args.out else _default_out(f"sweep-{config.model}")
     res = experiments.sweep(
         config,
-        _csv(args.optimizers),
-        _csv(args.lrs, float) if args.lrs else None,
+        specs,
+        lrs,
         out,
-        lr_factors=_csv(args.lr_factors, float),
-        seeds=_csv(args.seeds, int),
+        lr_factors=factors,
+        seeds=seeds,
         progress=not args.quiet,
     )
     print(res["table"])
@@ -286,7 +343,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     for run in args.runs:
         cfg_path = Path(run) / "config.json"
         if not cfg_path.exists():
-            raise SystemExit(f"{run} is not a run folder (no config.json)")
+            raise UsageError("runs", f"{run} is not a run folder (no config.json)")
         saved = json.loads(cfg_path.read_text())
         configs.append({**saved["config"], "lr": saved.get("lr", saved["config"]["lr"])})
     groups: dict[str, list[str]] = {}
@@ -298,6 +355,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    for option, run in (("run_a", args.run_a), ("run_b", args.run_b)):
+        if not (Path(run) / "metrics.jsonl").is_file():
+            raise UsageError(option, f"{run} is not a run folder (no metrics.jsonl)")
     d = report.compare_runs(args.run_a, args.run_b)
     if d["max_param_diff"] == 0.0 and d["first_diff_step"] is None:
         print(f"same: losses equal bit for bit over {d['steps']} steps; final weights equal")
@@ -314,8 +374,15 @@ def cmd_smoothness(args: argparse.Namespace) -> int:
     from gluon_optim.lab import smoothness as lab_smoothness
 
     out = Path(args.out) if args.out else _default_out("smoothness")
-    factors = tuple(_csv(args.sweep, float)) if args.sweep else ()
-    for name in _csv(args.protocols):
+    factors = tuple(_csv(args.sweep, float, "--sweep")) if args.sweep else ()
+    names = _csv(args.protocols)
+    unknown = [n for n in names if n not in lab_smoothness.PROTOCOLS]
+    if unknown or not names:
+        raise UsageError(
+            "--protocols",
+            f"unknown protocol(s) {unknown}" if unknown else "give at least one protocol",
+        ).with_valid(sorted(lab_smoothness.PROTOCOLS))
+    for name in names:
         overrides = config_overrides(args, lab_smoothness.PROTOCOLS[name])
         if args.steps:
             overrides["steps"] = args.steps
@@ -341,7 +408,7 @@ def cmd_smoothness(args: argparse.Namespace) -> int:
             cmp = experiments.compare(
                 base,
                 [base.optimizer, theory],
-                _csv(args.seeds, int),
+                _csv(args.seeds, int, "--seeds"),
                 out / name / "train",
                 progress=not args.quiet,
                 title=f"tuned {base.optimizer} vs Gluon with fitted l0l1 radii ({name})",
@@ -375,7 +442,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gluon-optim",
         description="Layer-wise LMO optimizers (Gluon, Muon, Scion): train, compare and sweep "
         "on offline data.",
@@ -428,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quiet(p)
     p.add_argument("--optimizers", default="adamw,muon,unscion", help="comma-separated names")
     p.add_argument(
-        "--lrs", default="", help="absolute lr grid, comma-separated (overrides --lr-factors)"
+        "--lrs", default=None, help="absolute lr grid, comma-separated (overrides --lr-factors)"
     )
     p.add_argument(
         "--lr-factors",
@@ -485,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_b", help="run folder")
     p.add_argument(
         "--tolerance",
-        type=float,
+        type=_nonnegative,
         default=0.0,
         help="largest |loss difference| that still passes (default %(default)s: bit for bit)",
     )
@@ -508,18 +575,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return bench.main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported for the command, not for the top-level parser
+        return print_error(args.command, extra[0], f"unrecognized (gluon-optim {args.command} -h)")
     try:
         return int(args.func(args))
     except ConfigError as err:  # a run setting: name the option that set it
-        print(
-            f"gluon-optim {args.command}: error: argument {flag_of(err.field)}: {err}",
-            file=sys.stderr,
-        )
-        return 2
+        return print_error(args.command, flag_of(err.field), str(err))
+    except UsageError as err:
+        return print_error(args.command, err.option, str(err))
     except (ValueError, FileNotFoundError) as err:
-        print(f"gluon-optim {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return print_error(args.command, "", str(err))
 
 
 if __name__ == "__main__":

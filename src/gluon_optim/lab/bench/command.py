@@ -22,7 +22,8 @@ from gluon_optim.lab.bench.train import (
 )
 from gluon_optim.lab.cli import add_config_options, config_overrides, count, counts
 from gluon_optim.lab.models import model_task
-from gluon_optim.lab.train import RunConfig
+from gluon_optim.lab.train import ConfigError, RunConfig
+from gluon_optim.lab.usage import Parser
 from gluon_optim.polar import COMPILE_BACKENDS
 
 #: The run settings every benchmark takes; the other RUN_SETTINGS are --train-* options.
@@ -52,7 +53,7 @@ def _lm_model(name: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of :func:`main` (exposed so a CLI can embed it)."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="gluon-optim bench",
         description="Time optimizer steps on nanoGPT hidden matrices and polar-factor scaling.",
     )
@@ -134,7 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     benchmark that did not run).
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.error(f"argument {extra[0]}: unrecognized (gluon-optim bench -h)")
     if not args.widths:
         parser.error("argument --widths: give at least one width, e.g. 384")
     if args.distributed:
@@ -148,6 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\nwrote {args.out}/distributed.json, distributed.md")
         return 0
     run = dataclasses.replace(RunConfig(), **config_overrides(args, RunConfig()))
+    try:
+        run.validate()  # --threads, --seed: checked before any benchmark runs
+    except ConfigError as exc:
+        parser.error(f"argument --{exc.field}: {exc}")
     if args.train:  # fail before the step benchmark, not after it
         try:
             check_train_args(
