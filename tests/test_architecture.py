@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "smoothness.fit": set(),
     "smoothness.io": {"smoothness.fit"},
     "smoothness.probe": {"norms", "optimizer"},
+    "smoothness.displacement": {"optimizer", "smoothness.probe"},
     "smoothness.radii": {"optimizer", "smoothness.fit", "smoothness.probe"},
 }
 

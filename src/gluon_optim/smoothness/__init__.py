@@ -23,6 +23,11 @@ on those listed before it:
   hooks on a :class:`~gluon_optim.Gluon` that record, every ``every`` steps and for each LMO
   parameter, ``L_hat = ||g_{k+1} - g_k||_* / ||X^{k+1} - X^k||`` and ``||g_{k+1}||_*``
   without changing the numerics; the only module that touches tensors.
+* :mod:`~gluon_optim.smoothness.displacement`: :class:`DisplacementProbe`, the controlled-
+  displacement estimate (the same fixed batch at ``X`` and ``X + s d``), which separates the
+  function's smoothness from minibatch noise; :func:`radius_dependence` and
+  :func:`bootstrap_fit` (in ``fit``) say whether an ``L1`` scales like ``1/t`` and how well it
+  is determined.
 * :mod:`~gluon_optim.smoothness.radii`: :func:`theoretical_radii`, :func:`radius_settings`,
   :func:`compare_radii`, from fits to radii, to ``settings`` for :func:`gluon_optim.gluon` and
   to a comparison with a tuned configuration.
@@ -30,19 +35,30 @@ on those listed before it:
 See ``docs/smoothness.md``.
 """
 
-from gluon_optim.smoothness.fit import Fit, fit_l0_l1, fit_records
+from gluon_optim.smoothness.displacement import DisplacementProbe, DisplacementRecord
+from gluon_optim.smoothness.fit import (
+    Fit,
+    bootstrap_fit,
+    fit_l0_l1,
+    fit_records,
+    radius_dependence,
+)
 from gluon_optim.smoothness.io import load_fits, read_records, save_fits
 from gluon_optim.smoothness.probe import SmoothnessProbe, SmoothnessRecord
 from gluon_optim.smoothness.radii import compare_radii, radius_settings, theoretical_radii
 
 __all__ = [
+    "DisplacementProbe",
+    "DisplacementRecord",
     "Fit",
+    "bootstrap_fit",
     "SmoothnessProbe",
     "SmoothnessRecord",
     "compare_radii",
     "fit_l0_l1",
     "fit_records",
     "load_fits",
+    "radius_dependence",
     "radius_settings",
     "read_records",
     "save_fits",

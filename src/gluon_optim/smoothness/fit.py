@@ -21,11 +21,12 @@ Plain Python floats throughout (no torch); inputs may be lists, arrays or 1-D te
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["Data", "Fit", "fit_l0_l1", "fit_records"]
+__all__ = ["Data", "Fit", "bootstrap_fit", "fit_l0_l1", "fit_records", "radius_dependence"]
 
 
 @dataclass(frozen=True)
@@ -302,3 +303,88 @@ def fit_records(
         key: fit_l0_l1(recs, penalty, lower=lower, euclidean=euclidean, role=roles[key])
         for key, recs in grouped.items()
     }
+
+
+def bootstrap_fit(
+    data: Data,
+    penalty: float = 5.0,
+    *,
+    samples: int = 200,
+    level: float = 0.9,
+    seed: int = 0,
+    lower: float = 1e-6,
+    euclidean: bool = False,
+) -> dict[str, Any]:
+    """Percentile bootstrap intervals for ``L0`` and ``L1`` of :func:`fit_l0_l1`.
+
+    Resamples the finite points with replacement ``samples`` times (a seeded
+    ``random.Random``), refits each resample, and returns
+    ``{"l0": (lo, hi), "l1": (lo, hi), "level": level, "samples": n}``, where ``n`` is the
+    number of resamples that could be fitted. The intervals show how far the intercept and
+    slope trade off. A wide ``L0`` interval that reaches the lower bound means the data cannot
+    tell ``L0`` from 0. With fewer than 3 points, both intervals are ``None``.
+    """
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"bootstrap_fit: samples must be an int >= 1, got {samples!r}")
+    if not (isinstance(level, float) and 0.0 < level < 1.0):
+        raise ValueError(f"bootstrap_fit: level must be a float in (0, 1), got {level!r}")
+    xs, ys, _ = _points(data, euclidean)
+    if len(xs) < 3:
+        return {"l0": None, "l1": None, "level": level, "samples": 0}
+    rng = random.Random(seed)
+    l0s: list[float] = []
+    l1s: list[float] = []
+    n = len(xs)
+    for _ in range(samples):
+        picks = [rng.randrange(n) for _ in range(n)]
+        fit = fit_l0_l1(([ys[i] for i in picks], [xs[i] for i in picks]), penalty, lower=lower)
+        if fit.l0 is not None and fit.l1 is not None:
+            l0s.append(fit.l0)
+            l1s.append(fit.l1)
+    if not l0s:
+        return {"l0": None, "l1": None, "level": level, "samples": 0}
+    tail = (1.0 - level) / 2.0
+    return {
+        "l0": (_quantile(l0s, tail), _quantile(l0s, 1.0 - tail)),
+        "l1": (_quantile(l1s, tail), _quantile(l1s, 1.0 - tail)),
+        "level": level,
+        "samples": len(l0s),
+    }
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` by linear interpolation between order statistics."""
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def radius_dependence(l1_by_radius: Mapping[float, float | None]) -> dict[str, Any]:
+    r"""Does a fitted ``L1`` describe the function, or the radius it was probed at?
+
+    Given one layer's ``L1`` fitted at several probing radii ``t`` (or displacements ``s``),
+    returns ``{"l1_t": {t: L1 * t}, "slope": b, "flag": ...}``. Here ``b`` is the least-squares
+    slope of ``log L1`` against ``log t``. A smoothness constant does not depend on where it
+    was measured (``b ~ 0``). An estimate dominated by minibatch noise scales like ``1/t``
+    (``b ~ -1``, so ``L1 * t`` is the same number at every ``t``). ``flag`` is ``"1/t"`` when
+    ``b < -0.75``, ``"flat"`` when ``|b| < 0.25``, and ``"between"`` otherwise. It is ``None``
+    with fewer than 2 usable radii.
+    """
+    points = [
+        (float(t), float(l1))
+        for t, l1 in l1_by_radius.items()
+        if l1 is not None and t > 0 and l1 > 0 and math.isfinite(t) and math.isfinite(l1)
+    ]
+    l1_t = {t: l1 * t for t, l1 in points}
+    if len({t for t, _ in points}) < 2:
+        return {"l1_t": l1_t, "slope": None, "flag": None}
+    lx = [math.log(t) for t, _ in points]
+    ly = [math.log(l1) for _, l1 in points]
+    mx, my = math.fsum(lx) / len(lx), math.fsum(ly) / len(ly)
+    slope = math.fsum((x - mx) * (y - my) for x, y in zip(lx, ly, strict=True)) / math.fsum(
+        (x - mx) ** 2 for x in lx
+    )
+    flag = "1/t" if slope < -0.75 else "flat" if abs(slope) < 0.25 else "between"
+    return {"l1_t": l1_t, "slope": slope, "flag": flag}
