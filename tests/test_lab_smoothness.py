@@ -140,3 +140,46 @@ def test_fits_that_miss_a_role_are_refused(tmp_path: Path) -> None:
     model = build_model("cnn-small", in_channels=1, num_classes=10, widths=(8, 16))
     with pytest.raises(ValueError, match=r"no fitted constants for role\(s\) \['head'\]"):
         optim_registry.build("gluon", model, 1.0, {"fit": str(path)})
+
+
+def test_the_radius_check_reports_both_estimates_per_role_and_radius(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "rc"
+    gpt = ["--protocols", "gpt", "--steps", "8", "--every", "2", "--threads", "1", "--quiet"]
+    assert cli.main(["smoothness", *gpt, "--radius-check", "0.5,2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| hidden | 0.5 |" in text and "| hidden | 2 |" in text and "trajectory slope" in text
+    payload = json.loads((out / "gpt" / "radius-check" / "radius-check.json").read_text())
+    assert payload["factors"] == [0.5, 2.0]
+    hidden = [r for r in payload["rows"] if r["role"] == "hidden"]
+    assert hidden[1]["radius"] == pytest.approx(4 * hidden[0]["radius"])
+    for row in hidden:
+        assert row["displacement"]["l1"] is not None and row["trajectory"]["l1"] is not None
+        assert list(row["displacement_by_scale"]) == ["0.1", "0.3", "1.0", "3.0"]
+    assert payload["summary"]["hidden"]["trajectory"]["slope"] is not None
+
+
+def test_the_displacement_probe_leaves_a_training_run_bit_identical(tmp_path: Path) -> None:
+    base = RunConfig(
+        model="gpt-tiny", optimizer="unscion", steps=6, batch_size=4, eval_every=6,
+        probe_every=3, threads=1,
+    )  # fmt: skip
+    train(base, tmp_path / "plain", progress=False)
+    probed = RunConfig(**{**base.__dict__, "probe_displacement": "0.5,2"})
+    train(probed, tmp_path / "probed", progress=False)
+    a = [
+        json.loads(x)["loss"]
+        for x in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()
+    ]
+    b = [
+        json.loads(x)["loss"]
+        for x in (tmp_path / "probed" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert a == b
+    records = smoothness.read_records(tmp_path / "probed" / "displacement.jsonl")
+    assert {r["step"] for r in records} == {3, 6} and {r["scale"] for r in records} == {0.5, 2.0}
+    with pytest.raises(ValueError, match="probe_displacement needs probe_every"):
+        RunConfig(probe_displacement="1").validate()
+    with pytest.raises(ValueError, match="Invalid probe_displacement"):
+        RunConfig(probe_every=2, probe_displacement="0,x").validate()

@@ -382,6 +382,25 @@ def cmd_smoothness(args: argparse.Namespace) -> int:
             "--protocols",
             f"unknown protocol(s) {unknown}" if unknown else "give at least one protocol",
         ).with_valid(sorted(lab_smoothness.PROTOCOLS))
+    check = _csv(args.radius_check, float, "--radius-check") if args.radius_check else []
+    if args.radius_check and not all(f > 0 and math.isfinite(f) for f in check):
+        raise UsageError("--radius-check", f"lr factors must be > 0, got {args.radius_check!r}")
+    if check:
+        for name in names:
+            overrides = config_overrides(args, lab_smoothness.PROTOCOLS[name])
+            if args.steps:
+                overrides["steps"] = args.steps
+            if args.every:
+                overrides["probe_every"] = args.every
+            res = lab_smoothness.radius_check(
+                name,
+                out / name / "radius-check",
+                tuple(check),
+                overrides=overrides,
+                progress=not args.quiet,
+            )
+            print(f"\n== {name} ==\n{res['table']}\nreport: {res['report']}")
+        return 0
     for name in names:
         overrides = config_overrides(args, lab_smoothness.PROTOCOLS[name])
         if args.steps:
@@ -523,6 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", default=None, help="cnn protocol data, e.g. cifar10:PATH (default digits)"
     )
     add_config_options(p, ("model_options", *machine), base=None)
+    p.add_argument(
+        "--radius-check",
+        default="",
+        help="instead of the protocol: run it at these lr factors (e.g. 0.25,1,4) with the "
+        "trajectory and the controlled-displacement probes, and report L1 * t per role and "
+        "whether L1 follows 1/t",
+    )
     p.add_argument(
         "--sweep",
         default="0.25,0.5,1,2,4",

@@ -203,6 +203,21 @@ class RunConfig:
             "(Gluon optimizers), 0: off"
         ),
     )
+    probe_displacement: str = _setting(
+        "",
+        Option(
+            "with --probe-every: also the controlled-displacement estimate (the same fixed "
+            "batch at X and X + s d) at these multiples s of each layer's radius, "
+            "comma-separated (e.g. 0.1,0.3,1,3), into displacement.jsonl"
+        ),
+    )
+    probe_batches: int = _setting(
+        4,
+        Option(
+            "batches in the fixed batch of --probe-displacement (images with batch size "
+            "<= 0: the full training set)"
+        ),
+    )
     threads: int | None = _setting(None, Option("torch CPU threads (default: torch's)"))
     parallel: str = _setting(
         "none", Option("data parallelism (run under torchrun)", choices=lambda: PARALLEL_NOTES)
@@ -217,6 +232,10 @@ class RunConfig:
             "(default $GLUON_OPTIM_CACHE or ~/.cache/gluon-optim)"
         ),
     )
+
+    def displacement_scales(self) -> list[float]:
+        """``probe_displacement`` as numbers (``[]`` when off)."""
+        return [float(x) for x in self.probe_displacement.split(",") if x.strip()]
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` (a ``ValueError``) naming the first invalid field."""
@@ -237,6 +256,20 @@ class RunConfig:
                 raise ConfigError(
                     name, f"Unknown {name} {getattr(self, name)!r}; expected one of {allowed}"
                 )
+        try:
+            scales = self.displacement_scales()
+        except ValueError:
+            scales = [-1.0]
+        if not all(s > 0 and math.isfinite(s) for s in scales):
+            raise ConfigError(
+                "probe_displacement",
+                f"Invalid probe_displacement: {self.probe_displacement!r} (need comma-separated "
+                "numbers > 0)",
+            )
+        if scales and not self.probe_every:
+            raise ConfigError(
+                "probe_displacement", "probe_displacement needs probe_every > 0 (when to measure)"
+            )
         fit = self.opt_options.get("fit")
         if fit is not None:
             if self.optimizer != "gluon":
@@ -262,6 +295,7 @@ class RunConfig:
             ("eval_batches", self.eval_batches >= 1, "need >= 1"),
             ("checkpoint_every", self.checkpoint_every >= 0, "need >= 0"),
             ("probe_every", self.probe_every >= 0, "need >= 0"),
+            ("probe_batches", self.probe_batches >= 1, "need >= 1"),
             ("warmup", 0 <= self.warmup < self.steps or self.warmup == 0, "need 0 or < steps"),
             ("decay_frac", 0.0 <= self.decay_frac <= 1.0, "need 0 to 1"),
             (
@@ -491,6 +525,69 @@ def _step(
     return loss
 
 
+#: Where the fixed probe batch of ``probe_displacement`` is drawn from: batch indices far past
+#: any run's own, so the probe batch is the same at every step and is no step's batch.
+_PROBE_BATCH_OFFSET = 10**7
+
+
+def _displacement_probe(
+    config: RunConfig,
+    optimizer: Any,
+    net: nn.Module,
+    data: Any,
+    block_size: int,
+    shards: int,
+    rank: int,
+    lead: bool,
+    run_path: Path,
+) -> Callable[[int], None]:
+    """The controlled-displacement measurement of a run: ``measure(step)`` after a step.
+
+    The loss is that of a fixed batch (``probe_batches`` training batches, or the whole set for
+    full-batch images), with the dropout masks drawn from the same seed every call, so the
+    measured function is deterministic. The run is left exactly as it was: the RNG state, the
+    model's buffers (BatchNorm statistics), every parameter and every ``.grad``.
+    """
+    if not isinstance(optimizer, go.Gluon):
+        raise ValueError("probe_displacement needs one gluon_optim.Gluon optimizer")
+    size = config.batch_size * shards if config.batch_size > 0 else config.batch_size
+    count = 1 if config.batch_size <= 0 else config.probe_batches
+    fixed = []
+    for i in range(count):
+        if isinstance(data, TokenDataset):
+            x, y = data.batch("train", _PROBE_BATCH_OFFSET + i, size, block_size, config.seed)
+        else:
+            x, y = data.batch("train", _PROBE_BATCH_OFFSET + i, size, config.seed)
+        if shards > 1:
+            x, y = x.chunk(shards)[rank], y.chunk(shards)[rank]
+        fixed.append((x, y))
+
+    def loss() -> Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed + 1)
+            total: Tensor = sum((batch_loss(net, x, y) for x, y in fixed), torch.zeros(()))
+        return total / len(fixed)
+
+    probe = go.smoothness.DisplacementProbe(
+        optimizer,
+        loss,
+        config.displacement_scales(),
+        every=0,
+        sink=run_path / "displacement.jsonl" if lead else None,
+    )
+
+    def measure(step: int) -> None:
+        buffers = {k: b.clone() for k, b in net.named_buffers()}
+        try:
+            probe.measure(step)
+        finally:
+            with torch.no_grad():
+                for k, b in net.named_buffers():
+                    b.copy_(buffers[k])
+
+    return measure
+
+
 def batch_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """Mean cross-entropy of ``model`` on one batch (the training loss, the bench's too)."""
     logits = model(x)
@@ -672,6 +769,7 @@ def train(
         if lead:
             _truncate_jsonl(run_path / "metrics.jsonl", start_step)
             _truncate_jsonl(run_path / "smoothness.jsonl", start_step)
+            _truncate_jsonl(run_path / "displacement.jsonl", start_step)
     elif lead:
         resolved = dataclasses.asdict(config)
         _write_json(run_path / "config.json", {"config": resolved, "lr": lr, "options": options})
@@ -730,6 +828,11 @@ def train(
             sink=run_path / "smoothness.jsonl" if lead else None,
             start_step=start_step + 1,  # number steps as metrics.jsonl does, from 1
         )
+    displacement = None
+    if config.probe_displacement:
+        displacement = _displacement_probe(
+            config, optimizers[0], net, data, block_size, shards, rank, lead, run_path
+        )
     two_point = needs_closure(optimizers)
     grad_evals = resumed_evals
 
@@ -773,6 +876,8 @@ def train(
                 for g, base in zip(opt.param_groups, lrs, strict=True):
                     g["lr"] = base * mult
             loss_t = _step(optimizers, closure_for(step), two_point)
+            if displacement is not None and (step + 1) % config.probe_every == 0:
+                displacement(step + 1)
             loss_sum = float(loss_t)
             dt = time.perf_counter() - t0
             elapsed += dt
