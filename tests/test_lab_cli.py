@@ -408,6 +408,7 @@ def test_checkpoints_get_the_mode_of_a_new_file(tmp_path: Path) -> None:
         (["compare", "--optimizers", "muon@x"], "--optimizers: optimizer spec 'muon@x': lr 'x'"),
         (["compare", "--seeds", "x"], "--seeds: expected comma-separated whole numbers"),
         (["sweep", "--lrs", ""], "--lrs: give at least one lr"),
+        (["sweep", "--optimizers", "muon@0.1"], "--optimizers: 'muon@0.1' gives an lr"),
         (["sweep", "--lrs", "abc"], "--lrs: expected comma-separated numbers, got 'abc'"),
         (["sweep", "--lr-factors", ""], "--lr-factors: give at least one value"),
         (["demo", "--steps", "0"], "--steps: unrecognized"),
@@ -443,3 +444,14 @@ def test_plot_never_averages_runs_of_different_settings() -> None:
     ]
     assert run_labels(configs) == ["muon lr=0.02", "muon lr=0.02", "muon lr=0.01", "adamw"]
     assert run_labels(configs[:2]) == ["muon", "muon"]  # seeds alone are averaged
+
+
+def test_sweep_takes_specs_with_options(corpus: str, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    argv = ["sweep", "--data", corpus, "--optimizers", "unscion:momentum=0.5,unscion"]
+    assert cli.main([*argv, "--lrs", "1e-3", "--out", str(out), *TINY]) == 0
+    payload = json.loads((out / "sweep.json").read_text())
+    assert set(payload["best"]) == {"unscion:momentum=0.5", "unscion"}
+    configs = [json.loads(p.read_text())["config"] for p in out.glob("*/config.json")]
+    momenta = sorted(str(c["opt_options"].get("momentum", "default")) for c in configs)
+    assert momenta == ["0.5", "default"]

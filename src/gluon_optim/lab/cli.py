@@ -280,14 +280,16 @@ def _nonempty(option: str, text: str) -> str:
     return text
 
 
-def _optimizer_specs(text: str) -> list[str]:
+def _optimizer_specs(text: str, *, allow_lr: bool = True) -> list[str]:
     """``--optimizers``: specs ``name[@lr][:key=value]...`` whose names exist."""
     specs = _csv(_nonempty("--optimizers", text))
     for spec in specs:
         try:
-            name = experiments.parse_spec(spec)[0]
+            name, lr, _ = experiments.parse_spec(spec)
         except ValueError as err:
             raise UsageError("--optimizers", str(err)) from None
+        if lr is not None and not allow_lr:
+            raise UsageError("--optimizers", f"{spec!r} gives an lr; the grid (--lrs) sets it")
         if name not in OPTIMIZERS:
             raise UsageError("--optimizers", f"unknown optimizer {name!r}").with_valid(
                 ", ".join(sorted(OPTIMIZERS))
@@ -314,7 +316,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    specs = _optimizer_specs(args.optimizers)
+    specs = _optimizer_specs(args.optimizers, allow_lr=False)
     seeds = _csv(_nonempty("--seeds", args.seeds), int, "--seeds")
     if args.lrs is not None and not _csv(args.lrs):
         raise UsageError("--lrs", "give at least one lr, or leave --lrs out to use --lr-factors")
@@ -512,7 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="learning-rate grid per optimizer, same budget for each")
     add_config_options(p, run_fields(varied=False), base=RunConfig(), title="run")
     _add_quiet(p)
-    p.add_argument("--optimizers", default="adamw,muon,unscion", help="comma-separated names")
+    p.add_argument(
+        "--optimizers",
+        default="adamw,muon,unscion",
+        help="comma-separated names or specs name[:key=value]... (no @lr: the grid sets it), "
+        "e.g. unscion:momentum=0.8,unscion:momentum=0.95 (default %(default)s)",
+    )
     p.add_argument(
         "--lrs", default=None, help="absolute lr grid, comma-separated (overrides --lr-factors)"
     )

@@ -166,8 +166,11 @@ def sweep(
 ) -> dict[str, Any]:
     """An lr grid per optimizer (absolute ``lrs``, or ``lr_factors`` times its tuned default).
 
-    Returns and writes (``sweep.json``, ``sweep.md``) every point and the best lr per optimizer
-    by mean final validation loss.
+    ``optimizers`` are names or specs ``name[:key=value]...`` (:func:`parse_spec`, without an
+    ``@lr``: the grid sets it), so one sweep can cover several settings of one optimizer
+    (``unscion:momentum=0.8,unscion:momentum=0.95``); points and best lrs are keyed by the spec.
+    Returns and writes (``sweep.json``, ``sweep.md``) every point and the best lr per spec by
+    mean final validation loss.
     """
     from gluon_optim.lab.optimizers import resolve
 
@@ -176,17 +179,22 @@ def sweep(
     points: list[dict[str, Any]] = []
     best: dict[str, dict[str, Any]] = {}
     plan: list[tuple[str, float, list[tuple[str, RunConfig]]]] = []
-    for name in optimizers:
-        default_lr, _ = resolve(name, base.model, None, base.opt_options)
+    for spec in optimizers:
+        name, spec_lr, options = parse_spec(spec)
+        if spec_lr is not None:
+            raise ValueError(f"sweep: {spec!r} gives an lr; the sweep's grid sets it (drop @lr)")
+        opts = {**base.opt_options, **options}
+        default_lr, _ = resolve(name, base.model, None, opts)
         grid = list(lrs) if lrs else [default_lr * f for f in lr_factors]
         for lr in grid:
+            label = _label(name, lr, options)
             variants = [
-                (f"{name}-lr{lr:.3g}", dataclasses.replace(base, optimizer=name, lr=lr, seed=s))
+                (label, dataclasses.replace(base, optimizer=name, lr=lr, opt_options=opts, seed=s))
                 for s in seeds
             ]
             for _, config in variants:  # every point checked before the first one trains
                 config.validate()
-            plan.append((name, lr, variants))
+            plan.append((spec, lr, variants))
     for name, lr, variants in plan:
         results = _run_all(base, out, variants, progress)
         loss, std = report.mean_std([r.final_val_loss for _, r in results])
