@@ -387,23 +387,8 @@ def cmd_smoothness(args: argparse.Namespace) -> int:
     check = _csv(args.radius_check, float, "--radius-check") if args.radius_check else []
     if args.radius_check and not all(f > 0 and math.isfinite(f) for f in check):
         raise UsageError("--radius-check", f"lr factors must be > 0, got {args.radius_check!r}")
-    if check:
-        for name in names:
-            overrides = config_overrides(args, lab_smoothness.PROTOCOLS[name])
-            if args.steps:
-                overrides["steps"] = args.steps
-            if args.every:
-                overrides["probe_every"] = args.every
-            res = lab_smoothness.radius_check(
-                name,
-                out / name / "radius-check",
-                tuple(check),
-                overrides=overrides,
-                progress=not args.quiet,
-            )
-            print(f"\n== {name} ==\n{res['table']}\nreport: {res['report']}")
-        return 0
-    for name in names:
+
+    def overrides_for(name: str) -> dict[str, Any]:
         overrides = config_overrides(args, lab_smoothness.PROTOCOLS[name])
         if args.steps:
             overrides["steps"] = args.steps
@@ -411,6 +396,21 @@ def cmd_smoothness(args: argparse.Namespace) -> int:
             overrides["probe_every"] = args.every
         if args.data and name == "cnn":
             overrides["data"] = args.data
+        return overrides
+
+    if check:
+        for name in names:
+            res = lab_smoothness.radius_check(
+                name,
+                out / name / "radius-check",
+                tuple(check),
+                overrides=overrides_for(name),
+                progress=not args.quiet,
+            )
+            print(f"\n== {name} ==\n{res['table']}\nreport: {res['report']}")
+        return 0
+    for name in names:
+        overrides = overrides_for(name)
         res = lab_smoothness.run_protocol(
             name,
             out / name,
