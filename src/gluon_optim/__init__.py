@@ -14,6 +14,7 @@ from gluon_optim.groups import DEFAULTS
 from gluon_optim.integrations import unwrap
 from gluon_optim.optimizer import Gluon, describe, resolve_norm
 from gluon_optim.presets import (
+    FAST_NS,
     PRESETS,
     gluon,
     gluon_mvr,
@@ -30,6 +31,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "DEFAULTS",
+    "FAST_NS",
     "PRESETS",
     "ROLES",
     "Assignment",
