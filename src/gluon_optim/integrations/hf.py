@@ -58,14 +58,14 @@ def optimizer_cls_and_kwargs(
 ) -> tuple[type[Gluon], dict[str, Any]]:
     """``(Gluon, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``.
 
-    The kwargs hold ``params=`` (the preset's plain-data role groups for ``model``; ``Trainer``
-    uses them in place of its weight-decay groups), the default ``lr`` and the optimizer-level
-    options (``distributed``, ``process_group``). ``options`` are those of ``go.<preset>``.
+    The kwargs hold ``params=`` (the preset's role groups for ``model``, every setting filled
+    in; ``Trainer`` uses them in place of its weight-decay groups), the default ``lr``, and the
+    optimizer-level options given in ``options`` (``distributed``, ``process_group``).
+    ``options`` are those of ``go.<preset>``; building the preset once here checks them.
     """
     built = build(model, preset, **options)
     kwargs: dict[str, Any] = {"params": built.param_groups, "lr": built.defaults["lr"]}
-    if built.executor.mode != "local":
-        kwargs["distributed"] = built.executor.mode
+    kwargs.update({k: options[k] for k in ("distributed", "process_group") if k in options})
     return Gluon, kwargs
 
 
