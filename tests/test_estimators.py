@@ -663,7 +663,7 @@ def test_invalid_option_set_after_construction_is_caught_before_any_change() -> 
 
 # -- the preset ------------------------------------------------------------------------------------
 def test_gluon_mvr_preset(tiny: TinyNet) -> None:
-    opt = go.gluon_mvr(tiny, 3, lr=0.01, momentum=0.8, mvr_q=0.2, two_point="approx")
+    opt = go.gluon_mvr(tiny, 3, lr=0.01, momentum=0.8, mvr_q=0.2)
     assert {g["role"] for g in opt.param_groups} == {
         "embedding",
         "hidden",
@@ -678,12 +678,15 @@ def test_gluon_mvr_preset(tiny: TinyNet) -> None:
             "mvr3",
             0.8,
             0.2,
-            "approx",
+            "exact",
         )
     hidden = next(g for g in opt.param_groups if g["role"] == "hidden")
     assert hidden["norm"] == "spectral" and hidden["shape_rule"] == "rms"
     with pytest.raises(ValueError, match="variant must be 1, 2 or 3"):
         go.gluon_mvr(tiny, 4)
+    for variant, what in ((1, "no momentum"), (2, "EMA started at g"), (3, "mars_gamma=1")):
+        with pytest.raises(ValueError, match=f"not variance reduction for MVR-{variant}.*{what}"):
+            go.gluon_mvr(tiny, variant, two_point="approx")
     groups = go.param_groups(tiny, "gluon_mvr", variant=2, settings={"head": {"scale": 10.0}})
     assert all(g["estimator"] == "mvr2" and g["two_point"] == "exact" for g in groups)
     assert next(g for g in groups if g["role"] == "head")["scale"] == 10.0
@@ -710,3 +713,26 @@ def test_momentum_init_gradient_is_gluons_algorithm_1(foreach: bool) -> None:
     # The default start differs from the second step on (by the transient beta^(k+1) g^0).
     v, zero = _optimizer(prob, norm="spectral", momentum=0.8, foreach=foreach)
     assert not torch.allclose(_run(prob, v, zero)[-1], ref[-1], rtol=0, atol=1e-6)
+
+
+def test_approx_mode_reduces_each_mvr_variant_to_a_simpler_method() -> None:
+    """What gluon_mvr refuses approx mode for: with the previous step's gradient as g_prev,
+    MVR-1 is momentum-free steps (for every beta), MVR-2 the EMA started at g^0 and MVR-3 MARS
+    with gamma = 1 (both for every q)."""
+    prob = LeastSquares(seed=4)
+
+    def run(**options: object) -> list[torch.Tensor]:
+        w, opt = _optimizer(prob, norm="euclidean", two_point="approx", **options)
+        return _run(prob, w, opt)
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
+
+    for beta in (0.5, 0.9):
+        same(run(estimator="mvr1", momentum=beta), run(estimator="ema", momentum=0.0))
+    ema_g0 = run(estimator="ema", momentum=0.9, momentum_init="gradient", nesterov=False)
+    mars1 = run(estimator="mars", momentum=0.9, mars_gamma=1.0)
+    for q in (0.1, 0.9):
+        same(run(estimator="mvr2", momentum=0.9, mvr_q=q), ema_g0)
+        same(run(estimator="mvr3", momentum=0.9, mvr_q=q), mars1)

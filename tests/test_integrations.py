@@ -298,7 +298,8 @@ def test_lightning_callback_refuses_inconsistent_exact_steps(
     with pytest.raises(ValueError, match=match):
         _trainer(**setting).fit(module, _loader())
     assert all(torch.equal(a, p) for a, p in zip(before, module.parameters(), strict=True))
-    _trainer(**setting).fit(_Module("gluon_mvr", two_point="approx"), _loader())  # allowed
+    allowed = _Module("gluon", estimator="mars", two_point="approx")  # one gradient per step
+    _trainer(**setting).fit(allowed, _loader())
 
 
 def test_lightning_callback_refuses_a_gradient_scaler() -> None:
@@ -316,7 +317,7 @@ def test_lightning_callback_refuses_a_gradient_scaler() -> None:
     )
     with pytest.raises(ValueError, match="precision='16-mixed' uses a gradient scaler"):
         lightning.GluonCallback().on_fit_start(trainer, None)
-    trainer.optimizers = [go.gluon_mvr(net, head=net[1], two_point="approx")]
+    trainer.optimizers = [go.gluon(net, head=net[1], estimator="mars", two_point="approx")]
     lightning.GluonCallback().on_fit_start(trainer, None)
 
 

@@ -220,6 +220,14 @@ def _gluon_table(
     }
 
 
+#: What each MVR variant's recursion is with ``two_point="approx"`` (tested to rounding).
+_APPROX_REDUCES_TO = {
+    1: "no momentum at all (M = g, for every momentum)",
+    2: "the EMA started at g^0 (estimator='ema', momentum_init='gradient'), for every mvr_q",
+    3: "estimator='mars' with mars_gamma=1, for every mvr_q",
+}
+
+
 def _gluon_mvr_table(
     *,
     variant: int = 1,
@@ -231,6 +239,14 @@ def _gluon_mvr_table(
 ) -> dict[str, dict[str, Any]]:
     if isinstance(variant, bool) or variant not in (1, 2, 3):
         raise ValueError(f"gluon_mvr: variant must be 1, 2 or 3, got {variant!r}")
+    if two_point == "approx":
+        raise ValueError(
+            f"gluon_mvr: two_point='approx' is not variance reduction for MVR-{variant}: with "
+            "the previous step's gradient as g_prev and M^0 = g^0 the recursion reduces to "
+            f"{_APPROX_REDUCES_TO[variant]} (docs/variance_reduction.md). Use "
+            "two_point='exact' (the paper's method), or go.gluon(model, estimator='mars', "
+            "two_point='approx') for a one-gradient correction that keeps a momentum"
+        )
     vr = dict(estimator=f"mvr{variant}", momentum=momentum, mvr_q=mvr_q, two_point=two_point)
     return _gluon_table(lr=lr, **{**vr, **lmo_options})
 
@@ -522,10 +538,12 @@ def gluon_mvr(
     the paper's Algorithm 5 could not be read). See :mod:`gluon_optim.estimators` and
     ``docs/variance_reduction.md``.
 
-    With ``two_point="exact"`` (the paper's method) every step needs the current batch's
-    gradient at the previous iterate: call ``opt.step(closure)`` or compute it inside
-    ``with opt.previous_iterate(): ...``. ``two_point="approx"`` uses the previous step's
-    gradient instead (one gradient per step).
+    Every step needs the current batch's gradient at the previous iterate (``two_point="exact"``,
+    the paper's method): call ``opt.step(closure)`` or compute it inside
+    ``with opt.previous_iterate(): ...``. ``two_point="approx"`` raises: with the previous
+    step's gradient instead, each variant reduces to a simpler method (no momentum, an EMA,
+    MARS with gamma 1). ``go.gluon(model, estimator="mars", two_point="approx")`` is the
+    one-gradient correction that keeps a momentum.
 
     Args:
         model: the network; roles and norms as :func:`gluon` (Scion's norm table, scale 1).
@@ -533,7 +551,7 @@ def gluon_mvr(
         lr, momentum: the radius ``t = lr * scale`` and ``beta`` (weight on the old momentum,
             as in Gluon; the paper's beta on the correction term is the same number for MVR-1).
         mvr_q: MVR-2/3's ``q`` in ``[0, 1]``.
-        two_point: ``"exact"`` or ``"approx"``.
+        two_point: ``"exact"`` (``"approx"`` raises; see above).
         settings, head, embedding, roles, **options: as :func:`gluon`.
 
     References:

@@ -75,7 +75,7 @@ CASES: dict[str, Builder] = {
     ),
     "mvr1-exact": lambda m, **kw: go.gluon_mvr(m, 1, lr=0.01, **kw),
     "mvr2-exact": lambda m, **kw: go.gluon_mvr(m, 2, lr=0.01, **kw),
-    "mvr3-approx": lambda m, **kw: go.gluon_mvr(m, 3, lr=0.01, two_point="approx", **kw),
+    "mvr3-approx": lambda m, **kw: go.gluon(m, lr=0.01, estimator="mvr3", two_point="approx", **kw),
     "mars-approx": lambda m, **kw: go.gluon(
         m, lr=0.01, estimator="mars", two_point="approx", mars_gamma=0.3, **kw
     ),

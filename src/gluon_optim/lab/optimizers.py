@@ -172,13 +172,16 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
         ),
     ]
 }
+#: Kept for the record: each approx variant is a simpler method (docs/variance_reduction.md).
+_APPROX_REDUCES_TO = {1: "no momentum", 2: "the EMA started at g^0", 3: "MARS with gamma 1"}
 for _variant in (1, 2, 3):
     for _mode in ("exact", "approx"):
         _name = f"gluon-mvr{_variant}" + ("" if _mode == "exact" else "-approx")
+        _reduces = "" if _mode == "exact" else f" (reduces to {_APPROX_REDUCES_TO[_variant]})"
         OPTIMIZERS[_name] = OptimizerEntry(
             _name,
             _vr(f"mvr{_variant}", _mode),
-            f"gluon_optim.gluon_mvr variant {_variant}, {_mode} two-point gradient, "
+            f"Gluon-MVR variant {_variant}, {_mode} two-point gradient{_reduces}, "
             "unscion's norms and scales",
             # gpt: from the gluon-mvr1 sweep (docs/lab.md); cnn/vit: unscion's, not swept.
             _every_family(lr=1.5e-4),
