@@ -530,14 +530,29 @@ def _step(
 _PROBE_BATCH_OFFSET = 10**7
 
 
+def _train_batch(
+    data: Any, config: RunConfig, index: int, block_size: int, shards: int, rank: int
+) -> tuple[Tensor, Tensor]:
+    """This rank's slice of global training batch ``index``.
+
+    Every rank draws the same global batch and keeps its slice, so W ranks see what one
+    process sees at W x batch_size.
+    """
+    size = config.batch_size * shards if config.batch_size > 0 else config.batch_size
+    if isinstance(data, TokenDataset):
+        x, y = data.batch("train", index, size, block_size, config.seed)
+    else:
+        x, y = data.batch("train", index, size, config.seed)
+    if shards > 1:
+        x, y = x.chunk(shards)[rank], y.chunk(shards)[rank]
+    return x, y
+
+
 def _displacement_probe(
     config: RunConfig,
     optimizer: Any,
     net: nn.Module,
-    data: Any,
-    block_size: int,
-    shards: int,
-    rank: int,
+    draw: Callable[[int], tuple[Tensor, Tensor]],
     lead: bool,
     run_path: Path,
 ) -> Callable[[int], None]:
@@ -550,17 +565,8 @@ def _displacement_probe(
     """
     if not isinstance(optimizer, go.Gluon):
         raise ValueError("probe_displacement needs one gluon_optim.Gluon optimizer")
-    size = config.batch_size * shards if config.batch_size > 0 else config.batch_size
     count = 1 if config.batch_size <= 0 else config.probe_batches
-    fixed = []
-    for i in range(count):
-        if isinstance(data, TokenDataset):
-            x, y = data.batch("train", _PROBE_BATCH_OFFSET + i, size, block_size, config.seed)
-        else:
-            x, y = data.batch("train", _PROBE_BATCH_OFFSET + i, size, config.seed)
-        if shards > 1:
-            x, y = x.chunk(shards)[rank], y.chunk(shards)[rank]
-        fixed.append((x, y))
+    fixed = [draw(_PROBE_BATCH_OFFSET + i) for i in range(count)]
 
     def loss() -> Tensor:
         with torch.random.fork_rng(devices=[]):
@@ -831,7 +837,12 @@ def train(
     displacement = None
     if config.probe_displacement:
         displacement = _displacement_probe(
-            config, optimizers[0], net, data, block_size, shards, rank, lead, run_path
+            config,
+            optimizers[0],
+            net,
+            lambda index: _train_batch(data, config, index, block_size, shards, rank),
+            lead,
+            run_path,
         )
     two_point = needs_closure(optimizers)
     grad_evals = resumed_evals
@@ -846,15 +857,7 @@ def train(
             total = torch.zeros(())
             for micro in range(config.grad_accum):
                 index = step * config.grad_accum + micro
-                # Every rank draws the same global batch and keeps its slice, so W ranks see
-                # what one process sees at W x batch_size.
-                size = config.batch_size * shards if config.batch_size > 0 else config.batch_size
-                if isinstance(data, TokenDataset):
-                    x, y = data.batch("train", index, size, block_size, config.seed)
-                else:
-                    x, y = data.batch("train", index, size, config.seed)
-                if shards > 1:
-                    x, y = x.chunk(shards)[rank], y.chunk(shards)[rank]
+                x, y = _train_batch(data, config, index, block_size, shards, rank)
                 loss = batch_loss(net, x, y) / config.grad_accum
                 loss.backward()  # type: ignore[no-untyped-call]
                 total += loss.detach()
