@@ -25,7 +25,6 @@ beyond the Gluon paper, whose experiment code uses the trajectory ratio only.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,7 +35,13 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from gluon_optim.optimizer import Gluon, resolve_norm
-from gluon_optim.smoothness.probe import _finiteness, _norm_values, _ratio, param_entries
+from gluon_optim.smoothness.probe import (
+    _finiteness,
+    _norm_values,
+    _ratio,
+    append_jsonl,
+    param_entries,
+)
 
 __all__ = ["DisplacementProbe", "DisplacementRecord"]
 
@@ -123,6 +128,7 @@ class DisplacementProbe:
         self.seed = seed
         self.records: list[DisplacementRecord] = []
         self._next = start_step
+        self._sink_failed = False
         self._handles: list[RemovableHandle] = []
         if every:
             self._handles.append(optimizer.register_step_post_hook(self._post_hook))
@@ -194,10 +200,8 @@ class DisplacementProbe:
                 for p, g in zip(everything, saved, strict=True):
                     p.grad = g
         self.records.extend(records)
-        if self.sink is not None and records:
-            self.sink.parent.mkdir(parents=True, exist_ok=True)
-            with self.sink.open("a", encoding="utf-8") as fh:
-                fh.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
+        if self.sink is not None and not self._sink_failed and records:
+            self._sink_failed = not append_jsonl(self.sink, records, "DisplacementProbe")
         return records
 
     def _record(

@@ -304,22 +304,30 @@ class SmoothnessProbe:
 
     def _emit(self, records: list[SmoothnessRecord]) -> None:
         self.records.extend(records)
-        if self.sink is None or self._sink_failed or not records:
-            return
-        lines = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
-        try:
-            self.sink.parent.mkdir(parents=True, exist_ok=True)
-            with self.sink.open("a", encoding="utf-8") as fh:
-                fh.write(lines)
-        except OSError as err:
-            # A full disk must not end a long training run: keep the records in memory.
-            self._sink_failed = True
-            warnings.warn(
-                f"SmoothnessProbe: cannot write {self.sink} ({err}); records are kept in "
-                "probe.records only from now on",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        if self.sink is not None and not self._sink_failed and records:
+            self._sink_failed = not append_jsonl(self.sink, records, "SmoothnessProbe")
+
+
+def append_jsonl(sink: Path, records: Sequence[Mapping[str, Any]], who: str) -> bool:
+    """Append one JSON line per record to ``sink``; ``False`` (and one warning) if it failed.
+
+    A full disk must not end a long training run: the caller keeps its records in memory and
+    stops writing.
+    """
+    lines = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
+    try:
+        sink.parent.mkdir(parents=True, exist_ok=True)
+        with sink.open("a", encoding="utf-8") as fh:
+            fh.write(lines)
+    except OSError as err:
+        warnings.warn(
+            f"{who}: cannot write {sink} ({err}); records are kept in probe.records only from "
+            "now on",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
 
 
 def _empty_record(step: int, key: str, role: str, norm: str, euclidean: bool) -> SmoothnessRecord:
