@@ -34,21 +34,17 @@ from gluon_optim.optimizer import Gluon
 
 __all__ = ["GluonTrainer", "optimizer_cls_and_kwargs"]
 
-_FACTORIES = {
-    "muon": presets.muon,
-    "scion": presets.scion,
-    "unscion": presets.unscion,
-    "gluon": presets.gluon,
-    "gluon_mvr": presets.gluon_mvr,
-    "limuon": presets.limuon,
-}
+
+def _check_preset(preset: str, who: str = "") -> None:
+    if preset not in presets.PRESETS:
+        raise ValueError(f"{who}preset {preset!r} is not one of {sorted(presets.PRESETS)}")
 
 
 def build(model: nn.Module, preset: str, **options: Any) -> Gluon:
     """``go.<preset>(model, **options)``, with a clear error for an unknown preset."""
-    if preset not in _FACTORIES:
-        raise ValueError(f"preset {preset!r} is not one of {sorted(_FACTORIES)}")
-    factory: Any = _FACTORIES[preset]
+    _check_preset(preset)
+    # Each name of presets.PRESETS is the factory function of the same name.
+    factory: Any = getattr(presets, preset)
     optimizer: Gluon = factory(model, **options)
     return optimizer
 
@@ -98,8 +94,7 @@ class GluonTrainer(Trainer):
         preset_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        if preset not in _FACTORIES:
-            raise ValueError(f"GluonTrainer: preset {preset!r} is not one of {sorted(_FACTORIES)}")
+        _check_preset(preset, "GluonTrainer: ")
         self.gluon_preset = preset
         self.gluon_options = dict(preset_options or {})
         super().__init__(*args, **kwargs)
