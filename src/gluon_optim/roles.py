@@ -99,7 +99,7 @@ _RAW_EMBEDDINGS = (
 _RAW_SCALES = ("gamma", "gamma_1", "gamma_2", "scale", "layer_scale", "ls_gamma")
 #: Path segments that wrappers insert into parameter names.
 _WRAPPER_SEGMENT = re.compile(
-    r"(^|\.)(_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)(?=\.)"
+    r"(?:^|(?<=\.))(?:_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\."
 )
 
 ModuleRef = nn.Module | nn.Parameter | Iterable[nn.Module | nn.Parameter]
@@ -135,8 +135,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def _plain_names(name: str, wrapped: bool) -> list[str]:
     """``name`` and the same name without the segments that wrappers insert."""
-    plain = _WRAPPER_SEGMENT.sub(lambda m: m.group(1), name).lstrip(".")
-    plain = re.sub(r"\.{2,}", ".", plain)
+    plain = _WRAPPER_SEGMENT.sub("", name)
     if wrapped and plain.startswith("module."):
         plain = plain[len("module.") :]
     return [name] if plain == name else [name, plain]

@@ -117,6 +117,12 @@ def plot_role(records: list[dict[str, Any]], fit: sm.Fit, role: str, path: Path)
     return path
 
 
+def _resolved(config: RunConfig) -> tuple[float, dict[str, Any], dict[str, float]]:
+    """The protocol optimizer's lr, options and radius scale per role (Scion's table)."""
+    lr, options = resolve(config.optimizer, config.model, config.lr, config.opt_options)
+    return lr, options, {**SCION_SCALES, **options.get("scales", {})}
+
+
 def run_protocol(
     name: str,
     out_dir: str | Path,
@@ -146,8 +152,7 @@ def run_protocol(
     sm.save_fits(out / "fits-param.json", by_param)
     sm.save_fits(out / "fits-role.json", by_role)
 
-    lr, options = resolve(config.optimizer, config.model, config.lr, config.opt_options)
-    scales = {**SCION_SCALES, **options.get("scales", {})}
+    lr, options, scales = _resolved(config)
     swept_lr = None
     if sweep_factors:
         base = dataclasses.replace(config, probe_every=0)
@@ -268,8 +273,7 @@ def radius_check(
     base = dataclasses.replace(PROTOCOLS[name], **(overrides or {}))
     if not base.probe_displacement:
         base = dataclasses.replace(base, probe_displacement=CHECK_DISPLACEMENTS)
-    lr0, options = resolve(base.optimizer, base.model, base.lr, base.opt_options)
-    scales = {**SCION_SCALES, **options.get("scales", {})}
+    lr0, _, scales = _resolved(base)
     rows: list[dict[str, Any]] = []
     for f in factors:
         config = dataclasses.replace(base, lr=lr0 * f)
