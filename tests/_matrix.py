@@ -57,3 +57,23 @@ def check_trains_and_round_trips(build: Build, loss: Loss, factory: Factory) -> 
 
 def roles_of(model: nn.Module) -> dict[str, str]:
     return {a.name: a.role for a in go.assign_roles(model)}
+
+
+def tiny_gpt2(vocab: int, n_layer: int, n_embd: int, n_positions: int) -> nn.Module:
+    """A transformers GPT-2 LM from a config: no dropout, random init (the caller seeds)."""
+    import transformers  # here, not at the top: the vision environment has no transformers
+
+    cfg = transformers.GPT2Config(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=2,
+        vocab_size=vocab,
+        n_positions=n_positions,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model: nn.Module = transformers.GPT2LMHeadModel(cfg)
+    return model

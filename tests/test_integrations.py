@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 pl = pytest.importorskip("lightning.pytorch")
 accelerate = pytest.importorskip("accelerate")
 
+from _matrix import tiny_gpt2  # noqa: E402
 from gluon_optim.integrations import hf, lightning  # noqa: E402
 
 VOCAB = 37
@@ -23,19 +24,7 @@ VOCAB = 37
 
 def _gpt2() -> nn.Module:
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(
-        n_layer=1,
-        n_embd=16,
-        n_head=2,
-        vocab_size=VOCAB,
-        n_positions=8,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return transformers.GPT2LMHeadModel(cfg)
+    return tiny_gpt2(VOCAB, n_layer=1, n_embd=16, n_positions=8)
 
 
 class _Tokens(torch.utils.data.Dataset[dict[str, Tensor]]):

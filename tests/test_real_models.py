@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import gluon_optim as go
-from _matrix import PRESETS, check_trains_and_round_trips, roles_of
+from _matrix import PRESETS, check_trains_and_round_trips, roles_of, tiny_gpt2
 
 transformers = pytest.importorskip("transformers")
 
@@ -92,19 +92,7 @@ class NanoGPT(nn.Module):
 
 # -- the matrix ----------------------------------------------------------------------------------
 def _gpt2() -> nn.Module:
-    cfg = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        bos_token_id=0,
-        eos_token_id=0,
-        n_head=2,
-        vocab_size=VOCAB,
-        n_positions=16,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return transformers.GPT2LMHeadModel(cfg)
+    return tiny_gpt2(VOCAB, n_layer=2, n_embd=32, n_positions=16)
 
 
 def _llama(tied: bool) -> Callable[[], nn.Module]:
