@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from gluon_optim.directions import DirectionRequest, DirectionResult, LocalExecutor, compute
-from gluon_optim.norms import Norm
+from gluon_optim.norms import POLAR_OPTIONS, Norm, PolarNorm
 
 __all__ = [
     "MODES",
@@ -83,7 +83,7 @@ def lmo_cost(norm: Norm, shape: Sequence[int], ns_steps: int) -> int:
     numel = 1
     for s in shape:
         numel *= s
-    if norm.name in ("spectral", "spectral_conv") and len(shape) >= 2:
+    if isinstance(norm, PolarNorm) and len(shape) >= 2:
         m, n = shape[0], numel // shape[0]
         return ns_steps * max(m, n) * min(m, n) ** 2
     return numel
@@ -114,18 +114,7 @@ class _Plan:
 
 
 #: The group settings that decide a parameter's norm (and so its cost and direction dtype).
-_NORM_KEYS = (
-    "algorithm",
-    "norm",
-    "shape_rule",
-    "transposed",
-    "polar_method",
-    "ns_preset",
-    "ns_steps",
-    "compute_dtype",
-    "ns_form",
-    "compile",
-)
+_NORM_KEYS = ("algorithm", "norm", "shape_rule", "transposed", *POLAR_OPTIONS)
 
 
 def _lmo_params(
@@ -203,6 +192,7 @@ class ReplicatedExecutor(LocalExecutor):
             (k, name, shape, dtype, n.describe()) for k, name, shape, dtype, n, _ in entries
         )
         if self._plan is not None and self._plan.signature == signature:
+            self._quick = quick  # the change did not matter: skip this work from now on
             return self._plan
         self._check_same_everywhere(signature)
         costs = {e[0]: lmo_cost(e[4], e[2], e[5]) for e in entries}

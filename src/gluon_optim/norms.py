@@ -44,11 +44,13 @@ from gluon_optim.polar import (
 __all__ = [
     "COMPUTE_DTYPES",
     "NORMS",
+    "POLAR_OPTIONS",
     "SHAPE_RULES",
     "BiasRMS",
     "ColNorm",
     "Euclidean",
     "Norm",
+    "PolarNorm",
     "RowNorm",
     "Sign",
     "SignUnscaled",
@@ -309,6 +311,20 @@ class _PolarNorm(Norm):
         d = self.direction(g).to(g.dtype)
         dims = 2 if self.kind == "matrix" else g.ndim
         return self.factor(g.shape) * _sum_last(g * d, dims)
+
+
+#: The spectral norms' common base, for "does this norm compute a polar factor" checks.
+PolarNorm = _PolarNorm
+
+#: The param-group settings that configure a :class:`PolarNorm`, each with the field it sets.
+POLAR_OPTIONS: dict[str, str] = {
+    "polar_method": "method",
+    "ns_preset": "ns_preset",
+    "ns_steps": "ns_steps",
+    "compute_dtype": "compute_dtype",
+    "ns_form": "ns_form",
+    "compile": "compile",
+}
 
 
 @dataclass(frozen=True)

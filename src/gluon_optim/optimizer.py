@@ -35,21 +35,13 @@ __all__ = ["ALGORITHMS", "DEFAULTS", "Algorithm", "Gluon", "describe", "resolve_
 
 
 # -- norms of a group -------------------------------------------------------------------------
-#: Group settings that configure the spectral norms, with the option name each has there.
-_POLAR_OPTIONS = {
-    "polar_method": "method",
-    "ns_preset": "ns_preset",
-    "ns_steps": "ns_steps",
-    "compute_dtype": "compute_dtype",
-    "ns_form": "ns_form",
-    "compile": "compile",
-}
+_POLAR_OPTIONS = _norms.POLAR_OPTIONS
 
 
 @lru_cache(maxsize=256)
 def _build_norm(name: str, shape_rule: str, polar: tuple[Any, ...]) -> _norms.Norm:
     cls = _norms.NORMS[name]
-    if cls not in (_norms.Spectral, _norms.SpectralConv):
+    if not issubclass(cls, _norms.PolarNorm):
         return _norms.get(name)
     opts: dict[str, object] = dict(zip(_POLAR_OPTIONS.values(), polar, strict=True))
     if cls is _norms.Spectral:
