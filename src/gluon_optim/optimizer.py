@@ -199,7 +199,7 @@ def _lmo_estimate(
     estimator = ESTIMATORS[group["estimator"]]
     schedule = POLICIES[group["radius_policy"]].momentum
     scheduled = schedule is not None and estimator.follows_schedule
-    keys = (*estimator.state, *state_keys(group))
+    keys = _lmo_state(group)
     position = {id(q): j for j, q in enumerate(group["params"])}
     batch = _use_foreach(group, items)
     steps: list[EstimatorStep] = []
@@ -257,7 +257,7 @@ def _adamw(
     """
     states = [opt.state[p] for p, _ in items]
     for (p, _), state in zip(items, states, strict=True):
-        _conform(state, ("exp_avg", "exp_avg_sq"))
+        _conform(state, _ADAMW_STATE)
         if "exp_avg" not in state or "exp_avg_sq" not in state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -284,6 +284,10 @@ def _adamw(
     return []
 
 
+#: AdamW's per-parameter moments (torch.optim.AdamW's own state names).
+_ADAMW_STATE = ("exp_avg", "exp_avg_sq")
+
+
 def _lmo_state(group: Mapping[str, Any]) -> tuple[str, ...]:
     return (*ESTIMATORS[group["estimator"]].state, *state_keys(group))
 
@@ -291,11 +295,11 @@ def _lmo_state(group: Mapping[str, Any]) -> tuple[str, ...]:
 #: Every algorithm by the value of the group key ``algorithm``.
 ALGORITHMS: dict[str, Algorithm] = {
     "lmo": Algorithm("lmo", _lmo_estimate, _lmo_state),
-    "adamw": Algorithm("adamw", _adamw, lambda group: ("exp_avg", "exp_avg_sq")),
+    "adamw": Algorithm("adamw", _adamw, lambda group: _ADAMW_STATE),
 }
 
 _MOMENTUM_KEYS = frozenset(
-    {key for e in ESTIMATORS.values() for key in e.state} | {"exp_avg", "exp_avg_sq"}
+    {key for e in ESTIMATORS.values() for key in e.state} | set(_ADAMW_STATE)
 )
 
 
@@ -621,17 +625,19 @@ class Gluon(Optimizer):
                 g = p.grad
                 if g is None:
                     continue
-                loc = where(group, index)
+                # The messages' location string is built only when one is raised.
                 if g.is_sparse:
                     raise RuntimeError(
-                        f"Parameter {_name(group, i)!r}{loc} has a sparse gradient; gluon-optim "
-                        "needs dense gradients"
+                        f"Parameter {_name(group, i)!r}{where(group, index)} has a sparse "
+                        "gradient; gluon-optim needs dense gradients"
                     )
                 if torch.is_complex(g):
-                    raise RuntimeError(f"Parameter {_name(group, i)!r}{loc} has a complex gradient")
+                    raise RuntimeError(
+                        f"Parameter {_name(group, i)!r}{where(group, index)} has a complex gradient"
+                    )
                 err = _matrix_error(group, p)
                 if err is not None:
-                    raise ValueError(f"Parameter {_name(group, i)!r}{loc}: {err}")
+                    raise ValueError(f"Parameter {_name(group, i)!r}{where(group, index)}: {err}")
                 items.append((p, g))
             work.append((group, items))
         return work
@@ -710,7 +716,7 @@ def _checked_state(
             out[key][name] = _checked_value(where_, name, value, p)
         # AdamW's two moments only make sense together (the LMO estimators restart a buffer
         # that is missing, which is how a configuration change mid-run starts its new state).
-        moments = {"exp_avg", "exp_avg_sq"} & set(entry)
+        moments = set(_ADAMW_STATE) & set(entry)
         if group["algorithm"] == "adamw" and len(moments) == 1:
             (have,) = moments
             raise ValueError(f"{where_}: state has {have!r} but not its partner AdamW moment")
