@@ -224,7 +224,8 @@ def config_overrides(args: argparse.Namespace, base: RunConfig) -> dict[str, Any
     return out
 
 
-def _config(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    """The validated :class:`RunConfig` the command-line options give, over ``base``."""
     base = RunConfig() if base is None else base
     config = dataclasses.replace(base, **config_overrides(args, base))
     config.validate()
@@ -254,7 +255,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         out = Path(args.resume)
     else:
-        config = _config(args)
+        config = config_from_args(args)
         if config.parallel != "none" and not args.out:
             # Each process would pick its own timestamped default folder.
             raise UsageError(
@@ -300,7 +301,7 @@ def _optimizer_specs(text: str, *, allow_lr: bool = True) -> list[str]:
 def cmd_compare(args: argparse.Namespace) -> int:
     specs = _optimizer_specs(args.optimizers)
     seeds = _csv(_nonempty("--seeds", args.seeds), int, "--seeds")
-    config = _config(args)
+    config = config_from_args(args)
     out = Path(args.out) if args.out else _default_out(f"compare-{config.model}")
     res = experiments.compare(
         config,
@@ -322,7 +323,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise UsageError("--lrs", "give at least one lr, or leave --lrs out to use --lr-factors")
     lrs = _csv(args.lrs, float, "--lrs") if args.lrs is not None else None
     factors = _csv(_nonempty("--lr-factors", args.lr_factors), float, "--lr-factors")
-    config = _config(args)
+    config = config_from_args(args)
     out = Path(args.out) if args.out else _default_out(f"sweep-{config.model}")
     res = experiments.sweep(
         config,
@@ -441,7 +442,7 @@ def cmd_smoothness(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else _default_out("demo")
-    config = _config(args, DEMO_CONFIG)
+    config = config_from_args(args, DEMO_CONFIG)
     print(
         f"gluon-optim demo: {config.model} on Python's standard library as bytes, "
         f"{config.steps} steps x batch {config.batch_size}, "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from gluon_optim.lab.bench.train import (
     check_train_args,
     format_train_table,
 )
-from gluon_optim.lab.cli import add_config_options, config_overrides, count, counts
+from gluon_optim.lab.cli import add_config_options, config_from_args, count, counts, flag_of
 from gluon_optim.lab.models import model_task
 from gluon_optim.lab.train import ConfigError, RunConfig
 from gluon_optim.lab.usage import Parser
@@ -150,11 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             (args.out / "distributed.md").write_text("# Distributed benchmark\n\n" + text + "\n")
             print(f"\nwrote {args.out}/distributed.json, distributed.md")
         return 0
-    run = dataclasses.replace(RunConfig(), **config_overrides(args, RunConfig()))
     try:
-        run.validate()  # --threads, --seed: checked before any benchmark runs
+        run = config_from_args(args)  # checked before any benchmark runs
     except ConfigError as exc:
-        parser.error(f"argument --{exc.field}: {exc}")
+        prefix = "" if exc.field in _SHARED else "train-"
+        parser.error(f"argument {flag_of(exc.field, prefix)}: {exc}")
     if args.train:  # fail before the step benchmark, not after it
         try:
             check_train_args(
