@@ -35,6 +35,8 @@ class OptimizerEntry:
     # A gluon_optim optimizer, which takes distributed="replicated" under data parallelism;
     # the torch peers run as they are (every rank repeats their whole step).
     gluon: bool = True
+    # Its factory takes fit=FILE (fitted (L0, L1) per role -> Theorem 1 radii).
+    takes_fit: bool = False
 
 
 def _adamw(model: nn.Module, lr: float, **options: Any) -> list[torch.optim.Optimizer]:
@@ -169,6 +171,7 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
             _gluon,
             "gluon_optim.gluon: Scion's norm table with scale 1; set anything with --opt",
             _every_family(lr=0.02),
+            takes_fit=True,
         ),
     ]
 }

@@ -272,7 +272,7 @@ class RunConfig:
             )
         fit = self.opt_options.get("fit")
         if fit is not None:
-            if self.optimizer != "gluon":
+            if not optim_registry.get(self.optimizer).takes_fit:
                 raise ConfigError(
                     "opt_options",
                     f"--fit needs --optimizer gluon (it sets Gluon's Theorem 1 radii), "
@@ -392,9 +392,8 @@ def tensor_checksum(obj: Any) -> str:
     def walk(x: object, path: str) -> None:
         if isinstance(x, Tensor):
             digest.update(path.encode())
-            digest.update(
-                x.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
-            )
+            # The uint8 view's buffer itself, without a bytes copy of every tensor.
+            digest.update(x.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().data)
         elif isinstance(x, Mapping):
             for k in sorted(x, key=str):
                 walk(x[k], f"{path}/{k}")
@@ -907,7 +906,11 @@ def train(
                 raise FloatingPointError(f"Training loss is {loss_sum} at step {step + 1}")
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
                 save(step + 1)
-        save(end)
+        saved_in_loop = (
+            end > start_step and config.checkpoint_every and not end % config.checkpoint_every
+        )
+        if not saved_in_loop:  # the last step's checkpoint is not written twice
+            save(end)
         if world > 1:
             import torch.distributed as dist
 
