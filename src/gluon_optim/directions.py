@@ -120,10 +120,9 @@ class LocalExecutor:
     #: ``"local"``: the ``distributed`` mode this executor implements.
     mode = "local"
 
-    def agree(
-        self, has_grad: list[bool], finite: list[Tensor | None]
-    ) -> tuple[list[bool], list[bool]]:
-        """Per parameter: whether it has a gradient, and whether its gradient is finite.
+    def agree(self, has_grad: list[bool], finite: list[Tensor | None]) -> list[bool]:
+        """Per parameter, whether its gradient is finite (in one process, ``has_grad`` is
+        already what every rank sees).
 
         ``finite[i]`` is a device boolean, or ``None`` where nothing was checked (no gradient,
         or ``nonfinite="ignore"``), which counts as finite.
@@ -133,7 +132,7 @@ class LocalExecutor:
         out = [True] * len(finite)
         for i, v in zip(checked, values, strict=True):
             out[i] = v
-        return has_grad, out
+        return out
 
     def directions(self, requests: Sequence[DirectionRequest]) -> list[DirectionResult]:
         """The result of every request, in order."""

@@ -231,9 +231,9 @@ class ReplicatedExecutor(LocalExecutor):
         return out
 
     # -- agreement ----------------------------------------------------------------------------
-    def agree(
-        self, has_grad: list[bool], finite: list[Tensor | None]
-    ) -> tuple[list[bool], list[bool]]:
+    def agree(self, has_grad: list[bool], finite: list[Tensor | None]) -> list[bool]:
+        """Per parameter, whether its gradient is finite on every rank. Raises (having changed
+        nothing) when a parameter has a gradient on some ranks only."""
         device = next((f.device for f in finite if f is not None), torch.device("cpu"))
         present = torch.tensor(has_grad, dtype=torch.bool, device=device)
         yes = torch.ones((), dtype=torch.bool, device=device)
@@ -254,7 +254,7 @@ class ReplicatedExecutor(LocalExecutor):
                 "rank must compute the same gradients (a parameter unused on one rank only "
                 "needs find_unused_parameters in DDP, or a zero gradient). Nothing was changed."
             )
-        return [c == self.world for c in grads], [c == self.world for c in oks]
+        return [c == self.world for c in oks]
 
     # -- the directions -------------------------------------------------------------------------
     def _dtypes_of(self, r: DirectionRequest) -> tuple[torch.dtype, torch.dtype | None]:

@@ -663,7 +663,7 @@ class Gluon(Optimizer):
                 if id(p) in at_previous:
                     ok = ok & _all_finite(at_previous[id(p)])
                 finite.append(ok)
-        _, flags = self.executor.agree(has_grad, finite)
+        flags = self.executor.agree(has_grad, finite)
         skipped: set[int] = set()
         pos = 0
         for index, (group, _) in enumerate(work):

@@ -925,7 +925,9 @@ def train(
 
             import torch.distributed as dist
 
-            net = model  # the DDP wrapper (its reducer holds the group) is freed first
+            # The DDP wrapper (its reducer holds the group) is freed first, with the
+            # displacement probe's closure over it.
+            net, displacement = model, None
             gc.collect()
             dist.destroy_process_group()
     if math.isnan(val_loss):  # nothing left to run (resuming a finished run)
