@@ -88,7 +88,7 @@ def count(lo: int) -> Callable[[str], int]:
 
 def counts(text: str) -> list[int]:
     """An argparse type: comma-separated whole numbers ``>= 1`` (possibly none)."""
-    return [count(1)(x.strip()) for x in text.split(",") if x.strip()]
+    return [count(1)(x) for x in _csv(text)]
 
 
 def _default_out(what: str) -> Path:
@@ -423,9 +423,7 @@ def cmd_smoothness(args: argparse.Namespace) -> int:
         print(lab_smoothness.format_radii(res["radii"]))
         print(f"report: {res['report']}\nfits:   {res['fits_role']}")
         if args.then_train:
-            base = dataclasses.replace(
-                lab_smoothness.PROTOCOLS[name], **{**overrides, "probe_every": 0}
-            )
+            base = lab_smoothness.protocol_config(name, {**overrides, "probe_every": 0})
             theory = f"gluon@1.0:fit={res['fits_role']}"
             cmp = experiments.compare(
                 base,

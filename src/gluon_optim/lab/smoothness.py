@@ -117,6 +117,15 @@ def plot_role(records: list[dict[str, Any]], fit: sm.Fit, role: str, path: Path)
     return path
 
 
+def protocol_config(name: str, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Protocol ``name``'s run configuration with ``overrides`` (any :class:`RunConfig` field)."""
+    if name not in PROTOCOLS:
+        raise ValueError(
+            f"Unknown smoothness protocol {name!r}; expected one of {sorted(PROTOCOLS)}"
+        )
+    return dataclasses.replace(PROTOCOLS[name], **(overrides or {}))
+
+
 def _resolved(config: RunConfig) -> tuple[float, dict[str, Any], dict[str, float]]:
     """The protocol optimizer's lr, options and radius scale per role (Scion's table)."""
     lr, options = resolve(config.optimizer, config.model, config.lr, config.opt_options)
@@ -137,13 +146,9 @@ def run_protocol(
     ``sweep_factors`` (e.g. ``(0.25, 0.5, 1, 2, 4)``) adds an lr sweep of the same optimizer at
     the same budget (without the probe), whose best lr gives the "swept" radii.
     """
-    if name not in PROTOCOLS:
-        raise ValueError(
-            f"Unknown smoothness protocol {name!r}; expected one of {sorted(PROTOCOLS)}"
-        )
+    config = protocol_config(name, overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = dataclasses.replace(PROTOCOLS[name], **(overrides or {}))
     run_dir = out / "run"
     result = train(config, run_dir, progress=progress)
     records = sm.read_records(run_dir / "smoothness.jsonl")
@@ -262,15 +267,11 @@ def radius_check(
     when the estimate only reflects the radius, about 0 when it describes the function. Writes
     ``radius-check.md`` and ``radius-check.json`` into ``out_dir``.
     """
-    if name not in PROTOCOLS:
-        raise ValueError(
-            f"Unknown smoothness protocol {name!r}; expected one of {sorted(PROTOCOLS)}"
-        )
+    base = protocol_config(name, overrides)
     if not factors or not all(f > 0 and math.isfinite(f) for f in factors):
         raise ValueError(f"radius_check: factors must be numbers > 0, got {factors}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base = dataclasses.replace(PROTOCOLS[name], **(overrides or {}))
     if not base.probe_displacement:
         base = dataclasses.replace(base, probe_displacement=CHECK_DISPLACEMENTS)
     lr0, _, scales = _resolved(base)
