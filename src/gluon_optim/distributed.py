@@ -303,6 +303,43 @@ class ReplicatedExecutor(LocalExecutor):
         self.last_collectives += 1
         return out.view(self.world, local.numel())
 
+    def _exchange(
+        self,
+        idx: list[int],
+        owner: list[int],
+        local_values: Callable[[int], Tensor],
+        size_of: Callable[[int], int],
+        dtype: torch.dtype,
+        device: torch.device,
+        label: str,
+    ) -> dict[int, Tensor]:
+        """Items ``idx``, each computed by its owner, on every rank: one all-gather.
+
+        This rank packs ``local_values(j)`` (flat, ``size_of(j)`` long) of the items it owns,
+        in order, into a buffer padded to the widest rank's; every item comes back as its flat
+        slice of the gathered buffers. ``last_owned[label]`` records the sizes per rank.
+        """
+        by_rank: list[list[int]] = [[] for _ in range(self.world)]
+        for j in idx:
+            by_rank[owner[j]].append(j)
+        sizes = [sum(size_of(j) for j in js) for js in by_rank]
+        self.last_owned[label] = sizes
+        local = torch.zeros(max(sizes), dtype=dtype, device=device)
+        offset = 0
+        for j in by_rank[self.rank]:
+            n = size_of(j)
+            local[offset : offset + n] = local_values(j)
+            offset += n
+        gathered = self._gather(local)
+        out: dict[int, Tensor] = {}
+        for rank, js in enumerate(by_rank):
+            offset = 0
+            for j in js:
+                n = size_of(j)
+                out[j] = gathered[rank, offset : offset + n]
+                offset += n
+        return out
+
     def _share(
         self,
         requests: Sequence[DirectionRequest],
@@ -312,27 +349,15 @@ class ReplicatedExecutor(LocalExecutor):
         dtype: torch.dtype,
     ) -> list[Tensor]:
         """The directions ``idx`` (all of ``dtype``), each from its owner, flattened."""
-        by_rank: list[list[int]] = [[] for _ in range(self.world)]
-        for j in idx:
-            by_rank[owner[j]].append(j)
-        sizes = [sum(requests[j].operand.numel() for j in js) for js in by_rank]
-        self.last_owned[str(dtype).removeprefix("torch.")] = sizes
-        width = max(sizes)
-        device = requests[idx[0]].operand.device
-        local = torch.zeros(width, dtype=dtype, device=device)
-        offset = 0
-        for j in by_rank[self.rank]:
-            n = requests[j].operand.numel()
-            local[offset : offset + n] = computed[j].direction.reshape(-1)
-            offset += n
-        gathered = self._gather(local)
-        out: dict[int, Tensor] = {}
-        for rank, js in enumerate(by_rank):
-            offset = 0
-            for j in js:
-                n = requests[j].operand.numel()
-                out[j] = gathered[rank, offset : offset + n]
-                offset += n
+        out = self._exchange(
+            idx,
+            owner,
+            lambda j: computed[j].direction.reshape(-1),
+            lambda j: requests[j].operand.numel(),
+            dtype,
+            requests[idx[0]].operand.device,
+            str(dtype).removeprefix("torch."),
+        )
         return [out[j] for j in idx]
 
     def _share_duals(
@@ -349,24 +374,21 @@ class ReplicatedExecutor(LocalExecutor):
         need = [j for j, r in enumerate(requests) if r.dual is not None]
         if not need:
             return {}
-        by_rank: list[list[int]] = [[] for _ in range(self.world)]
-        for j in need:
-            by_rank[owner[j]].append(j)
-        self.last_owned["dual"] = [len(js) for js in by_rank]
-        width = max(len(js) for js in by_rank)
-        local = torch.zeros(width, dtype=torch.float64, device=requests[need[0]].operand.device)
-        for slot, j in enumerate(by_rank[self.rank]):
+
+        def value(j: int) -> Tensor:
             dual = computed[j].dual
             assert dual is not None
-            local[slot] = dual.to(torch.float64)
-        gathered = self._gather(local)
-        out: dict[int, Tensor] = {}
-        for rank, js in enumerate(by_rank):
-            for slot, j in enumerate(js):
-                dtype = dtypes[j]
-                assert dtype is not None
-                out[j] = gathered[rank, slot].to(dtype)
-        return out
+            return dual.to(torch.float64).reshape(1)
+
+        out = self._exchange(
+            need, owner, value, lambda j: 1, torch.float64, requests[need[0]].operand.device, "dual"
+        )
+        duals: dict[int, Tensor] = {}
+        for j, flat in out.items():
+            dtype = dtypes[j]
+            assert dtype is not None
+            duals[j] = flat[0].to(dtype)
+        return duals
 
 
 def executor(
