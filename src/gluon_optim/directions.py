@@ -23,7 +23,23 @@ from torch import Tensor
 
 from gluon_optim.norms import Norm
 
-__all__ = ["DirectionRequest", "DirectionResult", "LocalExecutor", "compute"]
+__all__ = ["DirectionRequest", "DirectionResult", "LocalExecutor", "ShardLayout", "compute"]
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """How a request's tensors are laid out when they are this rank's part of a DTensor.
+
+    Attributes:
+        shape: the whole parameter's shape.
+        transposed: the group's ``transposed`` (the owner builds the norm's view of the whole).
+        sharded: ``True`` for ``Shard(0)`` (this rank holds rows ``[start, stop)`` of dim 0, as
+            ``torch.chunk`` splits them), ``False`` for ``Replicate()`` (it holds the whole).
+    """
+
+    shape: tuple[int, ...]
+    transposed: bool
+    sharded: bool
 
 
 @dataclass(frozen=True)
@@ -42,6 +58,9 @@ class DirectionRequest:
             direction), or none. Whole-tensor reductions, so they are computed with the
             direction, by whoever computes it.
         gradient: the gradient in the norm's view, for ``dual="gradient"``.
+        layout: ``None``, or, under FSDP2, how ``operand`` and ``gradient`` are this rank's
+            rows of the parameter: they are then in the PARAMETER's layout (not the norm's
+            view), and so is the direction of the result.
     """
 
     key: tuple[int, int]
@@ -50,6 +69,7 @@ class DirectionRequest:
     batch: bool
     dual: Literal["gradient", "momentum"] | None = None
     gradient: Tensor | None = None
+    layout: ShardLayout | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +139,12 @@ class LocalExecutor:
 
     #: ``"local"``: the ``distributed`` mode this executor implements.
     mode = "local"
+
+    def settle(self, error: str | None) -> None:
+        """Raise ``ValueError(error)`` if there is one (a distributed executor raises the first
+        rank's error on every rank, so a check that fails on one rank's shard stops them all)."""
+        if error is not None:
+            raise ValueError(error)
 
     def agree(self, has_grad: list[bool], finite: list[Tensor | None]) -> list[bool]:
         """Per parameter, whether its gradient is finite (in one process, ``has_grad`` is

@@ -11,9 +11,13 @@
   gradient's dual norm for the ``l0l1`` radius) on the whole tensor, and one
   ``all_gather_into_tensor`` per direction dtype hands every rank every direction. The result
   equals one process bit for bit given the same gradients.
-* ``"auto"`` (default): ``"local"`` for plain tensors. Parameters that are DTensors (FSDP2's
-  ``fully_shard``) raise: the sharded owner mode they need is not implemented yet, and Newton–
-  Schulz on a local shard would be a different algorithm.
+* ``"sharded"``: parameters are DTensors (FSDP2's ``fully_shard``), ``Shard(0)`` or
+  ``Replicate()`` on a 1-D mesh. Every elementwise stage runs on this rank's rows only, with the
+  state kept as DTensors laid out like the parameters; each LMO parameter's owner assembles the
+  whole momentum from every rank's rows and sends every rank its rows of the direction: two
+  ``all_to_all_single`` per step (:class:`ShardedExecutor`). Newton–Schulz on a local shard
+  would be a different algorithm, so there is no such fallback.
+* ``"auto"`` (default): ``"sharded"`` for DTensor parameters, ``"local"`` for plain tensors.
 
 Owners come from :func:`assign_owners`: longest-processing-time first on :func:`lmo_cost`,
 computed from shapes alone, so every rank derives the same table; each rank checks once (one
@@ -34,28 +38,41 @@ element for bfloat16 directions. :attr:`ReplicatedExecutor.last_bytes` records t
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from gluon_optim.directions import DirectionRequest, DirectionResult, LocalExecutor, compute
+from gluon_optim.directions import (
+    DirectionRequest,
+    DirectionResult,
+    LocalExecutor,
+    ShardLayout,
+    compute,
+)
 from gluon_optim.norms import POLAR_OPTIONS, Norm, PolarNorm
 
 __all__ = [
     "MODES",
+    "LocalState",
     "ReplicatedExecutor",
+    "ShardedExecutor",
     "assign_owners",
     "check_mode",
     "executor",
+    "is_dtensor",
     "lmo_cost",
+    "local",
+    "rows",
 ]
 
-MODES = ("auto", "replicated", "local")
+MODES = ("auto", "sharded", "replicated", "local")
 
 
 def _all_gather_single() -> Callable[..., Any]:
@@ -128,12 +145,85 @@ def _lmo_params(
             yield (gi, pi), str(names[pi]) if names else f"params[{pi}]", p, group
 
 
-def _is_dtensor(p: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - every supported torch has it
-        return False
-    return isinstance(p, DTensor)
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 parameter, its grad)."""
+    return isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's part of a DTensor (its storage: writing to it writes the DTensor), or ``t``.
+
+    The sharded step runs every elementwise stage on these local tensors, so no operation of
+    the step dispatches through DTensor (whose reductions would communicate implicitly).
+    """
+    return t._local_tensor if isinstance(t, DTensor) else t  # noqa: SLF001 - to_local() without autograd
+
+
+def rows(n: int, world: int, rank: int) -> tuple[int, int]:
+    """The rows ``[start, stop)`` of dim 0 (length ``n``) that ``Shard(0)`` gives ``rank``.
+
+    ``torch.chunk``'s split, which DTensor and FSDP2 use: chunks of ``ceil(n / world)`` rows,
+    the last ones shorter or empty.
+    """
+    size = -(-n // world)
+    start = min(rank * size, n)
+    return start, min(start + size, n)
+
+
+def shard_like(value: Tensor, like: DTensor) -> DTensor:
+    """A whole tensor shaped like DTensor ``like``, as a DTensor laid out like it: this rank
+    keeps its rows (no communication: every rank holds the whole ``value``)."""
+    (placement,) = like.placements
+    part = value
+    if placement.is_shard():
+        mesh = like.device_mesh
+        start, stop = rows(value.shape[0], mesh.size(), mesh.get_local_rank())
+        part = value[start:stop]
+    return DTensor.from_local(
+        part.to(local(like).device).contiguous(),
+        like.device_mesh,
+        like.placements,
+        run_check=False,
+        shape=like.shape,
+        stride=like.stride(),
+    )
+
+
+class LocalState(MutableMapping[str, Any]):
+    """A parameter's optimizer state as the sharded step sees it: DTensors read as their local
+    tensors, and a new tensor of the parameter's local shape stored as a DTensor laid out like
+    the parameter (so ``state_dict()`` and ``torch.distributed.checkpoint`` see DTensors)."""
+
+    def __init__(self, state: dict[str, Any], like: DTensor) -> None:
+        self._state = state
+        self._like = like
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._state[key]
+        return local(value) if isinstance(value, DTensor) else value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        like = self._like
+        if isinstance(value, Tensor) and not isinstance(value, DTensor):
+            if value.shape == local(like).shape and value.ndim > 0:
+                value = DTensor.from_local(
+                    value,
+                    like.device_mesh,
+                    like.placements,
+                    run_check=False,
+                    shape=like.shape,
+                    stride=like.stride(),
+                )
+        self._state[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._state[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
 
 
 class ReplicatedExecutor(LocalExecutor):
@@ -187,7 +277,8 @@ class ReplicatedExecutor(LocalExecutor):
         for key, name, p, group in _lmo_params(self._optimizer):
             norm = self._resolve_norm(group, p)
             shape = norm.operand_shape(p.shape, group["transposed"])
-            entries.append((key, name, shape, str(p.dtype), norm, group["ns_steps"]))
+            dtype = f"{p.dtype}@{p.device.type}"
+            entries.append((key, name, shape, dtype, norm, group["ns_steps"]))
         signature = tuple(
             (k, name, shape, dtype, n.describe()) for k, name, shape, dtype, n, _ in entries
         )
@@ -217,7 +308,7 @@ class ReplicatedExecutor(LocalExecutor):
                 f"{len(signature)} LMO parameters here, {len(theirs)} on rank {rank}",
             )
             raise ValueError(
-                f"distributed='replicated': rank {self.rank} and rank {rank} built different "
+                f"distributed={self.mode!r}: rank {self.rank} and rank {rank} built different "
                 f"parameter groups (first difference: {diff}). Every rank must build the "
                 "optimizer from the same model with the same groups, in the same order."
             )
@@ -231,6 +322,15 @@ class ReplicatedExecutor(LocalExecutor):
         return out
 
     # -- agreement ----------------------------------------------------------------------------
+    def settle(self, error: str | None) -> None:
+        """Raise the first rank's error on every rank (one ``all_gather_object``)."""
+        errors: list[Any] = [None] * self.world
+        dist.all_gather_object(errors, error, group=self._group)
+        for rank, message in enumerate(errors):
+            if message is not None:
+                where = "" if rank == self.rank else f" (found on rank {rank})"
+                raise ValueError(f"{message}{where}")
+
     def agree(self, has_grad: list[bool], finite: list[Tensor | None]) -> list[bool]:
         """Per parameter, whether its gradient is finite on every rank. Raises (having changed
         nothing) when a parameter has a gradient on some ranks only."""
@@ -249,7 +349,7 @@ class ReplicatedExecutor(LocalExecutor):
         split = [i for i, c in enumerate(grads) if 0 < c < self.world]
         if split:
             raise RuntimeError(
-                f"distributed='replicated': parameter(s) at position(s) {split} of the "
+                f"distributed={self.mode!r}: parameter(s) at position(s) {split} of the "
                 f"optimizer have a gradient on {grads[split[0]]} of {self.world} ranks; every "
                 "rank must compute the same gradients (a parameter unused on one rank only "
                 "needs find_unused_parameters in DDP, or a zero gradient). Nothing was changed."
@@ -391,6 +491,319 @@ class ReplicatedExecutor(LocalExecutor):
         return duals
 
 
+def _pack(parts: Sequence[Tensor]) -> list[Tensor]:
+    """Tensors as flat bytes, each padded to a multiple of 8 so every part can be viewed back
+    as its dtype where it lands in the receiving buffer."""
+    out = []
+    for t in parts:
+        flat = t.contiguous().view(-1).view(torch.uint8)
+        out.append(flat)
+        pad = -flat.numel() % 8
+        if pad:
+            out.append(flat.new_zeros(pad))
+    return out
+
+
+def _padded(nbytes: int) -> int:
+    return nbytes + (-nbytes % 8)
+
+
+class ShardedExecutor(ReplicatedExecutor):
+    """The ``"sharded"`` direction stage (FSDP2): owners assemble whole tensors from shards.
+
+    Every request is this rank's rows of a ``Shard(0)`` DTensor (or the whole of a
+    ``Replicate()`` one), in the parameter's layout (:class:`ShardLayout`). Two
+    ``all_to_all_single`` calls per step, each one buffer of bytes with uneven splits:
+
+    1. every rank sends each owner its rows of the owner's operands (cast to what the norm
+       reads, :meth:`Norm.reads_as`: bfloat16 for bfloat16 Newton–Schulz) and, for the
+       gradient-dual radius, of the gradients;
+    2. each owner computes the direction of the whole tensor (and the dual norm), exactly as
+       one process does, and sends every rank its rows of the direction (and the dual).
+
+    Each rank sends ``sum_j rows_r(j) * q_j * (a_j + b_j)`` bytes for the parameters ``j`` it
+    does not own (``q_j`` elements per row, ``a_j`` / ``b_j`` the item sizes in and out) and
+    receives the same for those it owns: with balanced shards and owners ``(W - 1) P / W^2 *
+    (a + b)`` per rank, ``4 (W - 1) P / W^2`` for bfloat16 both ways. ``Replicate()``
+    parameters send nothing in phase 1 and the whole direction from the owner to every rank.
+    Nothing in the stage dispatches through DTensor, so nothing else communicates.
+
+    Attributes (besides :class:`ReplicatedExecutor`'s):
+        last_phase_bytes: the bytes this rank sent to other ranks in each exchange of the last
+            step (padding to 8 bytes per part included); ``last_bytes`` is their sum.
+    """
+
+    mode = "sharded"
+
+    def __init__(
+        self,
+        optimizer: _Optimizer,
+        group: ProcessGroup | None,
+        resolve_norm: Callable[[Mapping[str, Any], Tensor], Norm],
+    ) -> None:
+        super().__init__(optimizer, group, resolve_norm)
+        self.last_phase_bytes = [0, 0]
+
+    def _rows(self, layout: ShardLayout, rank: int) -> tuple[int, int]:
+        n = layout.shape[0] if layout.shape else 1
+        return rows(n, self.world, rank) if layout.sharded else (0, n)
+
+    def directions(self, requests: Sequence[DirectionRequest]) -> list[DirectionResult]:
+        plan = self.plan()
+        world, me = self.world, self.rank
+        owner = [plan.owners[r.key] for r in requests]
+        layouts: list[ShardLayout] = []
+        for r in requests:
+            assert r.layout is not None, "sharded requests carry their layout"
+            layouts.append(r.layout)
+        # What the owner computes on: the operand cast to what its norm reads (the momentum
+        # dual needs the operand's own bits), and the gradient in its own dtype.
+        wire = [
+            r.operand.dtype if r.dual == "momentum" else r.norm.reads_as(r.operand.dtype)
+            for r in requests
+        ]
+        grad_dtype = [None if r.gradient is None else r.gradient.dtype for r in requests]
+        row = [math.prod(lay.shape[1:]) for lay in layouts]
+
+        def nrows(j: int, rank: int) -> int:
+            start, stop = self._rows(layouts[j], rank)
+            return stop - start
+
+        def sent_to_owner(j: int, src: int) -> list[tuple[torch.dtype, int]]:
+            """Phase 1 parts from ``src`` for request ``j``: (dtype, elements)."""
+            if not layouts[j].sharded or owner[j] == src:
+                return []
+            n = nrows(j, src) * row[j]
+            parts = [(wire[j], n)]
+            g = grad_dtype[j]
+            if g is not None:
+                parts.append((g, n))
+            return parts
+
+        # -- phase 1: shards to owners --------------------------------------------------------
+        outgoing: list[list[Tensor]] = [[] for _ in range(world)]
+        for j, r in enumerate(requests):
+            if layouts[j].sharded and owner[j] != me:
+                outgoing[owner[j]].append(r.operand.to(wire[j]))
+                if r.gradient is not None:
+                    outgoing[owner[j]].append(r.gradient)
+        incoming = self._all_to_all(
+            outgoing,
+            [
+                sum(
+                    _padded(n * d.itemsize)
+                    for j in range(len(requests))
+                    if owner[j] == me
+                    for d, n in sent_to_owner(j, src)
+                )
+                for src in range(world)
+            ],
+            phase=0,
+            total=sum(
+                _padded(n * d.itemsize)
+                for j in range(len(requests))
+                for src in range(world)
+                for d, n in sent_to_owner(j, src)
+            ),
+            device=requests[0].operand.device if requests else torch.device("cpu"),
+        )
+        # -- the owner's work: whole tensors, as one process computes them ----------------------
+        cursor = [0] * world
+        whole: dict[int, tuple[Tensor, Tensor | None]] = {}
+        for j, r in enumerate(requests):
+            if owner[j] != me:
+                continue
+            lay = layouts[j]
+            if not lay.sharded:
+                whole[j] = (r.operand.to(wire[j]), r.gradient)
+                continue
+            m_parts, g_parts = [], []
+            for src in range(world):
+                if src == me:
+                    m_parts.append(r.operand.to(wire[j]))
+                    if r.gradient is not None:
+                        g_parts.append(r.gradient)
+                    continue
+                shape = (nrows(j, src), *lay.shape[1:])
+                for (dtype, n), into in zip(
+                    sent_to_owner(j, src), (m_parts, g_parts), strict=False
+                ):
+                    start = cursor[src]
+                    into.append(
+                        incoming[src][start : start + n * dtype.itemsize].view(dtype).view(shape)
+                    )
+                    cursor[src] = start + _padded(n * dtype.itemsize)
+            full_g = torch.cat(g_parts) if g_parts else None
+            whole[j] = (torch.cat(m_parts), full_g)
+        mine = sorted(whole)
+        views = []
+        for j in mine:
+            r, (m, g), transposed = requests[j], whole[j], layouts[j].transposed
+            gradient = None if g is None else r.norm.operand(g, transposed)
+            views.append(
+                DirectionRequest(
+                    r.key, r.norm, r.norm.operand(m, transposed), r.batch, r.dual, gradient
+                )
+            )
+        computed = dict(zip(mine, compute(views), strict=True))
+        full_d = {
+            j: requests[j].norm.restore(computed[j].direction, whole[j][0], layouts[j].transposed)
+            for j in mine
+        }
+        # -- phase 2: direction rows (and duals) back to every rank ------------------------------
+        kinds = [self._view_dtypes(r, w) for r, w in zip(requests, wire, strict=True)]
+
+        def returned(j: int, dst: int) -> list[tuple[torch.dtype, int]]:
+            if owner[j] == dst:
+                return []
+            parts = [(kinds[j][0], nrows(j, dst) * row[j])]
+            dual = kinds[j][1]
+            if dual is not None:
+                parts.append((torch.float64, 1))
+            return parts
+
+        outgoing = [[] for _ in range(world)]
+        for j in mine:
+            for dst in range(world):
+                if dst == me:
+                    continue
+                start, stop = self._rows(layouts[j], dst)
+                outgoing[dst].append(full_d[j][start:stop])
+                dual = computed[j].dual
+                if dual is not None:
+                    outgoing[dst].append(dual.to(torch.float64).reshape(1))
+        incoming = self._all_to_all(
+            outgoing,
+            [
+                sum(
+                    _padded(n * d.itemsize)
+                    for j in range(len(requests))
+                    if owner[j] == src
+                    for d, n in returned(j, me)
+                )
+                for src in range(world)
+            ],
+            phase=1,
+            total=sum(
+                _padded(n * d.itemsize)
+                for j in range(len(requests))
+                for dst in range(world)
+                for d, n in returned(j, dst)
+            ),
+            device=requests[0].operand.device if requests else torch.device("cpu"),
+        )
+        cursor = [0] * world
+        out: list[DirectionResult] = []
+        for j, r in enumerate(requests):
+            if owner[j] == me:
+                start, stop = self._rows(layouts[j], me)
+                out.append(DirectionResult(full_d[j][start:stop], computed[j].dual))
+                continue
+            src = owner[j]
+            got: list[Tensor] = []
+            for dtype, n in returned(j, me):
+                at = cursor[src]
+                got.append(incoming[src][at : at + n * dtype.itemsize].view(dtype))
+                cursor[src] = at + _padded(n * dtype.itemsize)
+            direction = got[0].view(r.operand.shape)
+            dual = None if len(got) == 1 else got[1][0].to(kinds[j][1])
+            out.append(DirectionResult(direction, dual))
+        return out
+
+    def _view_dtypes(
+        self, r: DirectionRequest, wire: torch.dtype
+    ) -> tuple[torch.dtype, torch.dtype | None]:
+        """The direction's and dual's dtypes of a sharded request (see ``_dtypes_of``)."""
+        assert r.layout is not None
+        ndim = len(r.norm.operand_shape(r.layout.shape, r.layout.transposed))
+        stub = torch.zeros((1,) * ndim, dtype=wire)
+        gradient = None if r.gradient is None else torch.zeros((1,) * ndim, dtype=r.gradient.dtype)
+        return self._dtypes_of(DirectionRequest(r.key, r.norm, stub, False, r.dual, gradient))
+
+    def _all_to_all(
+        self,
+        outgoing: list[list[Tensor]],
+        incoming_sizes: list[int],
+        phase: int,
+        total: int,
+        device: torch.device,
+    ) -> list[Tensor]:
+        """One ``all_to_all_single`` of bytes: ``outgoing[dst]`` to each rank; returns what came
+        from each rank. Skipped when no rank sends anything (every rank knows ``total``)."""
+        packed = [_pack(parts) for parts in outgoing]
+        sizes = [sum(t.numel() for t in parts) for parts in packed]
+        self.last_phase_bytes[phase] = sum(sizes)
+        self.last_bytes += sum(sizes)
+        if total == 0:
+            return [torch.empty(0, dtype=torch.uint8, device=device) for _ in range(self.world)]
+        send = torch.cat([t for parts in packed for t in parts]) if any(sizes) else None
+        if send is None:
+            send = torch.empty(0, dtype=torch.uint8, device=device)
+        recv = torch.empty(sum(incoming_sizes), dtype=torch.uint8, device=device)
+        dist.all_to_all_single(recv, send, incoming_sizes, sizes, group=self._group)
+        self.last_collectives += 1
+        return list(torch.split(recv, incoming_sizes))
+
+
+def _named(optimizer: _Optimizer) -> Iterator[tuple[str, Tensor, dict[str, Any]]]:
+    for group in optimizer.param_groups:
+        names = group.get("param_names")
+        for i, p in enumerate(group["params"]):
+            yield (str(names[i]) if names else f"params[{i}]"), p, group
+
+
+def layout_error(mode: str, params: Sequence[tuple[str, Tensor, Mapping[str, Any]]]) -> str | None:
+    """Why ``params`` (name, tensor, group) cannot run under ``mode``, or ``None``.
+
+    DTensor parameters need the sharded mode, on a 1-D mesh, placed ``Shard(0)`` or
+    ``Replicate()``; the sharded mode needs every parameter a DTensor of one mesh, and an
+    estimator whose state is elementwise.
+    """
+    sharded = [(n, p) for n, p, _ in params if is_dtensor(p)]
+    if not sharded:
+        if mode == "sharded":
+            return (
+                "distributed='sharded' needs DTensor parameters (FSDP2's fully_shard); these are "
+                "plain tensors (use 'replicated' for DDP, 'local' for one process)"
+            )
+        return None
+    name, first = sharded[0]
+    if mode not in ("auto", "sharded"):
+        return (
+            f"Parameter {name!r} is a DTensor (FSDP2 / fully_shard), which needs "
+            f"distributed='sharded' (or 'auto'), not {mode!r}: running the LMO on local shards "
+            "would be a different algorithm"
+        )
+    plain = [n for n, p, _ in params if not is_dtensor(p)]
+    if plain:
+        return (
+            f"Parameter {plain[0]!r} is a plain tensor while {name!r} is a DTensor: the sharded "
+            "mode needs every parameter sharded (apply fully_shard to the root module too)"
+        )
+    mesh = cast(DTensor, first).device_mesh
+    for n, p, group in params:
+        d = cast(DTensor, p)
+        if d.device_mesh.ndim != 1:
+            return (
+                f"Parameter {n!r} is a DTensor on a {d.device_mesh.ndim}-D mesh: the sharded "
+                "mode supports 1-D meshes (one FSDP2 dimension) only"
+            )
+        if d.device_mesh != mesh:
+            return f"Parameter {n!r} is on another device mesh than {name!r}; use one mesh"
+        if tuple(d.placements) not in ((Shard(0),), (Replicate(),)):
+            return (
+                f"Parameter {n!r} has placements {tuple(d.placements)}; the sharded mode "
+                "supports Shard(0) (fully_shard's default) and Replicate() only"
+            )
+        if group["algorithm"] == "lmo" and group["estimator"] == "storm_lowrank":
+            return (
+                f"Parameter {n!r}: estimator 'storm_lowrank' (LiMuon's low-rank state) is not "
+                "supported on DTensor parameters yet: its state is not elementwise. Use "
+                "go.limuon(..., low_rank=False) (estimator 'mvr1') under FSDP2"
+            )
+    return None
+
+
 def executor(
     optimizer: _Optimizer,
     mode: str,
@@ -399,21 +812,29 @@ def executor(
 ) -> LocalExecutor:
     """The executor of ``mode`` for ``optimizer`` (see the module docstring)."""
     check_mode(mode)
-    for _, name, p, _ in _lmo_params(optimizer):
-        if _is_dtensor(p):
-            raise ValueError(
-                f"Parameter {name!r} is a DTensor (FSDP2 / fully_shard): the sharded owner mode "
-                "that keeps Gluon's algorithm on sharded parameters is not implemented yet, and "
-                "running the LMO on local shards would be a different algorithm. Use DDP with "
-                "distributed='replicated' for now."
-            )
-    if mode in ("auto", "local"):
+    if group is not None and not isinstance(group, ProcessGroup):
+        raise ValueError(f"process_group must be a torch.distributed ProcessGroup, got {group!r}")
+    params = list(_named(optimizer))
+    error = layout_error(mode, params)
+    if error is not None:
+        raise ValueError(error)
+    sharded = bool(params) and is_dtensor(params[0][1])
+    if mode == "local" or (mode == "auto" and not sharded):
         return LocalExecutor()
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError(
-            "distributed='replicated' needs an initialised default process group "
+            f"distributed={mode!r} needs an initialised default process group "
             "(torch.distributed.init_process_group) or a process_group"
         )
-    if group is not None and not isinstance(group, ProcessGroup):
-        raise ValueError(f"process_group must be a torch.distributed ProcessGroup, got {group!r}")
-    return ReplicatedExecutor(optimizer, group, resolve_norm)
+    if not sharded:
+        return ReplicatedExecutor(optimizer, group, resolve_norm)
+    mesh_group = cast(DTensor, params[0][1]).device_mesh.get_group()
+    if group is not None and dist.get_process_group_ranks(group) != dist.get_process_group_ranks(
+        mesh_group
+    ):
+        raise ValueError(
+            "process_group holds other ranks than the parameters' device mesh "
+            f"({dist.get_process_group_ranks(group)} vs "
+            f"{dist.get_process_group_ranks(mesh_group)}); leave it unset under FSDP2"
+        )
+    return ShardedExecutor(optimizer, mesh_group, resolve_norm)

@@ -41,7 +41,7 @@ Variance Reduction for Training Large Models", arXiv 2411.10438 (Algorithm 1 and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,7 +140,7 @@ class EstimatorStep:
     p: Tensor
     g: Tensor
     g_prev: Tensor
-    state: dict[str, Any]
+    state: MutableMapping[str, Any]
     k: int
     index: int
     beta: float

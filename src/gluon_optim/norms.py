@@ -160,6 +160,15 @@ class Norm(ABC):
         """The scalar factor of the LMO for a tensor of this shape."""
         return 1.0
 
+    def reads_as(self, dtype: torch.dtype) -> torch.dtype:
+        """The narrowest dtype an operand of ``dtype`` can be cast to first without changing
+        :meth:`direction`'s result, bit for bit.
+
+        Distributed steps send operands to their owner rank in it. Most norms read every bit
+        of their operand, so the default is ``dtype`` itself.
+        """
+        return dtype
+
     # -- the public triple ------------------------------------------------------------------
     def lmo(self, g: Tensor) -> Tensor:
         """``argmin_{||a|| <= 1} <g, a>``, same shape and dtype as ``g``; ``g`` is not modified."""
@@ -292,6 +301,18 @@ class _PolarNorm(Norm):
                 f"Unknown compile backend {self.compile!r}; expected '' or one of "
                 f"{list(COMPILE_BACKENDS)}"
             )
+
+    def reads_as(self, dtype: torch.dtype) -> torch.dtype:
+        # Newton–Schulz in bfloat16 casts a float32 or bfloat16 operand to bfloat16 before its
+        # first operation (polar._normalised_wide; float16 and float64 inputs are normalised
+        # first, and the SVD runs in float32 or wider), so nothing else of it is ever read.
+        if (
+            self.method == "newton_schulz"
+            and self.compute_dtype == "bfloat16"
+            and dtype in (torch.float32, torch.bfloat16)
+        ):
+            return torch.bfloat16
+        return dtype
 
     def _polar(self, m: Tensor) -> Tensor:
         return polar(

@@ -11,7 +11,7 @@ groups is looked up in tables: :data:`ALGORITHMS` here, the estimators of
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Unpack
@@ -19,17 +19,25 @@ from typing import Any, Unpack
 import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from torch.optim.adam import adam as _torch_adam
 
 from gluon_optim import distributed as _distributed
 from gluon_optim import groups as _groups
 from gluon_optim import norms as _norms
-from gluon_optim.directions import DirectionRequest, LocalExecutor
+from gluon_optim.directions import DirectionRequest, LocalExecutor, ShardLayout
 from gluon_optim.estimators import ESTIMATORS, EstimatorStep
 from gluon_optim.groups import DEFAULTS, GroupOptions, where
 from gluon_optim.radius import POLICIES, RadiusInput
-from gluon_optim.two_point import TWO_POINT_KEYS, TwoPoint, Work, is_exact, state_keys
+from gluon_optim.two_point import (
+    TWO_POINT_KEYS,
+    TwoPoint,
+    Work,
+    is_exact,
+    needs_partner,
+    state_keys,
+)
 
 __all__ = ["ALGORITHMS", "DEFAULTS", "Algorithm", "Gluon", "describe", "resolve_norm"]
 
@@ -129,7 +137,10 @@ def _check_shapes(group: Mapping[str, Any], index: int | None) -> None:
             raise ValueError(f"Parameter {name!r}{loc}: {err}")
 
 
-def _conform(state: dict[str, Any], keys: Iterable[str]) -> None:
+_local = _distributed.local
+
+
+def _conform(state: MutableMapping[str, Any], keys: Iterable[str]) -> None:
     """Keep only the state keys the parameter's current configuration declares.
 
     A group whose estimator or two-point mode changed mid-run starts the new one from its own
@@ -141,10 +152,18 @@ def _conform(state: dict[str, Any], keys: Iterable[str]) -> None:
         del state[key]
 
 
-def _begin_step(state: dict[str, Any]) -> int:
-    """Advance the parameter's step counter; return this step's 0-based index ``k``."""
+def _begin_step(state: MutableMapping[str, Any]) -> int:
+    """Advance the parameter's step counter; return this step's 0-based index ``k``.
+
+    A parameter whose count is 0 has not started: any other key it holds is a placeholder made
+    up front (:meth:`Gluon.materialize_state`), dropped here so its first step starts as if
+    the state were empty.
+    """
     if "step" not in state:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    elif float(state["step"]) == 0.0:
+        for key in [key for key in state if key != "step"]:
+            del state[key]
     state["step"] += 1
     return int(state["step"].item()) - 1  # a CPU scalar: no device synchronisation
 
@@ -166,6 +185,8 @@ class _Pending:
     norm: _norms.Norm
     operand: Tensor
     batch: bool  # the group's foreach, resolved once for all its parameters
+    shape: tuple[int, ...]  # the whole parameter's (p, g and operand may be one rank's rows)
+    layout: ShardLayout | None  # set for DTensor parameters: operand is then parameter-shaped
     direction: Tensor | None = field(default=None)
     dual: Tensor | None = field(default=None)
 
@@ -173,8 +194,12 @@ class _Pending:
         """What the direction stage computes for this parameter."""
         group = self.group
         dual = POLICIES[group["radius_policy"]].dual(group)
-        gradient = self.norm.operand(self.g, group["transposed"]) if dual == "gradient" else None
-        return DirectionRequest(self.key, self.norm, self.operand, self.batch, dual, gradient)
+        gradient = None
+        if dual == "gradient":
+            gradient = self.g if self.layout else self.norm.operand(self.g, group["transposed"])
+        return DirectionRequest(
+            self.key, self.norm, self.operand, self.batch, dual, gradient, self.layout
+        )
 
 
 @dataclass(frozen=True)
@@ -204,16 +229,17 @@ def _lmo_estimate(
     batch = _use_foreach(group, items)
     steps: list[EstimatorStep] = []
     for p, g in items:
-        state = opt.state[p]
+        state = opt.state_of(p)
         _conform(state, keys)
         k = _begin_step(state)
         beta = schedule(k) if schedule is not None and scheduled else group["momentum"]
         g_prev = (
             TwoPoint.partner(state, group, at_previous.get(id(p))) if estimator.two_point else None
         )
+        g, g_prev = _local(g), None if g_prev is None else _local(g_prev)
         steps.append(
             EstimatorStep(
-                p,
+                _local(p),
                 g,
                 g if g_prev is None else g_prev,
                 state,
@@ -232,10 +258,18 @@ def _lmo_estimate(
         for s in steps:
             TwoPoint.remember(s.state, s.p, s.g, group)
     out = []
-    for s, m in zip(steps, momenta, strict=True):
-        norm = resolve_norm(group, s.p)
-        operand = norm.operand(m, group["transposed"])
-        out.append(_Pending((index, s.index), s.p, s.g, group, s.k, norm, operand, batch))
+    for (p, _), s, m in zip(items, steps, momenta, strict=True):
+        norm = resolve_norm(group, p)
+        shape = tuple(p.shape)
+        if isinstance(p, DTensor):
+            # The owner rank builds the norm's view of the whole tensor (distributed.py).
+            layout = ShardLayout(shape, group["transposed"], p.placements[0].is_shard())
+            operand = m
+        else:
+            layout, operand = None, norm.operand(m, group["transposed"])
+        out.append(
+            _Pending((index, s.index), s.p, s.g, group, s.k, norm, operand, batch, shape, layout)
+        )
     return out
 
 
@@ -255,18 +289,19 @@ def _adamw(
     including a tensor ``lr`` (which torch reads to the host). Multi-tensor kernels follow the
     ``foreach`` setting, except with a tensor lr, which torch's foreach path does not take.
     """
-    states = [opt.state[p] for p, _ in items]
+    states = [opt.state_of(p) for p, _ in items]
     for (p, _), state in zip(items, states, strict=True):
         _conform(state, _ADAMW_STATE)
         if "exp_avg" not in state or "exp_avg_sq" not in state:
+            p = _local(p)
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     beta1, beta2 = group["betas"]
     lr = group["lr"]
     _torch_adam(
-        [p for p, _ in items],
-        [g for _, g in items],
+        [_local(p) for p, _ in items],
+        [_local(g) for _, g in items],
         [s["exp_avg"] for s in states],
         [s["exp_avg_sq"] for s in states],
         [],
@@ -311,7 +346,7 @@ def _apply(item: _Pending) -> None:
     """
     group, p, direction = item.group, item.p, item.direction
     assert direction is not None
-    factor = item.norm.factor(item.operand.shape)
+    factor = item.norm.factor(item.norm.operand_shape(item.shape, group["transposed"]))
     lr = group["lr"]
     if isinstance(lr, Tensor):  # a one-element lr of any shape acts as a scalar
         lr = lr.reshape(())
@@ -333,7 +368,8 @@ def _apply(item: _Pending) -> None:
         p.mul_(1.0 - lr * group["weight_decay"])
     if group["constrained"]:
         p.mul_(1.0 - lr)
-    update = item.norm.restore(direction, p, group["transposed"])
+    # A sharded direction comes back as this rank's rows of the parameter, already restored.
+    update = direction if item.layout else item.norm.restore(direction, p, group["transposed"])
     if isinstance(radius, Tensor):
         p.add_(update.to(p.dtype) * (-(radius * factor)).to(p.dtype))
     else:
@@ -432,6 +468,9 @@ class Gluon(Optimizer):
         self.executor: LocalExecutor = LocalExecutor()
         super().__init__(params, merged)
         self.executor = _distributed.executor(self, distributed, process_group, resolve_norm)
+        if self.executor.mode == "sharded":
+            self.materialize_state()
+        self._built = True
 
     # -- groups -------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -471,7 +510,19 @@ class Gluon(Optimizer):
                     f"(as {seen[id(p)]!r}); every parameter must get exactly one group"
                 )
             seen[id(p)] = _name(candidate, i)
+        built = self.__dict__.get("_built", False)  # a group added after construction
+        if built:
+            everything = [
+                (_name(g, i), p, g)
+                for g in (*self.param_groups, candidate)
+                for i, p in enumerate(g["params"])
+            ]
+            err = _distributed.layout_error(self.executor.mode, everything)
+            if err is not None:
+                raise ValueError(err)
         super().add_param_group({**param_group, "params": items})
+        if built and self.executor.mode == "sharded":
+            self.materialize_state()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``state_dict()``; its groups are validated first, so a bad one changes nothing.
@@ -484,7 +535,14 @@ class Gluon(Optimizer):
         for index, group in enumerate(groups):
             _groups.check_keys(group, f"load_state_dict: param group {index}")
             _groups.validate({**DEFAULTS, **group}, index)
-        state = _checked_state(self.param_groups, groups, state_dict.get("state", {}))
+        state: dict[Any, Any] = {}
+        error = None
+        try:
+            state = _checked_state(self.param_groups, groups, state_dict.get("state", {}))
+        except ValueError as e:
+            error = str(e)
+        # Under FSDP2 each rank checked its own shards: all raise if any of them found a fault.
+        self.executor.settle(error)
         super().load_state_dict({**state_dict, "param_groups": groups, "state": state})
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -496,6 +554,49 @@ class Gluon(Optimizer):
         self.__dict__.setdefault("_two_point", TwoPoint(self))
         self.__dict__.setdefault("_checked", {})
         self.__dict__.setdefault("executor", LocalExecutor())
+
+    def state_of(self, p: Tensor) -> MutableMapping[str, Any]:
+        """``self.state[p]`` as a step reads it: for a DTensor parameter, a view whose tensors
+        are this rank's local parts (:class:`gluon_optim.distributed.LocalState`)."""
+        state: dict[str, Any] = self.state[p]
+        if isinstance(p, DTensor):
+            return _distributed.LocalState(state, p)
+        return state
+
+    def materialize_state(self) -> None:
+        """Create every parameter's state now (zeros, step count 0), as its first step would.
+
+        Done at construction under ``distributed="sharded"``: every rank then holds the same
+        keys before any step, which ``torch.distributed.checkpoint`` needs to load a checkpoint
+        into a fresh optimizer (and without which ``get_optimizer_state_dict`` would take a step
+        of zero gradients to create them). A step count of 0 marks the tensors as placeholders:
+        the first step drops them and starts from empty state, so results do not change. The
+        keys are the ones the parameter's first step would create, found by running its
+        estimator on zeros.
+        """
+        for group in self.param_groups:
+            if group["algorithm"] == "lmo" and ESTIMATORS[group["estimator"]].matrix_only:
+                continue  # low-rank factors: their shape is known after the first step only
+            for i, p in enumerate(group["params"]):
+                if self.state.get(p):
+                    continue
+                state, zero = self.state_of(p), torch.zeros_like(_local(p))
+                if group["algorithm"] == "adamw":
+                    keys: Iterable[str] = _ADAMW_STATE
+                else:
+                    scratch: dict[str, Any] = {}
+                    estimator = ESTIMATORS[group["estimator"]]
+                    schedule = POLICIES[group["radius_policy"]].momentum
+                    scheduled = schedule is not None and estimator.follows_schedule
+                    beta = schedule(0) if schedule and scheduled else group["momentum"]
+                    first = EstimatorStep(zero, zero, zero, scratch, 0, i, beta, scheduled, group)
+                    estimator.update(first)
+                    keys = [*scratch]
+                    if needs_partner(group):
+                        keys.append("prev_param" if is_exact(group) else "prev_grad")
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                for key in keys:
+                    state[key] = torch.zeros_like(zero)
 
     def needs_closure(self) -> bool:
         """Whether :meth:`step` needs a closure (or a :meth:`previous_iterate` block).
@@ -567,6 +668,7 @@ class Gluon(Optimizer):
             for key, value in state.items():
                 if not isinstance(value, Tensor):
                     continue
+                value = _local(value)  # this rank's part of a sharded state
                 size = value.numel() * value.element_size()
                 total += size
                 if key in _MOMENTUM_KEYS:
@@ -659,9 +761,9 @@ class Gluon(Optimizer):
                 if g is None or group["nonfinite"] == "ignore":
                     finite.append(None)
                     continue
-                ok = _all_finite(g)
+                ok = _all_finite(_local(g))
                 if id(p) in at_previous:
-                    ok = ok & _all_finite(at_previous[id(p)])
+                    ok = ok & _all_finite(_local(at_previous[id(p)]))
                 finite.append(ok)
         flags = self.executor.agree(has_grad, finite)
         skipped: set[int] = set()
@@ -733,14 +835,18 @@ def _checked_value(where_: str, name: str, value: Any, p: Tensor) -> Any:
         return value if isinstance(value, Tensor) else torch.tensor(float(number))
     if not isinstance(value, Tensor) or not value.is_floating_point():
         raise ValueError(f"{where_}: state {name!r} must be a floating-point tensor")
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{where_}: state {name!r} holds non-finite values")
     expected = _state_shape(name, p, value)
     if expected is not None and tuple(value.shape) != expected:
         raise ValueError(
             f"{where_}: state {name!r} has shape {tuple(value.shape)}, expected {expected}"
         )
-    if name == "exp_avg_sq" and bool((value < 0).any()):
+    if isinstance(p, DTensor) and not isinstance(value, DTensor):
+        # A whole tensor (a one-process or "replicated" checkpoint): keep this rank's rows.
+        value = _distributed.shard_like(value, p)
+    # Each rank checks its own part of a DTensor (load_state_dict agrees on the outcome).
+    if not bool(torch.isfinite(_local(value)).all()):
+        raise ValueError(f"{where_}: state {name!r} holds non-finite values")
+    if name == "exp_avg_sq" and bool((_local(value) < 0).any()):
         raise ValueError(f"{where_}: state 'exp_avg_sq' has negative entries")
     return value
 

@@ -20,7 +20,7 @@ keeps (:func:`state_keys`); nothing else in the package touches them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -85,7 +85,13 @@ class TwoPoint:
             estimator = ESTIMATORS[group["estimator"]]
             for p in params:
                 state = self._opt.state.get(p)
-                if state and "prev_param" in state and estimator.ready(state):
+                # A step count of 0: placeholders made up front, not a previous iterate.
+                if (
+                    state
+                    and "prev_param" in state
+                    and float(state.get("step", 0)) > 0
+                    and estimator.ready(state)
+                ):
                     out.append(p)
         return out
 
@@ -223,7 +229,9 @@ class TwoPoint:
         return at_previous if group["two_point"] == "exact" else state.get("prev_grad")
 
     @staticmethod
-    def remember(state: dict[str, Any], p: Tensor, g: Tensor, group: Mapping[str, Any]) -> None:
+    def remember(
+        state: MutableMapping[str, Any], p: Tensor, g: Tensor, group: Mapping[str, Any]
+    ) -> None:
         """Before ``p`` changes, keep what the next step needs: ``X^k`` or ``g_k(X^k)``.
 
         Copied out of ``p`` / ``p.grad`` in ``p``'s dtype, into the same buffer every step.

@@ -4,7 +4,8 @@
 gradients (every rank evaluates the same batch) and returns the parameters; the test compares
 them with the same cases run in one process. ``errors(rank, world)`` provokes the failures that
 must be clear errors on every rank: a NaN on one rank, a gradient missing on one rank, groups
-built differently, a DTensor parameter.
+built differently, a DTensor parameter under "replicated". The FSDP2 cases (``"sharded"``) are
+at the end.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ CASES: dict[str, Builder] = {
     "limuon-ns-approx": lambda m, **kw: go.limuon(
         m, 2, lr=0.02, method="newton_schulz", two_point="approx", **kw
     ),
+    "limuon-full": lambda m, **kw: go.limuon(m, lr=0.02, low_rank=False, **kw),
 }
 
 
@@ -247,7 +249,7 @@ def errors(rank: int, world: int) -> dict[str, str]:
 
         mesh = init_device_mesh("cpu", (world,))
         w = nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Shard(0)]))
-        go.Gluon([("w", w)], lr=0.01)
+        go.Gluon([("w", w)], lr=0.01, distributed="replicated")
 
     out["dtensor"] = _expect(dtensor_parameter)
     return out
@@ -296,3 +298,271 @@ def resume(rank: int, world: int) -> dict[str, Any]:
         name: params(train(name, steps=range(2, STEPS), start=saved[name], **engine)[0])
         for name in RESUME_CASES
     }
+
+
+# -- FSDP2 ---------------------------------------------------------------------------------------
+#: LiMuon's low-rank state is refused on DTensors (a clear error, tested below).
+SHARDED_CASES = tuple(name for name in CASES if name not in ("limuon-exact", "limuon-ns-approx"))
+
+
+def shard(net: nn.Module) -> nn.Module:
+    """``fully_shard`` every layer, then the root: every parameter a ``Shard(0)`` DTensor
+    (the 11-row embedding and head are uneven at W = 2 and 3; at W = 3 the last rank holds 3)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in (net.embedding, net.fc, net.conv, net.mix, net.head):
+        fully_shard(module)
+    fully_shard(net)
+    return net
+
+
+def _inject(net: nn.Module, plain: nn.Module, k: int) -> torch.Tensor:
+    """One process's gradient of batch ``k`` at ``net``'s current (sharded) parameters, given
+    to ``net`` as DTensor gradients: the optimizer then sees exactly one process's numbers."""
+    from gluon_optim.distributed import shard_like
+
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(net.named_parameters(), plain.named_parameters(), strict=True):
+            q.copy_(p.full_tensor())
+    plain.zero_grad()
+    loss = loss_of(plain, k)
+    loss.backward()
+    for p, q in zip(net.parameters(), plain.parameters(), strict=True):
+        assert q.grad is not None
+        p.grad = shard_like(q.grad, p)
+    return loss.detach()
+
+
+def train_sharded(
+    name: str, steps: range = range(STEPS), inject: bool = True, opt_state: Any = None
+) -> tuple[nn.Module, go.Gluon]:
+    """Case ``name`` on a fully_shard'ed model: gradients injected from one process's model
+    (``inject``) or from the sharded model's own forward and backward passes."""
+    net = shard(model())
+    plain = model()
+    opt = CASES[name](net)
+    if opt_state is not None:
+        opt_state(net, opt)
+    for k in steps:
+
+        def closure(k: int = k) -> torch.Tensor:
+            opt.zero_grad()
+            if inject:
+                return _inject(net, plain, k)
+            loss = loss_of(net, k)
+            loss.backward()
+            return loss
+
+        if opt.needs_closure():
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
+    return net, opt
+
+
+def full_params(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.full_tensor().detach().clone() for n, p in net.named_parameters()}
+
+
+class _A2ACounter:
+    """Counts the bytes this rank hands to ``all_to_all_single`` (what it sends to others)."""
+
+    def __enter__(self) -> _A2ACounter:
+        self.sent = 0
+        self._a2a = dist.all_to_all_single
+
+        def a2a(
+            out: torch.Tensor, inp: torch.Tensor, out_splits: Any, in_splits: Any, **kw: Any
+        ) -> Any:
+            me = dist.get_rank(kw.get("group"))
+            self.sent += sum(n for r, n in enumerate(in_splits) if r != me)
+            return self._a2a(out, inp, out_splits, in_splits, **kw)
+
+        dist.all_to_all_single = a2a
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        dist.all_to_all_single = self._a2a
+
+
+def sharded_parity(rank: int, world: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"params": {}, "comm": {}}
+    for name in SHARDED_CASES:
+        with _Counter() as counter, _A2ACounter() as a2a:
+            net, opt = train_sharded(name)
+        ex = opt.executor
+        assert isinstance(ex, go.distributed.ShardedExecutor), type(ex)
+        out["params"][name] = full_params(net)
+        out["comm"][name] = {
+            "polar_calls": counter.polar_calls,
+            "sent": a2a.sent,
+            "last_bytes": ex.last_bytes,
+            "phase_bytes": list(ex.last_phase_bytes),
+            "owners": dict(ex.plan().owners),
+            "shapes": {
+                (gi, i): tuple(p.shape)
+                for gi, g in enumerate(opt.param_groups)
+                for i, p in enumerate(g["params"])
+            },
+        }
+    return out
+
+
+FSDP_CASES = ("muon", "scion", "mvr2-exact", "gluon-l0l1")
+
+
+def fsdp(rank: int, world: int) -> dict[str, Any]:
+    """Real FSDP2 forward and backward passes, every rank fed the full batch."""
+    return {name: full_params(train_sharded(name, inject=False)[0]) for name in FSDP_CASES}
+
+
+def comm_modes(rank: int, world: int) -> dict[str, Any]:
+    """What ``CommDebugMode`` sees in one sharded step (the second, so state exists): the
+    gradients, including exact MVR's second one, are computed before it starts."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    out: dict[str, Any] = {}
+    for name in ("muon", "mvr2-exact", "gluon-l0l1", "limuon-full"):
+        net, opt = train_sharded(name, steps=range(1))
+        plain = model()
+        opt.zero_grad()
+        if opt.needs_closure():
+            with opt.previous_iterate():
+                _inject(net, plain, 1)
+        _inject(net, plain, 1)
+        mode = CommDebugMode()
+        with mode:
+            opt.step()
+        out[name] = {str(k): v for k, v in mode.get_comm_counts().items()}
+    return out
+
+
+RESUME_SHARDED = ("muon", "mvr2-exact", "gluon-l0l1", "limuon-full")
+
+
+def dcp_save(rank: int, world: int) -> None:
+    """Two sharded steps of every resume case, saved through torch.distributed.checkpoint."""
+    import os
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    for name in RESUME_SHARDED:
+        net, opt = train_sharded(name, steps=range(2))
+        model_sd, optim_sd = get_state_dict(net, opt)
+        path = os.path.join(os.environ[CHECKPOINT_ENV], name)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+
+
+def _dcp_load(name: str) -> Callable[[nn.Module, go.Gluon], None]:
+    def load(net: nn.Module, opt: go.Gluon) -> None:
+        import os
+
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(net, opt)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=os.path.join(os.environ[CHECKPOINT_ENV], name))
+        set_state_dict(net, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    return load
+
+
+def dcp_resume(rank: int, world: int) -> dict[str, Any]:
+    """The last step, from the DCP checkpoint saved at another world size."""
+    return {
+        name: full_params(train_sharded(name, steps=range(2, STEPS), opt_state=_dcp_load(name))[0])
+        for name in RESUME_SHARDED
+    }
+
+
+def sharded_errors(rank: int, world: int) -> dict[str, str]:
+    """The failures that must be clear errors on every rank under FSDP2."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    out: dict[str, str] = {}
+
+    def nan_on_rank_1() -> None:
+        net = shard(model())
+        opt = go.muon(net)
+        loss_of(net, 0).backward()
+        if rank == 1:
+            go.distributed.local(net.fc.weight.grad)[0, 0] = float("nan")
+        opt.step()
+
+    out["nan"] = _expect(nan_on_rank_1)
+
+    def grad_missing_on_rank_0() -> None:
+        net = shard(model())
+        opt = go.muon(net)
+        loss_of(net, 0).backward()
+        if rank == 0:
+            net.mix.weight.grad = None
+        opt.step()
+
+    out["grad_none"] = _expect(grad_missing_on_rank_0)
+
+    def groups_in_another_order() -> None:
+        net = shard(model())
+        named = list(net.named_parameters())
+        if rank == 1:
+            named.reverse()
+        opt = go.Gluon(named, lr=0.01, norm="euclidean")
+        loss_of(net, 0).backward()
+        opt.step()
+
+    out["order"] = _expect(groups_in_another_order)
+    out["lowrank"] = _expect(lambda: go.limuon(shard(model()), 3))
+    out["replicated"] = _expect(lambda: go.muon(shard(model()), distributed="replicated"))
+    out["local"] = _expect(lambda: go.muon(shard(model()), distributed="local"))
+    out["plain"] = _expect(lambda: go.muon(model(), distributed="sharded"))
+
+    mesh = init_device_mesh("cpu", (world,))
+
+    def shard1() -> None:
+        w = nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Shard(1)]))
+        go.Gluon([("w", w)], lr=0.01)
+
+    out["shard1"] = _expect(shard1)
+
+    def mixed() -> None:
+        w = nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Replicate()]))
+        go.Gluon([("w", w), ("v", nn.Parameter(torch.randn(3, 3)))], lr=0.01)
+
+    out["mixed"] = _expect(mixed)
+
+    def mesh_2d() -> None:
+        if world % 2:
+            raise ValueError("skipped: needs an even world")
+        grid = init_device_mesh("cpu", (world // 2, 2))
+        w = nn.Parameter(distribute_tensor(torch.randn(6, 4), grid, [Shard(0), Replicate()]))
+        go.Gluon([("w", w)], lr=0.01)
+
+    out["mesh2d"] = _expect(mesh_2d)
+
+    def nan_state_on_rank_1() -> None:
+        net = shard(model())
+        opt = go.muon(net)
+        loss_of(net, 0).backward()
+        opt.step()
+        state = opt.state_dict()
+        before = {k: go.distributed.local(v).clone() for k, v in opt.state[net.fc.weight].items()}
+        if rank == 1:
+            # state_dict() holds the live tensors: the bad one is a copy.
+            key = next(k for k, v in state["state"].items() if "momentum_buffer" in v)
+            bad = state["state"][key]["momentum_buffer"].clone()
+            go.distributed.local(bad).fill_(float("nan"))
+            state["state"][key] = {**state["state"][key], "momentum_buffer": bad}
+        try:
+            opt.load_state_dict(state)
+        finally:
+            after = opt.state[net.fc.weight]
+            for k, v in before.items():
+                if not torch.equal(go.distributed.local(after[k]), v):
+                    raise RuntimeError("state changed")
+
+    out["nan_state"] = _expect(nan_state_on_rank_1)
+    return out
