@@ -1,4 +1,5 @@
-"""The lab under --parallel ddp: rank 0 writes one run folder that a one-process run matches."""
+"""The lab under --parallel ddp and fsdp2: rank 0 writes one run folder that a one-process run
+matches."""
 
 from __future__ import annotations
 
@@ -56,6 +57,45 @@ def test_ddp_runs_match_one_process(folder: Path) -> None:
     assert split["steps"] == 6 and split["max_loss_diff"] < 1e-3
     # Rank 0 alone wrote the folder: one metrics line per step.
     assert len((folder / "ddp-rank" / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+def _fsdp_runs(rank: int, world: int) -> None:
+    folder = Path(os.environ[_ENV])
+    for split in ("none", "rank"):
+        config = _config(folder, parallel="fsdp2", batch_split=split)
+        train(config, folder / f"fsdp-{split}", progress=False)
+    # Stopped after 3 of 6 steps (a checkpoint is written), for the resume below.
+    config = _config(folder, parallel="fsdp2", batch_split="none", checkpoint_every=3)
+    train(config, folder / "fsdp-stopped", progress=False, stop_after=3)
+
+
+def _resume_in_one(rank: int, world: int) -> None:
+    train(RunConfig(), Path(os.environ[_ENV]) / "fsdp-stopped", resume=True, progress=False)
+
+
+def test_fsdp2_runs_match_one_process_and_resume_at_another_world_size(folder: Path) -> None:
+    run(_fsdp_runs, 2, folder / "spawn")
+    run(_resume_in_one, 1, folder / "spawn1")
+    threads = torch.get_num_threads()
+    try:
+        train(_config(folder), folder / "one-b4", progress=False)
+        train(_config(folder, batch_size=8), folder / "one-b8", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    # Every parameter a Shard(0) DTensor, the same batch on both ranks: bit for bit.
+    same = report.compare_runs(folder / "fsdp-none", folder / "one-b4")
+    assert same["first_diff_step"] is None and same["max_param_diff"] == 0.0
+    split = report.compare_runs(folder / "fsdp-rank", folder / "one-b8")
+    assert split["steps"] == 6 and split["max_loss_diff"] < 1e-3
+    # Saved at 2 ranks after step 3 (whole tensors), continued by 1: as if never stopped.
+    resumed = report.compare_runs(folder / "fsdp-stopped", folder / "one-b4")
+    assert resumed["steps"] == 6
+    assert resumed["first_diff_step"] is None and resumed["max_param_diff"] == 0.0
+
+
+def test_the_probe_is_refused_under_fsdp2(folder: Path) -> None:
+    with pytest.raises(ConfigError, match="smoothness probe does not run under --parallel fsdp2"):
+        _config(folder, parallel="fsdp2", probe_every=2).validate()
 
 
 def test_parallel_needs_torchrun_and_one_folder(

@@ -237,12 +237,16 @@ def get(name: str) -> OptimizerEntry:
 
 
 def build(
-    name: str, model: nn.Module, lr: float, options: dict[str, Any], parallel: bool = False
+    name: str, model: nn.Module, lr: float, options: dict[str, Any], parallel: str = "none"
 ) -> list[torch.optim.Optimizer]:
-    """Build the optimizer(s) ``name`` for ``model``; ``parallel``: under data parallelism."""
+    """Build the optimizer(s) ``name`` for ``model`` under the lab's ``parallel`` mode.
+
+    ``"ddp"``: Gluon optimizers run ``distributed="replicated"``; ``"fsdp2"``: the model's
+    parameters are DTensors, and Gluon's ``"auto"`` is the sharded mode.
+    """
     entry = get(name)
     opts = dict(options)
-    if parallel and entry.gluon:
+    if parallel == "ddp" and entry.gluon:
         opts["distributed"] = "replicated"
     return entry.build(model, lr, **opts)
 

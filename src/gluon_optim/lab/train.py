@@ -51,6 +51,8 @@ PARALLEL_NOTES = {
     "none": "one process",
     "ddp": "DistributedDataParallel over torchrun's processes; Gluon optimizers run "
     "distributed='replicated'",
+    "fsdp2": "FSDP2 (fully_shard of the whole model) over torchrun's processes: every parameter "
+    "a Shard(0) DTensor, Gluon optimizers run distributed='sharded'",
 }
 #: How a data-parallel run splits its batches.
 BATCH_SPLIT_NOTES = {
@@ -269,6 +271,12 @@ class RunConfig:
         if scales and not self.probe_every:
             raise ConfigError(
                 "probe_displacement", "probe_displacement needs probe_every > 0 (when to measure)"
+            )
+        if self.parallel == "fsdp2" and self.probe_every:
+            raise ConfigError(
+                "probe_every",
+                "the smoothness probe does not run under --parallel fsdp2 yet (its dual norms "
+                "need whole tensors); probe a --parallel ddp or one-process run",
             )
         fit = self.opt_options.get("fit")
         if fit is not None:
@@ -633,8 +641,49 @@ def evaluate(
     return total / count, accuracy
 
 
+def _whole(tree: Any) -> Any:
+    """``tree`` with every DTensor replaced by the whole tensor (a collective, on every rank,
+    in the same order): checkpoints of a sharded run have one process's format, so they resume
+    at any world size and in one process."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tree, DTensor):
+        return tree.full_tensor()
+    if isinstance(tree, dict):
+        return {k: _whole(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_whole(v) for v in tree]
+    return tree
+
+
+def _shard_state(opt: torch.optim.Optimizer) -> None:
+    """A peer optimizer's loaded state as DTensors laid out like their parameters (torch's
+    ``load_state_dict`` keeps the whole tensors it was given)."""
+    from torch.distributed.tensor import DTensor
+
+    for p, state in opt.state.items():
+        if not isinstance(p, DTensor):
+            continue
+        for key, value in state.items():
+            if isinstance(value, Tensor) and not isinstance(value, DTensor):
+                if value.shape == p.shape and value.ndim > 0:
+                    state[key] = go.distributed.shard_like(value, p)
+
+
+def _load_model(model: nn.Module, state: Mapping[str, Any], sharded: bool) -> None:
+    """Load whole tensors into ``model``; a sharded model keeps each rank's rows
+    (``torch.distributed.checkpoint``'s full-state-dict loader)."""
+    if not sharded:
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True))
+
+
 def _start_parallel(config: RunConfig) -> tuple[int, int]:
-    """``(rank, world)``; under ``parallel="ddp"`` joins torchrun's process group first.
+    """``(rank, world)``; under ``parallel="ddp"`` or ``"fsdp2"`` joins torchrun's process
+    group first.
 
     gloo on CPU (the lab trains on the CPU). The ranks come from torchrun's environment.
     """
@@ -745,9 +794,16 @@ def train(
     lr, options = optim_registry.resolve(
         config.optimizer, config.model, config.lr, config.opt_options
     )
-    optimizers = optim_registry.build(config.optimizer, model, lr, options, parallel=world > 1)
+    sharded = config.parallel == "fsdp2"
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+
+        # The optimizer must see the DTensor parameters (distributed="auto" -> "sharded").
+        fully_shard(model)
+    parallel = config.parallel if world > 1 or sharded else "none"
+    optimizers = optim_registry.build(config.optimizer, model, lr, options, parallel=parallel)
     net = model
-    if world > 1:
+    if world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model)
@@ -765,9 +821,11 @@ def train(
             _write_json(run_path / "config.json", saved_config)
         if lead and progress:
             print(f"resuming at step {int(ckpt['step'])} of {config.steps}", file=sys.stderr)
-        model.load_state_dict(ckpt["model"])
+        _load_model(model, ckpt["model"], sharded)
         for opt, sd in zip(optimizers, ckpt["optimizers"], strict=True):
-            opt.load_state_dict(sd)
+            opt.load_state_dict(sd)  # whole tensors: a sharded Gluon keeps its rows
+            if sharded and not isinstance(opt, go.Gluon):
+                _shard_state(opt)
         torch.set_rng_state(ckpt["rng"])
         start_step, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
         resumed_evals = int(ckpt.get("grad_evals", 0))
@@ -799,13 +857,15 @@ def train(
     unit = "tok" if is_lm else "img"
 
     def save(step: int) -> None:
-        if not lead:  # the state is the same on every rank (distributed="replicated")
-            return
+        # Under fsdp2 every rank takes part in gathering the whole tensors; the state is then
+        # the same on every rank (as under "replicated"), and rank 0 writes it.
         tensors = {
-            "model": model.state_dict(),
-            "optimizers": [opt.state_dict() for opt in optimizers],
+            "model": _whole(model.state_dict()),
+            "optimizers": [_whole(opt.state_dict()) for opt in optimizers],
             "rng": torch.get_rng_state(),
         }
+        if not lead:
+            return
         atomic_save(
             {
                 **tensors,
@@ -920,7 +980,7 @@ def train(
             metrics.close()
         if probe is not None:
             probe.remove()
-        if world > 1 and "RANK" in os.environ:  # the group this run started (torchrun's)
+        if config.parallel != "none" and "RANK" in os.environ:  # torchrun's group, ours
             import gc
 
             import torch.distributed as dist
