@@ -70,6 +70,7 @@ __all__ = [
     "lmo_cost",
     "local",
     "rows",
+    "sharded_bytes",
 ]
 
 MODES = ("auto", "sharded", "replicated", "local")
@@ -104,6 +105,34 @@ def lmo_cost(norm: Norm, shape: Sequence[int], ns_steps: int) -> int:
         m, n = shape[0], numel // shape[0]
         return ns_steps * max(m, n) * min(m, n) ** 2
     return numel
+
+
+def sharded_bytes(
+    shapes: Sequence[Sequence[int]],
+    owners: Sequence[int],
+    world: int,
+    in_bytes: int = 2,
+    out_bytes: int = 2,
+) -> list[int]:
+    """Bytes each rank sends per step in ``"sharded"`` mode for ``Shard(0)`` parameters.
+
+    Rank ``r`` sends its rows of every matrix it does not own (``in_bytes`` per element: 2 for
+    bfloat16 Newton–Schulz) and, for each matrix it owns, every other rank's rows of the
+    direction (``out_bytes`` per element); each part is padded to 8 bytes. The mean over ranks
+    is ``(W - 1) P / W^2 * (in_bytes + out_bytes)`` when the rows split evenly.
+    """
+    sent = [0] * world
+    for shape, owner in zip(shapes, owners, strict=True):
+        per_row = math.prod(shape[1:])
+        counts = [b - a for a, b in (rows(shape[0], world, r) for r in range(world))]
+        for r in range(world):
+            if r == owner:
+                sent[r] += sum(
+                    _padded(c * per_row * out_bytes) for s, c in enumerate(counts) if s != r
+                )
+            else:
+                sent[r] += _padded(counts[r] * per_row * in_bytes)
+    return sent
 
 
 def assign_owners(costs: Sequence[int], world: int) -> list[int]:
@@ -252,6 +281,8 @@ class ReplicatedExecutor(LocalExecutor):
         self._group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        #: The group the executor communicates over (``None``: the default group).
+        self.process_group = group
         self._plan: _Plan | None = None
         self._quick: tuple[Any, ...] = ()
         self._dtypes: dict[tuple[Any, ...], tuple[torch.dtype, torch.dtype | None]] = {}

@@ -566,3 +566,29 @@ def sharded_errors(rank: int, world: int) -> dict[str, str]:
 
     out["nan_state"] = _expect(nan_state_on_rank_1)
     return out
+
+
+def probe_records(rank: int, world: int) -> dict[str, Any]:
+    """The smoothness probe's records of a sharded muon run (every 2 steps, 5 steps), and how
+    many layers this rank measured itself."""
+    from gluon_optim.smoothness.probe import SmoothnessProbe
+
+    measured = 0
+    measure = SmoothnessProbe._measure
+
+    def counted(self: SmoothnessProbe, *args: Any) -> Any:
+        nonlocal measured
+        measured += 1
+        return measure(self, *args)
+
+    net = shard(model())
+    plain = model()
+    opt = go.muon(net)
+    probe = go.smoothness.SmoothnessProbe(opt, 2)
+    probe._measure = counted.__get__(probe)  # type: ignore[method-assign]
+    for k in range(5):
+        opt.zero_grad()
+        _inject(net, plain, k)
+        opt.step()
+    probe.remove()
+    return {"records": probe.records, "measured": measured}

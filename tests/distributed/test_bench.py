@@ -21,6 +21,12 @@ def test_communication_rows_follow_their_formulas() -> None:
     assert gpt2["dion_fsdp2_all_to_all_bf16"] == pytest.approx(4 * 7 * p / 64)
     # With fewer matrices than ranks the padded all-gather exceeds the bound: reported, not hidden.
     assert rows["gpt2-124m", 64]["ours_replicated"] > rows["gpt2-124m", 64]["ours_bound"]
+    # Sharded: every row count divides by W here, so the mean rank sends dion's 4 (W-1) P / W^2;
+    # the largest rank sends more where the owners are uneven (W = 64: 48 matrices).
+    for row in rows.values():
+        assert row["ours_sharded_mean"] == pytest.approx(row["dion_fsdp2_all_to_all_bf16"])
+    assert gpt2["ours_sharded_max"] == pytest.approx(gpt2["ours_sharded_mean"])
+    assert rows["gpt2-124m", 64]["ours_sharded_max"] > rows["gpt2-124m", 64]["ours_sharded_mean"]
 
 
 def test_format_lists_every_measurement() -> None:
@@ -29,6 +35,7 @@ def test_format_lists_every_measurement() -> None:
         "torch_muon_dtensor_collectives": {"wide": {"c10d.all_reduce": 1}},
         "step_time": [
             {
+                "mode": "sharded",
                 "world": 1,
                 "step_ms": 10.0,
                 "speedup": 1.0,
@@ -39,4 +46,4 @@ def test_format_lists_every_measurement() -> None:
     text = bench.format_distributed_table(result)
     assert "| gpt2-124m | 8 |" in text and "| 1.3b | 8 |" in text
     assert "* wide: 1 (all_reduce 1)" in text
-    assert "| 1 | 10.0 | 10.0 / 7.0 | 1.00x |" in text
+    assert "| sharded | 1 | 10.0 | 10.0 / 7.0 | 1.00x |" in text

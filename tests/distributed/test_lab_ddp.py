@@ -93,9 +93,10 @@ def test_fsdp2_runs_match_one_process_and_resume_at_another_world_size(folder: P
     assert resumed["first_diff_step"] is None and resumed["max_param_diff"] == 0.0
 
 
-def test_the_probe_is_refused_under_fsdp2(folder: Path) -> None:
-    with pytest.raises(ConfigError, match="smoothness probe does not run under --parallel fsdp2"):
-        _config(folder, parallel="fsdp2", probe_every=2).validate()
+def test_the_displacement_probe_is_refused_under_fsdp2(folder: Path) -> None:
+    config = _config(folder, parallel="fsdp2", probe_every=2, probe_displacement="1")
+    with pytest.raises(ConfigError, match="displacement probe does not run under --parallel"):
+        config.validate()
 
 
 def test_parallel_needs_torchrun_and_one_folder(

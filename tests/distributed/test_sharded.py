@@ -158,3 +158,26 @@ def test_sharded_mode_needs_a_dtensor_here() -> None:
     p = torch.nn.Parameter(torch.randn(4, 3))
     with pytest.raises(ValueError, match="distributed='sharded' needs DTensor parameters"):
         go.Gluon([p], distributed="sharded")
+
+
+def test_the_smoothness_probe_measures_each_layer_once_and_merges(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        net = _cases.model()
+        opt = go.muon(net)
+        probe = go.smoothness.SmoothnessProbe(opt, 2)
+        for k in range(5):
+            opt.zero_grad()
+            _cases.loss_of(net, k).backward()
+            opt.step()
+        probe.remove()
+    finally:
+        torch.set_num_threads(threads)
+    assert len(probe.records) == 2 * 3  # steps 2 and 4, three hidden matrices
+    results = run(_cases.probe_records, 2, tmp_path)
+    for rank, result in enumerate(results):
+        assert result["records"] == probe.records, rank
+    # Each layer measured by one rank (its LMO's owner), every rank holding every record.
+    assert sum(r["measured"] for r in results) == len(probe.records)
+    assert all(r["measured"] > 0 for r in results)

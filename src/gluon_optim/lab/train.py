@@ -272,11 +272,11 @@ class RunConfig:
             raise ConfigError(
                 "probe_displacement", "probe_displacement needs probe_every > 0 (when to measure)"
             )
-        if self.parallel == "fsdp2" and self.probe_every:
+        if self.parallel == "fsdp2" and scales:
             raise ConfigError(
-                "probe_every",
-                "the smoothness probe does not run under --parallel fsdp2 yet (its dual norms "
-                "need whole tensors); probe a --parallel ddp or one-process run",
+                "probe_displacement",
+                "the displacement probe does not run under --parallel fsdp2 yet (it takes LMO "
+                "steps of whole tensors); probe a --parallel ddp or one-process run",
             )
         fit = self.opt_options.get("fit")
         if fit is not None:

@@ -31,9 +31,12 @@ from pathlib import Path
 from typing import Any, NotRequired, TypedDict, cast
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
+from gluon_optim.distributed import ShardedExecutor
 from gluon_optim.norms import Norm, Spectral, SpectralConv
 from gluon_optim.optimizer import Gluon, resolve_norm
 
@@ -249,7 +252,7 @@ class SmoothnessProbe:
             now: dict[int, Tensor | None] = {id(p): p.grad for _, _, p in entries}
             second, self._second = self._second, None
             if second is not None and second.step == n - 1:
-                self._emit([self._measure(second, now, key, g, p) for key, g, p in entries])
+                self._emit(self._measure_all(second, now, entries))
             if self._first is not None and self._first.step == n:
                 self._first.grads = {
                     i: None if g is None else g.detach().clone(memory_format=torch.preserve_format)
@@ -257,6 +260,44 @@ class SmoothnessProbe:
                 }
 
     # -- one measurement --------------------------------------------------------------------------
+    def _measure_all(
+        self,
+        pair: _Second,
+        grads: Mapping[int, Tensor | None],
+        entries: list[tuple[str, dict[str, Any], Tensor]],
+    ) -> list[SmoothnessRecord]:
+        """Every layer's record. Under ``distributed="sharded"`` each layer is measured once,
+        by the rank that owns its LMO, on whole tensors (``DTensor.full_tensor``, which every
+        rank calls for every layer, in the same order); one ``all_gather_object`` then gives
+        every rank every record, in order."""
+        executor = self.optimizer.executor
+        if not isinstance(executor, ShardedExecutor):
+            return [self._measure(pair, grads, key, g, p) for key, g, p in entries]
+        owners = executor.plan().owners
+        position = {
+            id(p): (gi, pi)
+            for gi, group in enumerate(self.optimizer.param_groups)
+            for pi, p in enumerate(group["params"])
+        }
+
+        def whole(t: Tensor | None) -> Tensor | None:
+            return t.full_tensor() if isinstance(t, DTensor) else t
+
+        mine: list[tuple[int, SmoothnessRecord]] = []
+        for i, (key, group, p) in enumerate(entries):
+            one = _Second(
+                pair.step,
+                {} if (dx := whole(pair.updates.get(id(p)))) is None else {id(p): dx},
+                {id(p): whole(pair.grads.get(id(p)))},
+            )
+            g1 = whole(grads.get(id(p)))
+            if owners[position[id(p)]] == executor.rank:
+                mine.append((i, self._measure(one, {id(p): g1}, key, group, p)))
+        gathered: list[Any] = [None] * executor.world
+        dist.all_gather_object(gathered, mine, group=executor.process_group)
+        merged = sorted((r for part in gathered for r in part), key=lambda r: r[0])
+        return [record for _, record in merged]
+
     def _norm(self, group: Mapping[str, Any], p: Tensor) -> Norm:
         norm = resolve_norm(group, p)
         if self.exact_dual and isinstance(norm, (Spectral, SpectralConv)):

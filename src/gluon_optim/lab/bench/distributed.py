@@ -62,6 +62,7 @@ def communication(worlds: tuple[int, ...] = (8, 64)) -> list[dict[str, Any]]:
             ]
             loads = [sum(c for c, o in zip(costs, owners, strict=True) if o == r) for r in range(w)]
             ours = (w - 1) * max(owned) * 2  # one bf16 all-gather, padded to the largest share
+            sharded = go.distributed.sharded_bytes(shapes, owners, w)
             rows.append(
                 {
                     "shapes": name,
@@ -72,6 +73,8 @@ def communication(worlds: tuple[int, ...] = (8, 64)) -> list[dict[str, Any]]:
                     "ours_bytes_per_element": ours / p,
                     "ddp_grad_allreduce_fp32": 2 * (w - 1) * p * 4 / w,
                     "gather_full_fp32": (w - 1) * p * 4 / w,
+                    "ours_sharded_max": max(sharded),
+                    "ours_sharded_mean": sum(sharded) / w,
                     "dion_fsdp2_all_to_all_bf16": 4 * (w - 1) * p / w**2,
                     "imbalance": max(loads) / (sum(loads) / w),
                 }
@@ -108,12 +111,21 @@ def torch_muon_on_dtensor(world: int = 2) -> dict[str, Any]:
 _STEP_WIDTH, _STEP_LAYERS, _REPEATS, _WARMUP = 384, 6, 10, 3
 
 
-def _time_steps(rank: int, world: int) -> dict[str, float]:
+def _time_steps(rank: int, world: int, sharded: bool = False) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     shapes = gpt_shapes(_STEP_WIDTH, _STEP_LAYERS)
     params = [nn.Parameter(torch.randn(*s, generator=gen) * s[1] ** -0.5) for s in shapes]
     grads = [torch.randn(*s, generator=gen) for s in shapes]
-    opt = go.muon(params, distributed="replicated" if world > 1 else "local")
+    if sharded:  # every matrix a Shard(0) DTensor, as fully_shard lays it out
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        params = [nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])) for p in params]
+        grads = [distribute_tensor(g, mesh, [Shard(0)]) for g in grads]
+        opt = go.muon(params)
+    else:
+        opt = go.muon(params, distributed="replicated" if world > 1 else "local")
     inner = opt.executor.directions
     spent: list[float] = []
 
@@ -138,13 +150,21 @@ def _time_steps(rank: int, world: int) -> dict[str, float]:
     }
 
 
+def _time_sharded(rank: int, world: int) -> dict[str, float]:
+    return _time_steps(rank, world, sharded=True)
+
+
 def step_time(worlds: tuple[int, ...] = (1, 2)) -> list[dict[str, Any]]:
-    """Median optimizer-step and direction-stage time per rank, one thread per process."""
+    """Median optimizer-step and direction-stage time per rank, one thread per process, in
+    ``"replicated"`` mode (plain tensors) and ``"sharded"`` mode (``Shard(0)`` DTensors); the
+    speed-up of each is against the one-process ``"local"`` step."""
     rows = []
-    for w in worlds:
-        with tempfile.TemporaryDirectory() as tmp:
-            per_rank = parallel.run(_time_steps, w, Path(tmp))
-        rows.append({"world": w, "ranks": per_rank, "step_ms": max(r["step_ms"] for r in per_rank)})
+    for mode, fn in (("replicated", _time_steps), ("sharded", _time_sharded)):
+        for w in worlds:
+            with tempfile.TemporaryDirectory() as tmp:
+                per_rank = parallel.run(fn, w, Path(tmp))
+            step_ms = max(r["step_ms"] for r in per_rank)
+            rows.append({"mode": mode, "world": w, "ranks": per_rank, "step_ms": step_ms})
     base = rows[0]["step_ms"]
     for row in rows:
         row["speedup"] = base / row["step_ms"]
@@ -170,16 +190,18 @@ def format_distributed_table(result: dict[str, Any]) -> str:
     lines = [
         "Bytes sent per rank per optimizer step (MB), hidden matrices only:",
         "",
-        "| shapes | W | P | ours (replicated) | bound (W-1)/W*2P | B/element | DDP grad "
-        "all-reduce | gather full fp32 | dion FSDP2 a2a | LMO imbalance |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| shapes | W | P | ours (replicated) | bound (W-1)/W*2P | B/element | ours (sharded): "
+        "largest / mean rank | dion FSDP2 a2a 4(W-1)P/W^2 | DDP grad all-reduce | gather full "
+        "fp32 | LMO imbalance |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["communication"]:
         lines.append(
             f"| {r['shapes']} | {r['world']} | {r['matrix_elements'] / 1e6:.1f}M | "
             f"{_mb(r['ours_replicated'])} | {_mb(r['ours_bound'])} | "
-            f"{r['ours_bytes_per_element']:.3f} | {_mb(r['ddp_grad_allreduce_fp32'])} | "
-            f"{_mb(r['gather_full_fp32'])} | {_mb(r['dion_fsdp2_all_to_all_bf16'])} | "
+            f"{r['ours_bytes_per_element']:.3f} | {_mb(r['ours_sharded_max'])} / "
+            f"{_mb(r['ours_sharded_mean'])} | {_mb(r['dion_fsdp2_all_to_all_bf16'])} | "
+            f"{_mb(r['ddp_grad_allreduce_fp32'])} | {_mb(r['gather_full_fp32'])} | "
             f"{r['imbalance']:.3f} |"
         )
     lines += [
@@ -195,10 +217,13 @@ def format_distributed_table(result: dict[str, Any]) -> str:
         "",
         "Optimizer step on gloo processes, one thread each (Muon, width-384 GPT, 24 matrices):",
         "",
-        "| W | step ms (slowest rank) | per rank: step ms / directions ms | speed-up |",
-        "|---:|---:|---|---:|",
+        "| mode | W | step ms (slowest rank) | per rank: step ms / directions ms | speed-up |",
+        "|---|---:|---:|---|---:|",
     ]
     for r in result["step_time"]:
         ranks = "; ".join(f"{x['step_ms']:.1f} / {x['directions_ms']:.1f}" for x in r["ranks"])
-        lines.append(f"| {r['world']} | {r['step_ms']:.1f} | {ranks} | {r['speedup']:.2f}x |")
+        lines.append(
+            f"| {r.get('mode', 'replicated')} | {r['world']} | {r['step_ms']:.1f} | {ranks} | "
+            f"{r['speedup']:.2f}x |"
+        )
     return "\n".join(lines)
