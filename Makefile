@@ -46,9 +46,9 @@ typecheck: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/gluon-optim demo
 
-## demo-distributed: 2 gloo processes under torchrun (DDP + distributed="replicated") against one
-## process: the same batch on both ranks gives the same losses bit for bit; split batches agree
-## to rounding (about a minute)
+## demo-distributed: 2 gloo processes under torchrun, DDP (distributed="replicated") and FSDP2
+## (distributed="sharded"), against one process: the same batch on both ranks gives the same
+## losses and weights bit for bit; split batches agree to rounding (about a minute)
 DDP_RUN := --model gpt-tiny --optimizer muon --steps 100 --threads 1 --eval-every 50 --quiet
 DEMO_DDP := runs/demo-distributed
 demo-distributed: $(STAMP)
@@ -57,10 +57,16 @@ demo-distributed: $(STAMP)
 		--batch-split none --batch-size 8 $(DDP_RUN) --out $(DEMO_DDP)/ddp-same-batch
 	$(VENV)/bin/gluon-optim train --batch-size 8 $(DDP_RUN) --out $(DEMO_DDP)/one-process-b8
 	$(VENV)/bin/gluon-optim diff $(DEMO_DDP)/ddp-same-batch $(DEMO_DDP)/one-process-b8
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m gluon_optim.lab train --parallel fsdp2 \
+		--batch-split none --batch-size 8 $(DDP_RUN) --out $(DEMO_DDP)/fsdp2-same-batch
+	$(VENV)/bin/gluon-optim diff $(DEMO_DDP)/fsdp2-same-batch $(DEMO_DDP)/one-process-b8
 	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m gluon_optim.lab train --parallel ddp \
 		--batch-split rank --batch-size 8 $(DDP_RUN) --out $(DEMO_DDP)/ddp-split
 	$(VENV)/bin/gluon-optim train --batch-size 16 $(DDP_RUN) --out $(DEMO_DDP)/one-process-b16
 	$(VENV)/bin/gluon-optim diff $(DEMO_DDP)/ddp-split $(DEMO_DDP)/one-process-b16 --tolerance 0.05
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m gluon_optim.lab train --parallel fsdp2 \
+		--batch-split rank --batch-size 8 $(DDP_RUN) --out $(DEMO_DDP)/fsdp2-split
+	$(VENV)/bin/gluon-optim diff $(DEMO_DDP)/fsdp2-split $(DEMO_DDP)/one-process-b16 --tolerance 0.05
 
 ## bench: step time against the peers, polar-factor scaling, tokens/s (about 20 minutes on 2 cores)
 bench: $(STAMP)
