@@ -379,9 +379,10 @@ class ReplicatedExecutor(LocalExecutor):
         grads, oks = values[: len(has_grad)], values[len(has_grad) :]
         split = [i for i, c in enumerate(grads) if 0 < c < self.world]
         if split:
+            names = [name for name, _, _ in _named(self._optimizer)]
             raise RuntimeError(
-                f"distributed={self.mode!r}: parameter(s) at position(s) {split} of the "
-                f"optimizer have a gradient on {grads[split[0]]} of {self.world} ranks; every "
+                f"distributed={self.mode!r}: parameter(s) {[names[i] for i in split]} have a "
+                f"gradient on {grads[split[0]]} of {self.world} ranks; every "
                 "rank must compute the same gradients (a parameter unused on one rank only "
                 "needs find_unused_parameters in DDP, or a zero gradient). Nothing was changed."
             )

@@ -103,7 +103,7 @@ def test_bad_input_is_a_clear_error_on_every_rank(tmp_path: Path) -> None:
         assert "'fc.weight'" in out["nan"]
         assert out["skip"] == "no error", (rank, out)
         assert out["grad_none"].startswith("RuntimeError: distributed='replicated'"), out
-        assert "gradient on 1 of 2 ranks" in out["grad_none"]
+        assert "['mix.weight'] have a gradient on 1 of 2 ranks" in out["grad_none"]
         assert out["order"].startswith("ValueError: distributed='replicated': rank"), out
         assert "different parameter groups" in out["order"]
         assert out["dtensor"].startswith("ValueError: Parameter 'w' is a DTensor"), out

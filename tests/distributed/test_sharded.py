@@ -141,7 +141,7 @@ def test_bad_input_is_a_clear_error_on_every_rank(tmp_path: Path) -> None:
         assert out["nan"].startswith("FloatingPointError: Non-finite gradient"), (rank, out)
         assert "'fc.weight'" in out["nan"]
         assert out["grad_none"].startswith("RuntimeError: distributed='sharded'"), out
-        assert "gradient on 1 of 2 ranks" in out["grad_none"]
+        assert "['mix.weight'] have a gradient on 1 of 2 ranks" in out["grad_none"]
         assert "different parameter groups" in out["order"], out
         assert "'storm_lowrank'" in out["lowrank"] and "low_rank=False" in out["lowrank"]
         for mode in ("replicated", "local"):
