@@ -14,7 +14,7 @@ results.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -23,7 +23,14 @@ from torch import Tensor
 
 from gluon_optim.norms import Norm
 
-__all__ = ["DirectionRequest", "DirectionResult", "LocalExecutor", "ShardLayout", "compute"]
+__all__ = [
+    "DirectionRequest",
+    "DirectionResult",
+    "LocalExecutor",
+    "OwnerEstimate",
+    "ShardLayout",
+    "compute",
+]
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,30 @@ class ShardLayout:
     shape: tuple[int, ...]
     transposed: bool
     sharded: bool
+
+
+@dataclass(frozen=True)
+class OwnerEstimate:
+    """An estimator whose state is not elementwise, run by the owner on whole tensors.
+
+    LiMuon's low-rank momentum keeps the factors of a randomized SVD of the whole momentum,
+    which no rank can update from its rows alone. Under ``distributed="sharded"`` the
+    request's ``operand`` is then this rank's rows of the gradient ``g``; the owner assembles
+    ``g`` (and ``partner``, the rows of ``g_prev``), calls ``run`` to get the momentum and the
+    new state, takes the LMO of that momentum, and sends the new state to every rank, where
+    ``commit`` stores it: the state is whole, and the same, on every rank.
+
+    Attributes:
+        partner: this rank's rows of ``g_prev``, or ``None`` on a first step.
+        run: ``(g, g_prev) -> (M, new state)`` on whole parameter-shaped tensors.
+        state: the new state's ``{key: (shape, dtype)}``, for the ranks that receive it.
+        commit: stores the new state (whole tensors) on this rank.
+    """
+
+    partner: Tensor | None
+    run: Callable[[Tensor, Tensor | None], tuple[Tensor, dict[str, Tensor]]]
+    state: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    commit: Callable[[dict[str, Tensor]], None]
 
 
 @dataclass(frozen=True)
@@ -61,6 +92,8 @@ class DirectionRequest:
         layout: ``None``, or, under FSDP2, how ``operand`` and ``gradient`` are this rank's
             rows of the parameter: they are then in the PARAMETER's layout (not the norm's
             view), and so is the direction of the result.
+        estimate: with ``layout``, an estimator the owner runs on whole tensors; ``operand``
+            is then this rank's rows of the gradient.
     """
 
     key: tuple[int, int]
@@ -70,6 +103,7 @@ class DirectionRequest:
     dual: Literal["gradient", "momentum"] | None = None
     gradient: Tensor | None = None
     layout: ShardLayout | None = None
+    estimate: OwnerEstimate | None = None
 
 
 @dataclass(frozen=True)

@@ -221,11 +221,13 @@ def shard_like(value: Tensor, like: DTensor) -> DTensor:
 class LocalState(MutableMapping[str, Any]):
     """A parameter's optimizer state as the sharded step sees it: DTensors read as their local
     tensors, and a new tensor of the parameter's local shape stored as a DTensor laid out like
-    the parameter (so ``state_dict()`` and ``torch.distributed.checkpoint`` see DTensors)."""
+    the parameter (so ``state_dict()`` and ``torch.distributed.checkpoint`` see DTensors),
+    except the keys in ``whole``, which every rank holds whole (LiMuon's factors)."""
 
-    def __init__(self, state: dict[str, Any], like: DTensor) -> None:
+    def __init__(self, state: dict[str, Any], like: DTensor, whole: Sequence[str] = ()) -> None:
         self._state = state
         self._like = like
+        self._whole = frozenset(whole)
 
     def __getitem__(self, key: str) -> Any:
         value = self._state[key]
@@ -233,7 +235,7 @@ class LocalState(MutableMapping[str, Any]):
 
     def __setitem__(self, key: str, value: Any) -> None:
         like = self._like
-        if isinstance(value, Tensor) and not isinstance(value, DTensor):
+        if isinstance(value, Tensor) and not isinstance(value, DTensor) and key not in self._whole:
             if value.shape == local(like).shape and value.ndim > 0:
                 value = DTensor.from_local(
                     value,
@@ -540,6 +542,24 @@ def _padded(nbytes: int) -> int:
     return nbytes + (-nbytes % 8)
 
 
+@dataclass(frozen=True)
+class _Wire:
+    """What one sharded request sends each way, derived the same way on every rank.
+
+    ``inbound``: the dtypes of the row-shaped parts each rank sends the owner (the operand in
+    what its norm reads, then the gradient or, for an owner-run estimator, ``g_prev``);
+    ``direction`` / ``dual``: what comes back; ``state``: ``(key, shape, dtype)`` of the whole
+    tensors an owner-run estimator sends every rank.
+    """
+
+    layout: ShardLayout
+    row: int
+    inbound: tuple[torch.dtype, ...]
+    direction: torch.dtype
+    dual: torch.dtype | None
+    state: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+
+
 class ShardedExecutor(ReplicatedExecutor):
     """The ``"sharded"`` direction stage (FSDP2): owners assemble whole tensors from shards.
 
@@ -584,163 +604,185 @@ class ShardedExecutor(ReplicatedExecutor):
         plan = self.plan()
         world, me = self.world, self.rank
         owner = [plan.owners[r.key] for r in requests]
-        layouts: list[ShardLayout] = []
-        for r in requests:
-            assert r.layout is not None, "sharded requests carry their layout"
-            layouts.append(r.layout)
-        # What the owner computes on: the operand cast to what its norm reads (the momentum
-        # dual needs the operand's own bits), and the gradient in its own dtype.
-        wire = [
-            r.operand.dtype if r.dual == "momentum" else r.norm.reads_as(r.operand.dtype)
-            for r in requests
-        ]
-        grad_dtype = [None if r.gradient is None else r.gradient.dtype for r in requests]
-        row = [math.prod(lay.shape[1:]) for lay in layouts]
+        wires = [self._wire(r) for r in requests]
+        device = requests[0].operand.device if requests else torch.device("cpu")
 
         def nrows(j: int, rank: int) -> int:
-            start, stop = self._rows(layouts[j], rank)
+            layout = wires[j].layout
+            start, stop = self._rows(layout, rank)
             return stop - start
 
-        def sent_to_owner(j: int, src: int) -> list[tuple[torch.dtype, int]]:
-            """Phase 1 parts from ``src`` for request ``j``: (dtype, elements)."""
-            if not layouts[j].sharded or owner[j] == src:
+        # -- phase 1: every rank's rows of the owners' operands -------------------------------
+        def inbound(j: int, src: int) -> list[int]:
+            """Bytes of each part ``src`` sends the owner of request ``j``."""
+            w = wires[j]
+            if not w.layout.sharded or owner[j] == src:
                 return []
-            n = nrows(j, src) * row[j]
-            parts = [(wire[j], n)]
-            g = grad_dtype[j]
-            if g is not None:
-                parts.append((g, n))
-            return parts
+            return [_padded(nrows(j, src) * w.row * d.itemsize) for d in w.inbound]
 
-        # -- phase 1: shards to owners --------------------------------------------------------
         outgoing: list[list[Tensor]] = [[] for _ in range(world)]
         for j, r in enumerate(requests):
-            if layouts[j].sharded and owner[j] != me:
-                outgoing[owner[j]].append(r.operand.to(wire[j]))
-                if r.gradient is not None:
-                    outgoing[owner[j]].append(r.gradient)
+            if inbound(j, me):
+                outgoing[owner[j]] += self._parts(r, wires[j])
         incoming = self._all_to_all(
             outgoing,
             [
-                sum(
-                    _padded(n * d.itemsize)
-                    for j in range(len(requests))
-                    if owner[j] == me
-                    for d, n in sent_to_owner(j, src)
-                )
+                sum(sum(inbound(j, src)) for j in range(len(requests)) if owner[j] == me)
                 for src in range(world)
             ],
             phase=0,
-            total=sum(
-                _padded(n * d.itemsize)
-                for j in range(len(requests))
-                for src in range(world)
-                for d, n in sent_to_owner(j, src)
-            ),
-            device=requests[0].operand.device if requests else torch.device("cpu"),
+            total=sum(sum(inbound(j, src)) for j in range(len(requests)) for src in range(world)),
+            device=device,
         )
         # -- the owner's work: whole tensors, as one process computes them ----------------------
         cursor = [0] * world
-        whole: dict[int, tuple[Tensor, Tensor | None]] = {}
-        for j, r in enumerate(requests):
-            if owner[j] != me:
+        mine = [j for j in range(len(requests)) if owner[j] == me]
+        wholes: dict[int, list[Tensor]] = {}
+        for j in mine:
+            w, local_parts = wires[j], self._parts(requests[j], wires[j])
+            if not w.layout.sharded:
+                wholes[j] = local_parts
                 continue
-            lay = layouts[j]
-            if not lay.sharded:
-                whole[j] = (r.operand.to(wire[j]), r.gradient)
-                continue
-            m_parts, g_parts = [], []
+            rows_of: list[list[Tensor]] = [[] for _ in w.inbound]
             for src in range(world):
                 if src == me:
-                    m_parts.append(r.operand.to(wire[j]))
-                    if r.gradient is not None:
-                        g_parts.append(r.gradient)
+                    for into, part in zip(rows_of, local_parts, strict=True):
+                        into.append(part)
                     continue
-                shape = (nrows(j, src), *lay.shape[1:])
-                for (dtype, n), into in zip(
-                    sent_to_owner(j, src), (m_parts, g_parts), strict=False
-                ):
-                    start = cursor[src]
-                    into.append(
-                        incoming[src][start : start + n * dtype.itemsize].view(dtype).view(shape)
-                    )
-                    cursor[src] = start + _padded(n * dtype.itemsize)
-            full_g = torch.cat(g_parts) if g_parts else None
-            whole[j] = (torch.cat(m_parts), full_g)
-        mine = sorted(whole)
+                shape = (nrows(j, src), *w.layout.shape[1:])
+                for into, dtype, size in zip(rows_of, w.inbound, inbound(j, src), strict=True):
+                    at = cursor[src]
+                    n = math.prod(shape) * dtype.itemsize
+                    into.append(incoming[src][at : at + n].view(dtype).view(shape))
+                    cursor[src] = at + size
+            wholes[j] = [torch.cat(parts) for parts in rows_of]
+        momenta: dict[int, Tensor] = {}
+        new_state: dict[int, dict[str, Tensor]] = {}
         views = []
         for j in mine:
-            r, (m, g), transposed = requests[j], whole[j], layouts[j].transposed
-            gradient = None if g is None else r.norm.operand(g, transposed)
+            r, parts, transposed = requests[j], wholes[j], wires[j].layout.transposed
+            gradient = parts[1] if r.gradient is not None and r.estimate is None else None
+            if r.estimate is not None:
+                partner = parts[1] if r.estimate.partner is not None else None
+                momenta[j], new_state[j] = r.estimate.run(parts[0], partner)
+                if r.gradient is not None:
+                    gradient = parts[0]  # the estimate's operand rows are the gradient's
+            else:
+                momenta[j] = parts[0]
             views.append(
                 DirectionRequest(
-                    r.key, r.norm, r.norm.operand(m, transposed), r.batch, r.dual, gradient
+                    r.key,
+                    r.norm,
+                    r.norm.operand(momenta[j], transposed),
+                    r.batch,
+                    r.dual,
+                    None if gradient is None else r.norm.operand(gradient, transposed),
                 )
             )
         computed = dict(zip(mine, compute(views), strict=True))
         full_d = {
-            j: requests[j].norm.restore(computed[j].direction, whole[j][0], layouts[j].transposed)
+            j: requests[j].norm.restore(
+                computed[j].direction, momenta[j], wires[j].layout.transposed
+            )
             for j in mine
         }
-        # -- phase 2: direction rows (and duals) back to every rank ------------------------------
-        kinds = [self._view_dtypes(r, w) for r, w in zip(requests, wire, strict=True)]
 
-        def returned(j: int, dst: int) -> list[tuple[torch.dtype, int]]:
+        # -- phase 2: direction rows, duals and whole new state back to every rank --------------
+        def returned(j: int, dst: int) -> list[int]:
+            """Bytes of each part the owner of request ``j`` sends ``dst``."""
+            w = wires[j]
             if owner[j] == dst:
                 return []
-            parts = [(kinds[j][0], nrows(j, dst) * row[j])]
-            dual = kinds[j][1]
-            if dual is not None:
-                parts.append((torch.float64, 1))
-            return parts
+            sizes = [_padded(nrows(j, dst) * w.row * w.direction.itemsize)]
+            if w.dual is not None:
+                sizes.append(8)
+            sizes += [_padded(math.prod(shape) * d.itemsize) for _, shape, d in w.state]
+            return sizes
 
         outgoing = [[] for _ in range(world)]
         for j in mine:
+            result = computed[j]
             for dst in range(world):
                 if dst == me:
                     continue
-                start, stop = self._rows(layouts[j], dst)
+                start, stop = self._rows(wires[j].layout, dst)
                 outgoing[dst].append(full_d[j][start:stop])
-                dual = computed[j].dual
-                if dual is not None:
-                    outgoing[dst].append(dual.to(torch.float64).reshape(1))
+                if result.dual is not None:
+                    outgoing[dst].append(result.dual.to(torch.float64).reshape(1))
+                outgoing[dst] += [new_state[j][key] for key, _, _ in wires[j].state]
         incoming = self._all_to_all(
             outgoing,
             [
-                sum(
-                    _padded(n * d.itemsize)
-                    for j in range(len(requests))
-                    if owner[j] == src
-                    for d, n in returned(j, me)
-                )
+                sum(sum(returned(j, me)) for j in range(len(requests)) if owner[j] == src)
                 for src in range(world)
             ],
             phase=1,
-            total=sum(
-                _padded(n * d.itemsize)
-                for j in range(len(requests))
-                for dst in range(world)
-                for d, n in returned(j, dst)
-            ),
-            device=requests[0].operand.device if requests else torch.device("cpu"),
+            total=sum(sum(returned(j, dst)) for j in range(len(requests)) for dst in range(world)),
+            device=device,
         )
         cursor = [0] * world
         out: list[DirectionResult] = []
         for j, r in enumerate(requests):
+            w = wires[j]
             if owner[j] == me:
-                start, stop = self._rows(layouts[j], me)
+                start, stop = self._rows(w.layout, me)
                 out.append(DirectionResult(full_d[j][start:stop], computed[j].dual))
+                if r.estimate is not None:
+                    r.estimate.commit(new_state[j])
                 continue
             src = owner[j]
+            shapes: list[tuple[tuple[int, ...], torch.dtype]] = [
+                ((nrows(j, me), *w.layout.shape[1:]), w.direction)
+            ]
+            if w.dual is not None:
+                shapes.append(((1,), torch.float64))
+            shapes += [(shape, d) for _, shape, d in w.state]
             got: list[Tensor] = []
-            for dtype, n in returned(j, me):
+            for (shape, dtype), size in zip(shapes, returned(j, me), strict=True):
                 at = cursor[src]
-                got.append(incoming[src][at : at + n * dtype.itemsize].view(dtype))
-                cursor[src] = at + _padded(n * dtype.itemsize)
-            direction = got[0].view(r.operand.shape)
-            dual = None if len(got) == 1 else got[1][0].to(kinds[j][1])
-            out.append(DirectionResult(direction, dual))
+                n = math.prod(shape) * dtype.itemsize
+                got.append(incoming[src][at : at + n].view(dtype).view(shape))
+                cursor[src] = at + size
+            dual = None if w.dual is None else got[1][0].to(w.dual)
+            if r.estimate is not None:
+                tail = got[2:] if w.dual is not None else got[1:]
+                r.estimate.commit(
+                    {key: t.clone() for (key, _, _), t in zip(w.state, tail, strict=True)}
+                )
+            out.append(DirectionResult(got[0], dual))
         return out
+
+    def _wire(self, r: DirectionRequest) -> _Wire:
+        """What request ``r`` sends each way (the same on every rank)."""
+        layout = r.layout
+        assert layout is not None, "sharded requests carry their layout"
+        if r.estimate is not None:
+            # The owner runs the estimator on the gradient's own bits.
+            inbound = [r.operand.dtype]
+            if r.estimate.partner is not None:
+                inbound.append(r.estimate.partner.dtype)
+            wire = r.operand.dtype
+            state = tuple((key, shape, dtype) for key, (shape, dtype) in r.estimate.state.items())
+        else:
+            # The momentum dual needs the operand's own bits; a bfloat16 Newton–Schulz does not.
+            wire = r.operand.dtype if r.dual == "momentum" else r.norm.reads_as(r.operand.dtype)
+            inbound = [wire]
+            if r.gradient is not None:
+                inbound.append(r.gradient.dtype)
+            state = ()
+        direction, dual = self._view_dtypes(r, wire)
+        return _Wire(layout, math.prod(layout.shape[1:]), tuple(inbound), direction, dual, state)
+
+    @staticmethod
+    def _parts(r: DirectionRequest, w: _Wire) -> list[Tensor]:
+        """This rank's row-shaped parts of request ``r``, in ``w.inbound``'s order."""
+        parts = [r.operand.to(w.inbound[0])]
+        if r.estimate is not None:
+            if r.estimate.partner is not None:
+                parts.append(r.estimate.partner)
+        elif r.gradient is not None:
+            parts.append(r.gradient)
+        return parts
 
     def _view_dtypes(
         self, r: DirectionRequest, wire: torch.dtype
@@ -813,7 +855,7 @@ def layout_error(mode: str, params: Sequence[tuple[str, Tensor, Mapping[str, Any
             "mode needs every parameter sharded (apply fully_shard to the root module too)"
         )
     mesh = cast(DTensor, first).device_mesh
-    for n, p, group in params:
+    for n, p, _ in params:
         d = cast(DTensor, p)
         if d.device_mesh.ndim != 1:
             return (
@@ -826,12 +868,6 @@ def layout_error(mode: str, params: Sequence[tuple[str, Tensor, Mapping[str, Any
             return (
                 f"Parameter {n!r} has placements {tuple(d.placements)}; the sharded mode "
                 "supports Shard(0) (fully_shard's default) and Replicate() only"
-            )
-        if group["algorithm"] == "lmo" and group["estimator"] == "storm_lowrank":
-            return (
-                f"Parameter {n!r}: estimator 'storm_lowrank' (LiMuon's low-rank state) is not "
-                "supported on DTensor parameters yet: its state is not elementwise. Use "
-                "go.limuon(..., low_rank=False) (estimator 'mvr1') under FSDP2"
             )
     return None
 

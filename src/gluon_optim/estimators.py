@@ -407,6 +407,12 @@ ESTIMATORS: dict[str, Estimator] = {
     ]
 }
 
+#: State keys held whole (not shaped like the parameter): LiMuon's low-rank factors. Under FSDP2
+#: they are the same, whole, on every rank.
+WHOLE_STATE: tuple[str, ...] = tuple(
+    key for e in ESTIMATORS.values() if e.matrix_only for key in e.state
+)
+
 #: The variance-reduced estimators: each needs a two-point gradient ``g_prev``.
 VR_ESTIMATORS: tuple[str, ...] = tuple(n for n, e in ESTIMATORS.items() if e.two_point)
 

@@ -26,8 +26,8 @@ from torch.optim.adam import adam as _torch_adam
 from gluon_optim import distributed as _distributed
 from gluon_optim import groups as _groups
 from gluon_optim import norms as _norms
-from gluon_optim.directions import DirectionRequest, LocalExecutor, ShardLayout
-from gluon_optim.estimators import ESTIMATORS, EstimatorStep
+from gluon_optim.directions import DirectionRequest, LocalExecutor, OwnerEstimate, ShardLayout
+from gluon_optim.estimators import ESTIMATORS, WHOLE_STATE, Estimator, EstimatorStep
 from gluon_optim.groups import DEFAULTS, GroupOptions, where
 from gluon_optim.radius import POLICIES, RadiusInput
 from gluon_optim.two_point import (
@@ -187,6 +187,7 @@ class _Pending:
     batch: bool  # the group's foreach, resolved once for all its parameters
     shape: tuple[int, ...]  # the whole parameter's (p, g and operand may be one rank's rows)
     layout: ShardLayout | None  # set for DTensor parameters: operand is then parameter-shaped
+    estimate: OwnerEstimate | None = None  # an estimator the owner runs (sharded low-rank)
     direction: Tensor | None = field(default=None)
     dual: Tensor | None = field(default=None)
 
@@ -198,7 +199,14 @@ class _Pending:
         if dual == "gradient":
             gradient = self.g if self.layout else self.norm.operand(self.g, group["transposed"])
         return DirectionRequest(
-            self.key, self.norm, self.operand, self.batch, dual, gradient, self.layout
+            self.key,
+            self.norm,
+            self.operand,
+            self.batch,
+            dual,
+            gradient,
+            self.layout,
+            self.estimate,
         )
 
 
@@ -250,7 +258,19 @@ def _lmo_estimate(
                 group,
             )
         )
-    if estimator.advance_many is not None and not scheduled and batch:
+    # Under FSDP2, an estimator whose state is not elementwise runs on the owner (its operand
+    # rows are then the gradient's, distributed.ShardedExecutor).
+    on_owner = estimator.matrix_only and any(isinstance(p, DTensor) for p, _ in items)
+    estimates: list[OwnerEstimate | None] = [None] * len(steps)
+    if on_owner:
+        momenta = [s.g for s in steps]
+        # g_prev is copied: with two_point="approx" it is the state's previous gradient, which
+        # the protocol overwrites below, before the owner reads it.
+        estimates = [
+            _owner_estimate(estimator, s, p, s.g_prev.clone() if s.g_prev is not s.g else None)
+            for s, (p, _) in zip(steps, items, strict=True)
+        ]
+    elif estimator.advance_many is not None and not scheduled and batch:
         momenta = estimator.advance_many(steps, group["momentum"])
     else:
         momenta = [estimator.update(s) for s in steps]
@@ -258,7 +278,7 @@ def _lmo_estimate(
         for s in steps:
             TwoPoint.remember(s.state, s.p, s.g, group)
     out = []
-    for (p, _), s, m in zip(items, steps, momenta, strict=True):
+    for (p, _), s, m, estimate in zip(items, steps, momenta, estimates, strict=True):
         norm = resolve_norm(group, p)
         shape = tuple(p.shape)
         if isinstance(p, DTensor):
@@ -267,10 +287,56 @@ def _lmo_estimate(
             operand = m
         else:
             layout, operand = None, norm.operand(m, group["transposed"])
+        key = (index, s.index)
         out.append(
-            _Pending((index, s.index), s.p, s.g, group, s.k, norm, operand, batch, shape, layout)
+            _Pending(key, s.p, s.g, group, s.k, norm, operand, batch, shape, layout, estimate)
         )
     return out
+
+
+def _whole_state_shapes(
+    estimator: Estimator, group: Mapping[str, Any], p: Tensor
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The shapes of a low-rank estimator's factors of ``p``: ``(m, k)``, ``(k,)``, ``(n, k)``."""
+    m = p.shape[0]
+    n = p.numel() // m
+    k = min(group["rank"], m, n)
+    shapes = {"lowrank_u": (m, k), "lowrank_s": (k,), "lowrank_v": (n, k)}
+    return {key: (shapes[key], p.dtype) for key in estimator.state}
+
+
+def _owner_estimate(
+    estimator: Estimator, s: EstimatorStep, p: Tensor, partner: Tensor | None
+) -> OwnerEstimate:
+    """The estimator step ``s`` as the owner runs it on whole tensors (see ``OwnerEstimate``).
+
+    The state it reads and writes (LiMuon's factors) is whole and the same on every rank, so
+    the owner reads its own copy; the step number, position and ``beta`` are this rank's, the
+    same everywhere.
+    """
+    like = torch.empty(p.shape, dtype=p.dtype, device="meta")  # only its shape and dtype
+
+    def run(g: Tensor, g_prev: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        scratch = {key: s.state[key] for key in estimator.state if key in s.state}
+        whole = EstimatorStep(
+            like,
+            g,
+            g if g_prev is None else g_prev,
+            scratch,
+            s.k,
+            s.index,
+            s.beta,
+            s.scheduled,
+            s.group,
+        )
+        momentum = estimator.update(whole)
+        return momentum, {key: scratch[key] for key in estimator.state}
+
+    def commit(new: dict[str, Tensor]) -> None:
+        for key, value in new.items():
+            s.state[key] = value
+
+    return OwnerEstimate(partner, run, _whole_state_shapes(estimator, s.group, p), commit)
 
 
 def _use_foreach(group: Mapping[str, Any], items: list[tuple[Tensor, Tensor]]) -> bool:
@@ -560,7 +626,7 @@ class Gluon(Optimizer):
         are this rank's local parts (:class:`gluon_optim.distributed.LocalState`)."""
         state: dict[str, Any] = self.state[p]
         if isinstance(p, DTensor):
-            return _distributed.LocalState(state, p)
+            return _distributed.LocalState(state, p, WHOLE_STATE)
         return state
 
     def materialize_state(self) -> None:
@@ -575,12 +641,19 @@ class Gluon(Optimizer):
         estimator on zeros.
         """
         for group in self.param_groups:
-            if group["algorithm"] == "lmo" and ESTIMATORS[group["estimator"]].matrix_only:
-                continue  # low-rank factors: their shape is known after the first step only
             for i, p in enumerate(group["params"]):
                 if self.state.get(p):
                     continue
                 state, zero = self.state_of(p), torch.zeros_like(_local(p))
+                if group["algorithm"] == "lmo" and ESTIMATORS[group["estimator"]].matrix_only:
+                    # Whole low-rank factors, the same on every rank.
+                    estimator = ESTIMATORS[group["estimator"]]
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    for key, (shape, dtype) in _whole_state_shapes(estimator, group, p).items():
+                        state[key] = torch.zeros(shape, dtype=dtype, device=zero.device)
+                    if needs_partner(group):
+                        state["prev_param" if is_exact(group) else "prev_grad"] = zero.clone()
+                    continue
                 if group["algorithm"] == "adamw":
                     keys: Iterable[str] = _ADAMW_STATE
                 else:
@@ -840,7 +913,7 @@ def _checked_value(where_: str, name: str, value: Any, p: Tensor) -> Any:
         raise ValueError(
             f"{where_}: state {name!r} has shape {tuple(value.shape)}, expected {expected}"
         )
-    if isinstance(p, DTensor) and not isinstance(value, DTensor):
+    if isinstance(p, DTensor) and not isinstance(value, DTensor) and name not in WHOLE_STATE:
         # A whole tensor (a one-process or "replicated" checkpoint): keep this rank's rows.
         value = _distributed.shard_like(value, p)
     # Each rank checks its own part of a DTensor (load_state_dict agrees on the outcome).

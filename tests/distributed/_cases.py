@@ -129,6 +129,7 @@ class _Counter:
 
     def __init__(self) -> None:
         self.polar_calls = 0
+        self.rsvd_calls = 0
         self.gathered_bytes = 0
         self.reduced_bytes = 0
 
@@ -157,12 +158,20 @@ class _Counter:
             self.reduced_bytes += t.numel() * t.element_size()
             return self._reduce(t, **kw)
 
+        self._rsvd = go.lowrank.rsvd
+
+        def rsvd(*args: Any, **kw: Any) -> Any:
+            self.rsvd_calls += 1
+            return self._rsvd(*args, **kw)
+
         go_norms.polar = polar  # type: ignore[assignment]
+        go.lowrank.rsvd = rsvd  # type: ignore[assignment]
         setattr(dist, self._name, gather)
         dist.all_reduce = reduce
         return self
 
     def __exit__(self, *exc: object) -> None:
+        go.lowrank.rsvd = self._rsvd  # type: ignore[assignment]
         go_norms.polar = self._polar  # type: ignore[assignment]
         setattr(dist, self._name, self._gather)
         dist.all_reduce = self._reduce
@@ -301,8 +310,7 @@ def resume(rank: int, world: int) -> dict[str, Any]:
 
 
 # -- FSDP2 ---------------------------------------------------------------------------------------
-#: LiMuon's low-rank state is refused on DTensors (a clear error, tested below).
-SHARDED_CASES = tuple(name for name in CASES if name not in ("limuon-exact", "limuon-ns-approx"))
+SHARDED_CASES = tuple(CASES)
 
 
 def shard(net: nn.Module) -> nn.Module:
@@ -396,6 +404,7 @@ def sharded_parity(rank: int, world: int) -> dict[str, Any]:
         out["params"][name] = full_params(net)
         out["comm"][name] = {
             "polar_calls": counter.polar_calls,
+            "rsvd_calls": counter.rsvd_calls,
             "sent": a2a.sent,
             "last_bytes": ex.last_bytes,
             "phase_bytes": list(ex.last_phase_bytes),
@@ -423,7 +432,7 @@ def comm_modes(rank: int, world: int) -> dict[str, Any]:
     from torch.distributed.tensor.debug import CommDebugMode
 
     out: dict[str, Any] = {}
-    for name in ("muon", "mvr2-exact", "gluon-l0l1", "limuon-full"):
+    for name in ("muon", "mvr2-exact", "gluon-l0l1", "limuon-full", "limuon-exact"):
         net, opt = train_sharded(name, steps=range(1))
         plain = model()
         opt.zero_grad()
@@ -438,7 +447,7 @@ def comm_modes(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
-RESUME_SHARDED = ("muon", "mvr2-exact", "gluon-l0l1", "limuon-full")
+RESUME_SHARDED = ("muon", "mvr2-exact", "gluon-l0l1", "limuon-full", "limuon-exact")
 
 
 def dcp_save(rank: int, world: int) -> None:
@@ -515,7 +524,6 @@ def sharded_errors(rank: int, world: int) -> dict[str, str]:
         opt.step()
 
     out["order"] = _expect(groups_in_another_order)
-    out["lowrank"] = _expect(lambda: go.limuon(shard(model()), 3))
     out["replicated"] = _expect(lambda: go.muon(shard(model()), distributed="replicated"))
     out["local"] = _expect(lambda: go.muon(shard(model()), distributed="local"))
     out["plain"] = _expect(lambda: go.muon(model(), distributed="sharded"))
