@@ -28,7 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "integrations.lightning": {"integrations", "optimizer"},
     "smoothness.fit": set(),
     "smoothness.io": {"smoothness.fit"},
-    "smoothness.probe": {"norms", "optimizer"},
+    "smoothness.probe": {"norms", "optimizer", "distributed"},
     "smoothness.displacement": {"optimizer", "smoothness.probe"},
     "smoothness.radii": {"optimizer", "smoothness.fit", "smoothness.probe"},
 }
