@@ -577,26 +577,32 @@ def sharded_errors(rank: int, world: int) -> dict[str, str]:
 
 
 def probe_records(rank: int, world: int) -> dict[str, Any]:
-    """The smoothness probe's records of a sharded muon run (every 2 steps, 5 steps), and how
-    many layers this rank measured itself."""
+    """The smoothness probe's records of muon runs (every 2 steps, 5 steps) under "sharded"
+    and "replicated", and how many layers this rank measured itself."""
     from gluon_optim.smoothness.probe import SmoothnessProbe
 
-    measured = 0
+    out: dict[str, Any] = {}
     measure = SmoothnessProbe._measure
+    for mode in ("sharded", "replicated"):
+        measured = 0
 
-    def counted(self: SmoothnessProbe, *args: Any) -> Any:
-        nonlocal measured
-        measured += 1
-        return measure(self, *args)
+        def counted(self: SmoothnessProbe, *args: Any) -> Any:
+            nonlocal measured
+            measured += 1
+            return measure(self, *args)
 
-    net = shard(model())
-    plain = model()
-    opt = go.muon(net)
-    probe = go.smoothness.SmoothnessProbe(opt, 2)
-    probe._measure = counted.__get__(probe)  # type: ignore[method-assign]
-    for k in range(5):
-        opt.zero_grad()
-        _inject(net, plain, k)
-        opt.step()
-    probe.remove()
-    return {"records": probe.records, "measured": measured}
+        net = shard(model()) if mode == "sharded" else model()
+        plain = model()
+        opt = go.muon(net, distributed=mode)
+        probe = go.smoothness.SmoothnessProbe(opt, 2)
+        probe._measure = counted.__get__(probe)  # type: ignore[method-assign]
+        for k in range(5):
+            opt.zero_grad()
+            if mode == "sharded":
+                _inject(net, plain, k)
+            else:
+                loss_of(net, k).backward()
+            opt.step()
+        probe.remove()
+        out[mode] = {"records": probe.records, "measured": measured}
+    return out

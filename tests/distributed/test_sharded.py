@@ -173,7 +173,9 @@ def test_sharded_mode_needs_a_dtensor_here() -> None:
         go.Gluon([p], distributed="sharded")
 
 
-def test_the_smoothness_probe_measures_each_layer_once_and_merges(tmp_path: Path) -> None:
+def test_the_smoothness_probe_measures_each_layer_once_and_merges_in_both_modes(
+    tmp_path: Path,
+) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -189,8 +191,9 @@ def test_the_smoothness_probe_measures_each_layer_once_and_merges(tmp_path: Path
         torch.set_num_threads(threads)
     assert len(probe.records) == 2 * 3  # steps 2 and 4, three hidden matrices
     results = run(_cases.probe_records, 2, tmp_path)
-    for rank, result in enumerate(results):
-        assert result["records"] == probe.records, rank
-    # Each layer measured by one rank (its LMO's owner), every rank holding every record.
-    assert sum(r["measured"] for r in results) == len(probe.records)
-    assert all(r["measured"] > 0 for r in results)
+    for mode in ("sharded", "replicated"):
+        for rank, result in enumerate(results):
+            assert result[mode]["records"] == probe.records, (mode, rank)
+        # Each layer measured by one rank (its LMO's owner), every rank holding every record.
+        assert sum(r[mode]["measured"] for r in results) == len(probe.records), mode
+        assert all(r[mode]["measured"] > 0 for r in results), mode

@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
-from gluon_optim.distributed import ShardedExecutor
+from gluon_optim.distributed import ReplicatedExecutor
 from gluon_optim.norms import Norm, Spectral, SpectralConv
 from gluon_optim.optimizer import Gluon, resolve_norm
 
@@ -266,12 +266,12 @@ class SmoothnessProbe:
         grads: Mapping[int, Tensor | None],
         entries: list[tuple[str, dict[str, Any], Tensor]],
     ) -> list[SmoothnessRecord]:
-        """Every layer's record. Under ``distributed="sharded"`` each layer is measured once,
-        by the rank that owns its LMO, on whole tensors (``DTensor.full_tensor``, which every
-        rank calls for every layer, in the same order); one ``all_gather_object`` then gives
-        every rank every record, in order."""
+        """Every layer's record. Under ``distributed="replicated"`` or ``"sharded"`` each layer
+        is measured once, by the rank that owns its LMO, on whole tensors (under ``"sharded"``
+        from ``DTensor.full_tensor``, which every rank calls for every layer, in the same
+        order); one ``all_gather_object`` then gives every rank every record, in order."""
         executor = self.optimizer.executor
-        if not isinstance(executor, ShardedExecutor):
+        if not isinstance(executor, ReplicatedExecutor):
             return [self._measure(pair, grads, key, g, p) for key, g, p in entries]
         owners = executor.plan().owners
         position = {
