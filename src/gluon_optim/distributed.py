@@ -416,6 +416,13 @@ class ReplicatedExecutor(LocalExecutor):
     def directions(self, requests: Sequence[DirectionRequest]) -> list[DirectionResult]:
         plan = self.plan()
         owner = [plan.owners[r.key] for r in requests]
+        given = requests
+        # Owner-run estimators (LiMuon's low-rank state): the owner turns the gradient into
+        # the momentum; every request is then in the norm's view, as the others are.
+        new_state: dict[int, dict[str, Tensor]] = {}
+        requests = [
+            self._owner_view(r, j, owner[j] == self.rank, new_state) for j, r in enumerate(given)
+        ]
         mine = [j for j, o in enumerate(owner) if o == self.rank]
         computed = dict(zip(mine, compute([requests[j] for j in mine]), strict=True))
         kinds = [self._dtypes_of(r) for r in requests]
@@ -428,7 +435,71 @@ class ReplicatedExecutor(LocalExecutor):
             ):
                 directions[j] = flat.view(requests[j].operand.shape)
         duals = self._share_duals(requests, owner, computed, [k[1] for k in kinds])
-        return [DirectionResult(d, duals.get(j)) for j, d in enumerate(directions) if d is not None]
+        self._share_state(given, owner, new_state)
+        out = []
+        for j, (r, d) in enumerate(zip(given, directions, strict=True)):
+            assert d is not None
+            if r.layout is not None:  # back in the parameter's layout, as it came
+                d = r.norm.restore(d, r.operand, r.layout.transposed)
+            out.append(DirectionResult(d, duals.get(j)))
+        return out
+
+    @staticmethod
+    def _owner_view(
+        r: DirectionRequest, j: int, owned: bool, new_state: dict[int, dict[str, Tensor]]
+    ) -> DirectionRequest:
+        """Request ``r`` in the norm's view; an owner-run estimator runs here on its owner."""
+        if r.estimate is None:
+            return r
+        assert r.layout is not None, "owner-run estimators come with a layout"
+        transposed = r.layout.transposed
+        momentum = r.operand  # non-owners: the gradient stands in for its shape and dtype
+        if owned:
+            momentum, new_state[j] = r.estimate.run(r.operand, r.estimate.partner)
+        gradient = None if r.gradient is None else r.norm.operand(r.gradient, transposed)
+        operand = r.norm.operand(momentum, transposed)
+        return DirectionRequest(r.key, r.norm, operand, r.batch, r.dual, gradient)
+
+    def _share_state(
+        self,
+        requests: Sequence[DirectionRequest],
+        owner: list[int],
+        new_state: dict[int, dict[str, Tensor]],
+    ) -> None:
+        """Every owner-run estimator's new state, from its owner to every rank (one all-gather
+        per dtype), committed everywhere."""
+        need = [j for j, r in enumerate(requests) if r.estimate is not None]
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for j in need:
+            estimate = requests[j].estimate
+            assert estimate is not None
+            (dtype,) = {d for _, d in estimate.state.values()}
+            by_dtype.setdefault(dtype, []).append(j)
+        for dtype, idx in sorted(by_dtype.items(), key=lambda item: str(item[0])):
+
+            def spec(j: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+                estimate = requests[j].estimate
+                assert estimate is not None
+                return estimate.state
+
+            flat = self._exchange(
+                idx,
+                owner,
+                lambda j: torch.cat([new_state[j][k].reshape(-1) for k in spec(j)]),
+                lambda j: sum(math.prod(shape) for shape, _ in spec(j).values()),
+                dtype,
+                requests[idx[0]].operand.device,
+                "state",
+            )
+            for j in idx:
+                state, at = {}, 0
+                for key, (shape, _) in spec(j).items():
+                    n = math.prod(shape)
+                    state[key] = flat[j][at : at + n].view(shape).clone()
+                    at += n
+                estimate = requests[j].estimate
+                assert estimate is not None
+                estimate.commit(state if owner[j] != self.rank else new_state[j])
 
     def _gather(self, local: Tensor) -> Tensor:
         out = local.new_empty(self.world * local.numel())

@@ -260,7 +260,10 @@ def _lmo_estimate(
         )
     # Under FSDP2, an estimator whose state is not elementwise runs on the owner (its operand
     # rows are then the gradient's, distributed.ShardedExecutor).
-    on_owner = estimator.matrix_only and any(isinstance(p, DTensor) for p, _ in items)
+    replicated = opt.executor.mode == "replicated"
+    on_owner = estimator.matrix_only and (
+        replicated or any(isinstance(p, DTensor) for p, _ in items)
+    )
     estimates: list[OwnerEstimate | None] = [None] * len(steps)
     if on_owner:
         momenta = [s.g for s in steps]
@@ -281,9 +284,10 @@ def _lmo_estimate(
     for (p, _), s, m, estimate in zip(items, steps, momenta, estimates, strict=True):
         norm = resolve_norm(group, p)
         shape = tuple(p.shape)
-        if isinstance(p, DTensor):
+        if isinstance(p, DTensor) or estimate is not None:
             # The owner rank builds the norm's view of the whole tensor (distributed.py).
-            layout = ShardLayout(shape, group["transposed"], p.placements[0].is_shard())
+            sharded = isinstance(p, DTensor) and p.placements[0].is_shard()
+            layout = ShardLayout(shape, group["transposed"], sharded)
             operand = m
         else:
             layout, operand = None, norm.operand(m, group["transposed"])

@@ -187,6 +187,7 @@ def parity(rank: int, world: int) -> dict[str, Any]:
         out["params"][name] = params(net)
         out["comm"][name] = {
             "polar_calls": counter.polar_calls,
+            "rsvd_calls": counter.rsvd_calls,
             "gathered_bytes": counter.gathered_bytes,
             "reduced_bytes": counter.reduced_bytes,
             "last_bytes": ex.last_bytes,

@@ -23,12 +23,13 @@ def reference() -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        out: dict[str, Any] = {"params": {}, "polar_calls": {}}
+        out: dict[str, Any] = {"params": {}, "polar_calls": {}, "rsvd_calls": {}}
         for name in _cases.CASES:
             with _cases._Counter() as counter:
                 net, _ = _cases.train(name, distributed="local")
             out["params"][name] = _cases.params(net)
             out["polar_calls"][name] = counter.polar_calls
+            out["rsvd_calls"][name] = counter.rsvd_calls
         return out
     finally:
         torch.set_num_threads(threads)
@@ -75,6 +76,16 @@ def test_no_rank_repeats_another_ranks_newton_schulz(
     assert sum(calls) == reference["polar_calls"][case]
     if reference["polar_calls"][case] >= world * _cases.STEPS:  # enough matrices to share
         assert all(c > 0 for c in calls), calls
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("case", ["limuon-exact", "limuon-ns-approx"])
+def test_limuons_randomized_svd_runs_once_per_matrix(
+    request: pytest.FixtureRequest, reference: dict[str, Any], world: int, case: str
+) -> None:
+    calls = [r["comm"][case]["rsvd_calls"] for r in _results(request, world)]
+    assert sum(calls) == reference["rsvd_calls"][case] > 0, calls
+    assert all(c > 0 for c in calls), calls
 
 
 @pytest.mark.parametrize("world", [2, 3])
