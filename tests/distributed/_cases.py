@@ -607,3 +607,39 @@ def probe_records(rank: int, world: int) -> dict[str, Any]:
         probe.remove()
         out[mode] = {"records": probe.records, "measured": measured}
     return out
+
+
+class _Wider(Net):
+    """Net with a wider ``mix`` layer: another model, for the checkpoint test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(24, 32)
+
+
+class _Longer(Net):
+    """Net with one more layer: another model, for the checkpoint test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = nn.Linear(24, 24)
+
+
+def dcp_other_model(rank: int, world: int) -> dict[str, str]:
+    """The muon DCP checkpoint of ``Net`` loaded into other models: every rank's error, and
+    whether the parameters changed."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    out: dict[str, str] = {}
+    for label, cls in (("wider", _Wider), ("longer", _Longer)):
+        net = shard(cls())
+        opt = go.muon(net)
+        before = full_params(net)
+        try:
+            _dcp_load("muon")(net, opt)
+            out[label] = "no error"
+        except CheckpointException as e:
+            out[label] = f"{type(e).__name__}: {e}"
+        same = all(torch.equal(before[n], v) for n, v in full_params(net).items())
+        out[f"{label}_unchanged"] = str(same)
+    return out

@@ -147,6 +147,12 @@ def test_a_dcp_checkpoint_saved_at_two_ranks_resumes_at_one_and_three(
         for rank, result in enumerate(run(_cases.dcp_resume, world, tmp_path / f"r{world}")):
             for case in _cases.RESUME_SHARDED:
                 _equal(result[case], reference[case], (world, rank, case))
+    # The checkpoint of another model: DCP's own error, on every rank, before anything loads.
+    for rank, out in enumerate(run(_cases.dcp_other_model, 2, tmp_path / "other")):
+        assert "Size mismatch between saved torch.Size([24, 24]) and current" in out["wider"]
+        assert "for model.mix.weight" in out["wider"], rank
+        assert "Missing key in checkpoint state_dict: model.extra.weight" in out["longer"], rank
+        assert out["wider_unchanged"] == out["longer_unchanged"] == "True", rank
 
 
 def test_bad_input_is_a_clear_error_on_every_rank(tmp_path: Path) -> None:
