@@ -203,13 +203,14 @@ def shard_like(value: Tensor, like: DTensor) -> DTensor:
     """A whole tensor shaped like DTensor ``like``, as a DTensor laid out like it: this rank
     keeps its rows (no communication: every rank holds the whole ``value``)."""
     (placement,) = like.placements
-    part = value
+    part = value.to(local(like).device).contiguous()
     if placement.is_shard():
         mesh = like.device_mesh
         start, stop = rows(value.shape[0], mesh.size(), mesh.get_local_rank())
-        part = value[start:stop]
+        # A copy of the rows, so the whole tensor is not kept alive on every rank.
+        part = part[start:stop].clone()
     return DTensor.from_local(
-        part.to(local(like).device).contiguous(),
+        part,
         like.device_mesh,
         like.placements,
         run_check=False,

@@ -643,3 +643,63 @@ def dcp_other_model(rank: int, world: int) -> dict[str, str]:
         same = all(torch.equal(before[n], v) for n, v in full_params(net).items())
         out[f"{label}_unchanged"] = str(same)
     return out
+
+
+def fewer_rows_than_ranks(rank: int, world: int) -> dict[str, Any]:
+    """Matrices with fewer rows than ranks (empty shards), a Replicate() one and a vector,
+    under muon-style Gluon, MVR-2 exact and AdamW groups: the whole parameters after 3 steps,
+    and the same steps in this process on plain tensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"two_rows": (2, 5), "one_row": (1, 7), "tall": (9, 2), "replicated": (4, 6)}
+    full = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+    vector = torch.randn(5, generator=gen)
+    grads = [
+        {n: torch.randn(s, generator=gen) for n, s in [*shapes.items(), ("vector", (5,))]}
+        for _ in range(3)
+    ]
+    out: dict[str, Any] = {}
+    for label, options in (
+        ("muon", {"norm": "spectral", "shape_rule": "muon", "nesterov": True, "momentum": 0.95}),
+        ("mvr2", {"estimator": "mvr2", "two_point": "approx", "momentum": 0.9}),
+    ):
+        results = {}
+        local_rows = {}
+        for sharded in (True, False):
+
+            def place(name: str, t: torch.Tensor, sharded: bool = sharded) -> torch.Tensor:
+                # A copy: distribute_tensor may keep the tensor it is given as the local part.
+                t = t.clone()
+                if not sharded:
+                    return t
+                placement = Replicate() if name == "replicated" else Shard(0)
+                return distribute_tensor(t, mesh, [placement])
+
+            params = {n: nn.Parameter(place(n, t)) for n, t in full.items()}
+            vec = nn.Parameter(place("vector", vector))
+            opt = go.Gluon(
+                [
+                    {"params": list(params.items()), "lr": 0.02, **options},
+                    {"params": [("vector", vec)], "algorithm": "adamw", "lr": 0.01},
+                ]
+            )
+            for k in range(3):
+                for n, p in [*params.items(), ("vector", vec)]:
+                    p.grad = place(n, grads[k][n])
+                opt.step()
+            results[sharded] = {
+                n: (p.full_tensor() if sharded else p).detach().clone()
+                for n, p in [*params.items(), ("vector", vec)]
+            }
+            if sharded:
+                local_rows = {n: tuple(go.distributed.local(p).shape) for n, p in params.items()}
+        out[label] = {
+            "differ": [
+                n for n in results[False] if not torch.equal(results[True][n], results[False][n])
+            ],
+            "local_rows": local_rows,
+        }
+    return out

@@ -138,12 +138,12 @@ def test_the_step_issues_only_its_own_collectives(tmp_path: Path) -> None:
             assert counts == {"c10d.allreduce_": 1, "c10d.alltoall_base_": 2}, case
 
 
-def test_a_dcp_checkpoint_saved_at_two_ranks_resumes_at_one_and_three(
+def test_a_dcp_checkpoint_saved_at_two_ranks_resumes_at_one_three_and_four(
     tmp_path: Path, reference: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(_cases.CHECKPOINT_ENV, str(tmp_path / "checkpoints"))
     run(_cases.dcp_save, 2, tmp_path / "save")
-    for world in (1, 3):
+    for world in (1, 3, 4):
         for rank, result in enumerate(run(_cases.dcp_resume, world, tmp_path / f"r{world}")):
             for case in _cases.RESUME_SHARDED:
                 _equal(result[case], reference[case], (world, rank, case))
@@ -203,3 +203,14 @@ def test_the_smoothness_probe_measures_each_layer_once_and_merges_in_both_modes(
         # Each layer measured by one rank (its LMO's owner), every rank holding every record.
         assert sum(r[mode]["measured"] for r in results) == len(probe.records), mode
         assert all(r[mode]["measured"] > 0 for r in results), mode
+
+
+def test_empty_and_uneven_shards_and_replicate_placements(tmp_path: Path) -> None:
+    for rank, out in enumerate(run(_cases.fewer_rows_than_ranks, 3, tmp_path)):
+        for label in ("muon", "mvr2"):
+            assert out[label]["differ"] == [], (rank, label)
+        rows = out["muon"]["local_rows"]
+        # 2 rows over 3 ranks: the last rank's shard is empty; 1 row: two empty shards.
+        assert rows["two_rows"] == [(1, 5), (1, 5), (0, 5)][rank]
+        assert rows["one_row"] == [(1, 7), (0, 7), (0, 7)][rank]
+        assert rows["replicated"] == (4, 6)
