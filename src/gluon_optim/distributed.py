@@ -67,9 +67,11 @@ __all__ = [
     "check_mode",
     "executor",
     "is_dtensor",
+    "layout_error",
     "lmo_cost",
     "local",
     "rows",
+    "shard_like",
     "sharded_bytes",
 ]
 
@@ -209,6 +211,11 @@ def shard_like(value: Tensor, like: DTensor) -> DTensor:
         start, stop = rows(value.shape[0], mesh.size(), mesh.get_local_rank())
         # A copy of the rows, so the whole tensor is not kept alive on every rank.
         part = part[start:stop].clone()
+    return _laid_out_like(part, like)
+
+
+def _laid_out_like(part: Tensor, like: DTensor) -> DTensor:
+    """``part`` (this rank's part of a tensor shaped like ``like``) as a DTensor like it."""
     return DTensor.from_local(
         part,
         like.device_mesh,
@@ -235,17 +242,11 @@ class LocalState(MutableMapping[str, Any]):
         return local(value) if isinstance(value, DTensor) else value
 
     def __setitem__(self, key: str, value: Any) -> None:
-        like = self._like
-        if isinstance(value, Tensor) and not isinstance(value, DTensor) and key not in self._whole:
-            if value.shape == local(like).shape and value.ndim > 0:
-                value = DTensor.from_local(
-                    value,
-                    like.device_mesh,
-                    like.placements,
-                    run_check=False,
-                    shape=like.shape,
-                    stride=like.stride(),
-                )
+        # Every state tensor but the step count and the whole keys is shaped like the parameter.
+        plain = isinstance(value, Tensor) and not isinstance(value, DTensor)
+        if plain and key != "step" and key not in self._whole:
+            if value.shape == local(self._like).shape:
+                value = _laid_out_like(value, self._like)
         self._state[key] = value
 
     def __delitem__(self, key: str) -> None:

@@ -504,6 +504,13 @@ class Gluon(Optimizer):
             of :data:`gluon_optim.groups.SETTINGS`). :func:`gluon_optim.param_groups` builds
             groups from a model.
         lr: learning rate (float or one-element tensor).
+        distributed: where each LMO runs across processes (:mod:`gluon_optim.distributed`):
+            ``"auto"`` (``"sharded"`` for DTensor parameters, else ``"local"``),
+            ``"replicated"`` (DDP: each LMO on its owner rank, the directions all-gathered),
+            ``"sharded"`` (FSDP2: each rank updates its rows; owners assemble whole tensors)
+            or ``"local"`` (no communication).
+        process_group: the group the distributed modes communicate over (default: the
+            world; under ``"sharded"``, the parameters' device mesh).
         **defaults: any other setting, applied to groups that do not set it.
 
     Non-finite gradients: ``nonfinite="raise"`` (default) raises before any parameter or state
@@ -645,35 +652,35 @@ class Gluon(Optimizer):
         estimator on zeros.
         """
         for group in self.param_groups:
+            lmo = group["algorithm"] == "lmo"
+            estimator = ESTIMATORS[group["estimator"]] if lmo else None
             for i, p in enumerate(group["params"]):
                 if self.state.get(p):
                     continue
-                state, zero = self.state_of(p), torch.zeros_like(_local(p))
-                if group["algorithm"] == "lmo" and ESTIMATORS[group["estimator"]].matrix_only:
-                    # Whole low-rank factors, the same on every rank.
-                    estimator = ESTIMATORS[group["estimator"]]
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    for key, (shape, dtype) in _whole_state_shapes(estimator, group, p).items():
-                        state[key] = torch.zeros(shape, dtype=dtype, device=zero.device)
-                    if needs_partner(group):
-                        state["prev_param" if is_exact(group) else "prev_grad"] = zero.clone()
-                    continue
-                if group["algorithm"] == "adamw":
-                    keys: Iterable[str] = _ADAMW_STATE
+                zero = torch.zeros_like(_local(p))
+                keys: list[str] = []
+                whole: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+                if estimator is None:
+                    keys = list(_ADAMW_STATE)
+                elif estimator.matrix_only:  # low-rank factors: whole, the same on every rank
+                    whole = _whole_state_shapes(estimator, group, p)
                 else:
-                    scratch: dict[str, Any] = {}
-                    estimator = ESTIMATORS[group["estimator"]]
                     schedule = POLICIES[group["radius_policy"]].momentum
                     scheduled = schedule is not None and estimator.follows_schedule
                     beta = schedule(0) if schedule and scheduled else group["momentum"]
-                    first = EstimatorStep(zero, zero, zero, scratch, 0, i, beta, scheduled, group)
-                    estimator.update(first)
+                    scratch: dict[str, Any] = {}
+                    estimator.update(
+                        EstimatorStep(zero, zero, zero, scratch, 0, i, beta, scheduled, group)
+                    )
                     keys = [*scratch]
-                    if needs_partner(group):
-                        keys.append("prev_param" if is_exact(group) else "prev_grad")
+                if lmo and needs_partner(group):
+                    keys.append("prev_param" if is_exact(group) else "prev_grad")
+                state = self.state_of(p)
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 for key in keys:
                     state[key] = torch.zeros_like(zero)
+                for key, (shape, dtype) in whole.items():
+                    state[key] = torch.zeros(shape, dtype=dtype, device=zero.device)
 
     def needs_closure(self) -> bool:
         """Whether :meth:`step` needs a closure (or a :meth:`previous_iterate` block).
