@@ -742,6 +742,9 @@ class Gluon(Optimizer):
           and a gradient left by :meth:`previous_iterate` and not yet consumed;
         * ``"total"``: every tensor in the state, step counters included.
 
+        Under ``distributed="sharded"`` these are this rank's bytes: its rows of each state
+        tensor, and the whole low-rank factors every rank holds.
+
         Transient tensors of a step are not state and are not counted: the full momentum that
         ``storm_lowrank`` rebuilds, the copy of ``X^k`` held while the closure runs at
         ``X^{k-1}``, and the LMO operands (Nesterov momenta) and directions, which the step

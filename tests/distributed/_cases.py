@@ -312,6 +312,8 @@ def resume(rank: int, world: int) -> dict[str, Any]:
 
 # -- FSDP2 ---------------------------------------------------------------------------------------
 SHARDED_CASES = tuple(CASES)
+#: Exact two-point cases also run with previous_iterate() blocks instead of closures.
+BLOCK_CASES = ("mvr2-exact", "limuon-exact")
 
 
 def shard(net: nn.Module) -> nn.Module:
@@ -343,10 +345,16 @@ def _inject(net: nn.Module, plain: nn.Module, k: int) -> torch.Tensor:
 
 
 def train_sharded(
-    name: str, steps: range = range(STEPS), inject: bool = True, opt_state: Any = None
+    name: str,
+    steps: range = range(STEPS),
+    inject: bool = True,
+    opt_state: Any = None,
+    block: bool = False,
 ) -> tuple[nn.Module, go.Gluon]:
     """Case ``name`` on a fully_shard'ed model: gradients injected from one process's model
-    (``inject``) or from the sharded model's own forward and backward passes."""
+    (``inject``) or from the sharded model's own forward and backward passes; an exact
+    two-point step takes its second gradient from a closure, or from a ``previous_iterate()``
+    block (``block``)."""
     net = shard(model())
     plain = model()
     opt = CASES[name](net)
@@ -362,11 +370,18 @@ def train_sharded(
             loss.backward()
             return loss
 
-        if opt.needs_closure():
+        if opt.needs_closure() and not block:
             opt.step(closure)
-        else:
-            closure()
-            opt.step()
+            continue
+        if opt.needs_closure():
+            opt.zero_grad()
+            with opt.previous_iterate():
+                if inject:
+                    _inject(net, plain, k)
+                else:
+                    loss_of(net, k).backward()
+        closure()
+        opt.step()
     return net, opt
 
 
@@ -396,7 +411,9 @@ class _A2ACounter:
 
 
 def sharded_parity(rank: int, world: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"params": {}, "comm": {}}
+    out: dict[str, Any] = {"params": {}, "comm": {}, "block": {}}
+    for name in BLOCK_CASES:  # the second gradient from previous_iterate() blocks
+        out["block"][name] = full_params(train_sharded(name, block=True)[0])
     for name in SHARDED_CASES:
         with _Counter() as counter, _A2ACounter() as a2a:
             net, opt = train_sharded(name)

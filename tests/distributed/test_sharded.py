@@ -56,6 +56,15 @@ def test_every_rank_ends_bit_identical_to_one_process(
 
 
 @pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("case", _cases.BLOCK_CASES)
+def test_previous_iterate_blocks_equal_closures(
+    parity: dict[int, list[Any]], reference: dict[str, Any], world: int, case: str
+) -> None:
+    for rank, result in enumerate(parity[world]):
+        _equal(result["block"][case], reference[case], (world, rank))
+
+
+@pytest.mark.parametrize("world", [2, 3])
 def test_no_rank_repeats_another_ranks_newton_schulz(
     parity: dict[int, list[Any]], world: int
 ) -> None:
