@@ -98,6 +98,21 @@ def _dtensor_counts(rank: int, world: int) -> dict[str, Any]:
         with CommDebugMode() as comm:  # type: ignore[no-untyped-call]
             opt.step()
         out[label] = {str(k): v for k, v in comm.get_comm_counts().items()}
+    # Ours on the same matrices, together, in one sharded step.
+    torch.manual_seed(0)
+    params = [
+        nn.Parameter(distribute_tensor(torch.randn(shape), mesh, [Shard(0)]))
+        for shape in ((384, 1152), (1152, 384))
+    ]
+    ours = go.muon(params)
+    for p in params:
+        p.grad = distribute_tensor(torch.randn(p.shape), mesh, [Shard(0)])
+    ours.step()
+    with CommDebugMode() as comm:  # type: ignore[no-untyped-call]
+        ours.step()
+    out["gluon-optim muon, both matrices (sharded)"] = {
+        str(k): v for k, v in comm.get_comm_counts().items()
+    }
     return out
 
 
@@ -206,7 +221,7 @@ def format_distributed_table(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "torch.optim.Muon on DTensor `Shard(0)` matrices, collectives per step (W=2):",
+        "Collectives per step on DTensor `Shard(0)` matrices (W=2, CommDebugMode):",
         "",
     ]
     for label, counts in result["torch_muon_dtensor_collectives"].items():
