@@ -712,10 +712,13 @@ class ShardedExecutor(ReplicatedExecutor):
         mine = [j for j in range(len(requests)) if owner[j] == me]
         wholes: dict[int, list[Tensor]] = {}
         for j in mine:
-            w, local_parts = wires[j], self._parts(requests[j], wires[j])
-            if not w.layout.sharded:
-                wholes[j] = local_parts
+            w = wires[j]
+            if not w.layout.sharded or world == 1:
+                # The whole tensor is here already, uncast: Norm.reads_as promises the same
+                # direction either way.
+                wholes[j] = self._parts(requests[j], w, cast=False)
                 continue
+            local_parts = self._parts(requests[j], w)
             rows_of: list[list[Tensor]] = [[] for _ in w.inbound]
             for src in range(world):
                 if src == me:
@@ -847,9 +850,10 @@ class ShardedExecutor(ReplicatedExecutor):
         return _Wire(layout, math.prod(layout.shape[1:]), tuple(inbound), direction, dual, state)
 
     @staticmethod
-    def _parts(r: DirectionRequest, w: _Wire) -> list[Tensor]:
-        """This rank's row-shaped parts of request ``r``, in ``w.inbound``'s order."""
-        parts = [r.operand.to(w.inbound[0])]
+    def _parts(r: DirectionRequest, w: _Wire, cast: bool = True) -> list[Tensor]:
+        """This rank's row-shaped parts of request ``r``, in ``w.inbound``'s order (the operand
+        cast to its wire dtype unless ``cast`` is false)."""
+        parts = [r.operand.to(w.inbound[0]) if cast else r.operand]
         if r.estimate is not None:
             if r.estimate.partner is not None:
                 parts.append(r.estimate.partner)
