@@ -120,8 +120,9 @@ def sharded_bytes(
 
     Rank ``r`` sends its rows of every matrix it does not own (``in_bytes`` per element: 2 for
     bfloat16 Newton–Schulz) and, for each matrix it owns, every other rank's rows of the
-    direction (``out_bytes`` per element); each part is padded to 8 bytes. The mean over ranks
-    is ``(W - 1) P / W^2 * (in_bytes + out_bytes)`` when the rows split evenly.
+    direction (``out_bytes`` per element); each part is padded to 8 bytes, and every rank sends
+    every other one an 8-byte status. The mean over ranks is ``(W - 1) P / W^2 * (in_bytes +
+    out_bytes)`` (plus the statuses) when the rows split evenly.
     """
     sent = [0] * world
     for shape, owner in zip(shapes, owners, strict=True):
@@ -134,7 +135,8 @@ def sharded_bytes(
                 )
             else:
                 sent[r] += _padded(counts[r] * per_row * in_bytes)
-    return sent
+    # Every rank also sends every other rank its 8-byte status in the second exchange.
+    return [b + _STATUS * (world - 1) for b in sent]
 
 
 def assign_owners(costs: Sequence[int], world: int) -> list[int]:
@@ -163,6 +165,11 @@ class _Plan:
 
 #: The group settings that decide a parameter's norm (and so its cost and direction dtype).
 _NORM_KEYS = ("algorithm", "norm", "shape_rule", "transposed", *POLAR_OPTIONS)
+#: ... and those that decide what else its exchange carries (a dual norm, gradient rows, an
+#: owner-run estimator with its partner and factors): ranks must agree on all of them, or the
+#: message sizes they expect would differ.
+_EXCHANGE_KEYS = ("radius_policy", "radius_source", "estimator", "two_point", "rank")
+_PLAN_KEYS = (*_NORM_KEYS, *_EXCHANGE_KEYS)
 
 
 def _lmo_params(
@@ -303,7 +310,7 @@ class ReplicatedExecutor(LocalExecutor):
         step looks up a cheap key of those first.
         """
         quick = tuple(
-            (tuple((id(p), p.shape, p.dtype) for p in g["params"]), *(g[k] for k in _NORM_KEYS))
+            (tuple((id(p), p.shape, p.dtype) for p in g["params"]), *(g.get(k) for k in _PLAN_KEYS))
             for g in self._optimizer.param_groups
         )
         if self._plan is not None and self._quick == quick:
@@ -313,9 +320,11 @@ class ReplicatedExecutor(LocalExecutor):
             norm = self._resolve_norm(group, p)
             shape = norm.operand_shape(p.shape, group["transposed"])
             dtype = f"{p.dtype}@{p.device.type}"
-            entries.append((key, name, shape, dtype, norm, group["ns_steps"]))
+            exchange = tuple(f"{k}={group.get(k)}" for k in _EXCHANGE_KEYS)
+            entries.append((key, name, shape, dtype, norm, group["ns_steps"], exchange))
         signature = tuple(
-            (k, name, shape, dtype, n.describe()) for k, name, shape, dtype, n, _ in entries
+            (k, name, shape, dtype, n.describe(), *exchange)
+            for k, name, shape, dtype, n, _, exchange in entries
         )
         if self._plan is not None and self._plan.signature == signature:
             self._quick = quick  # the change did not matter: skip this work from now on
@@ -369,7 +378,10 @@ class ReplicatedExecutor(LocalExecutor):
     def agree(self, has_grad: list[bool], finite: list[Tensor | None]) -> list[bool]:
         """Per parameter, whether its gradient is finite on every rank. Raises (having changed
         nothing) when a parameter has a gradient on some ranks only."""
-        device = next((f.device for f in finite if f is not None), torch.device("cpu"))
+        # The flags' device, or the parameters' (an NCCL group cannot reduce CPU tensors).
+        first = next((local(p) for g in self._optimizer.param_groups for p in g["params"]), None)
+        fallback = torch.device("cpu") if first is None else first.device
+        device = next((f.device for f in finite if f is not None), fallback)
         present = torch.tensor(has_grad, dtype=torch.bool, device=device)
         yes = torch.ones((), dtype=torch.bool, device=device)
         ok = (
@@ -611,6 +623,10 @@ def _pack(parts: Sequence[Tensor]) -> list[Tensor]:
     return out
 
 
+#: Bytes of the status each rank sends every other rank in the sharded phase 2.
+_STATUS = 8
+
+
 def _padded(nbytes: int) -> int:
     return nbytes + (-nbytes % 8)
 
@@ -732,36 +748,15 @@ class ShardedExecutor(ReplicatedExecutor):
                     into.append(incoming[src][at : at + n].view(dtype).view(shape))
                     cursor[src] = at + size
             wholes[j] = [torch.cat(parts) for parts in rows_of]
-        momenta: dict[int, Tensor] = {}
-        new_state: dict[int, dict[str, Tensor]] = {}
-        views = []
-        for j in mine:
-            r, parts, transposed = requests[j], wholes[j], wires[j].layout.transposed
-            gradient = parts[1] if r.gradient is not None and r.estimate is None else None
-            if r.estimate is not None:
-                partner = parts[1] if r.estimate.partner is not None else None
-                momenta[j], new_state[j] = r.estimate.run(parts[0], partner)
-                if r.gradient is not None:
-                    gradient = parts[0]  # the estimate's operand rows are the gradient's
-            else:
-                momenta[j] = parts[0]
-            views.append(
-                DirectionRequest(
-                    r.key,
-                    r.norm,
-                    r.norm.operand(momenta[j], transposed),
-                    r.batch,
-                    r.dual,
-                    None if gradient is None else r.norm.operand(gradient, transposed),
-                )
-            )
-        computed = dict(zip(mine, compute(views), strict=True))
-        full_d = {
-            j: requests[j].norm.restore(
-                computed[j].direction, momenta[j], wires[j].layout.transposed
-            )
-            for j in mine
-        }
+        # An owner that fails here (an SVD that does not converge, memory) must still take
+        # part in phase 2, or the other ranks would wait in it forever: it sends stand-ins and
+        # a failure status, and every rank raises below.
+        failure: Exception | None = None
+        try:
+            computed, full_d, new_state = self._owned(requests, wires, mine, wholes)
+        except Exception as e:
+            failure = e
+            computed, full_d, new_state = self._stand_ins(wires, mine, device)
 
         # -- phase 2: direction rows, duals and whole new state back to every rank --------------
         def returned(j: int, dst: int) -> list[int]:
@@ -775,7 +770,9 @@ class ShardedExecutor(ReplicatedExecutor):
             sizes += [_padded(math.prod(shape) * d.itemsize) for _, shape, d in w.state]
             return sizes
 
-        outgoing = [[] for _ in range(world)]
+        # Each message starts with the sender's status (8 bytes): 1 if its owned work failed.
+        status = torch.tensor([int(failure is not None)], dtype=torch.int64, device=device)
+        outgoing = [[status] if dst != me else [] for dst in range(world)]
         for j in mine:
             result = computed[j]
             for dst in range(world):
@@ -789,14 +786,29 @@ class ShardedExecutor(ReplicatedExecutor):
         incoming = self._all_to_all(
             outgoing,
             [
-                sum(sum(returned(j, me)) for j in range(len(requests)) if owner[j] == src)
+                (src != me) * _STATUS
+                + sum(sum(returned(j, me)) for j in range(len(requests)) if owner[j] == src)
                 for src in range(world)
             ],
             phase=1,
-            total=sum(sum(returned(j, dst)) for j in range(len(requests)) for dst in range(world)),
+            total=world * (world - 1) * _STATUS
+            + sum(sum(returned(j, dst)) for j in range(len(requests)) for dst in range(world)),
             device=device,
         )
-        cursor = [0] * world
+        failed = [
+            src
+            for src in range(world)
+            if src != me and int(incoming[src][:_STATUS].view(torch.int64)[0])
+        ]
+        if failure is not None:
+            raise failure
+        if failed:
+            raise RuntimeError(
+                f"distributed='sharded': rank(s) {failed} failed computing the directions they "
+                "own (their own error says why); the step raised on every rank before any LMO "
+                "parameter moved (AdamW groups take their whole step earlier)"
+            )
+        cursor = [_STATUS] * world
         out: list[DirectionResult] = []
         for j, r in enumerate(requests):
             w = wires[j]
@@ -827,6 +839,63 @@ class ShardedExecutor(ReplicatedExecutor):
                 )
             out.append(DirectionResult(got[0], dual))
         return out
+
+    @staticmethod
+    def _owned(
+        requests: Sequence[DirectionRequest],
+        wires: Sequence[_Wire],
+        mine: Sequence[int],
+        wholes: Mapping[int, list[Tensor]],
+    ) -> tuple[dict[int, DirectionResult], dict[int, Tensor], dict[int, dict[str, Tensor]]]:
+        """The owner's work on its whole tensors: the results (in the norm's view), the
+        directions in the parameters' layout, and the new state of owner-run estimators."""
+        momenta: dict[int, Tensor] = {}
+        new_state: dict[int, dict[str, Tensor]] = {}
+        views = []
+        for j in mine:
+            r, parts, transposed = requests[j], wholes[j], wires[j].layout.transposed
+            gradient = parts[1] if r.gradient is not None and r.estimate is None else None
+            if r.estimate is not None:
+                partner = parts[1] if r.estimate.partner is not None else None
+                momenta[j], new_state[j] = r.estimate.run(parts[0], partner)
+                if r.gradient is not None:
+                    gradient = parts[0]  # the estimate's operand rows are the gradient's
+            else:
+                momenta[j] = parts[0]
+            views.append(
+                DirectionRequest(
+                    r.key,
+                    r.norm,
+                    r.norm.operand(momenta[j], transposed),
+                    r.batch,
+                    r.dual,
+                    None if gradient is None else r.norm.operand(gradient, transposed),
+                )
+            )
+        computed = dict(zip(mine, compute(views), strict=True))
+        full_d = {
+            j: requests[j].norm.restore(
+                computed[j].direction, momenta[j], wires[j].layout.transposed
+            )
+            for j in mine
+        }
+        return computed, full_d, new_state
+
+    @staticmethod
+    def _stand_ins(
+        wires: Sequence[_Wire], mine: Sequence[int], device: torch.device
+    ) -> tuple[dict[int, DirectionResult], dict[int, Tensor], dict[int, dict[str, Tensor]]]:
+        """Zeros shaped like :meth:`_owned`'s results, sent when it failed (never applied)."""
+        computed, full_d, new_state = {}, {}, {}
+        for j in mine:
+            w = wires[j]
+            full_d[j] = torch.zeros(w.layout.shape, dtype=w.direction, device=device)
+            dual = None if w.dual is None else torch.zeros((), dtype=w.dual, device=device)
+            computed[j] = DirectionResult(full_d[j], dual)
+            new_state[j] = {
+                key: torch.zeros(shape, dtype=dtype, device=device) for key, shape, dtype in w.state
+            }
+        return computed, full_d, new_state
 
     def _wire(self, r: DirectionRequest) -> _Wire:
         """What request ``r`` sends each way (the same on every rank)."""

@@ -618,9 +618,15 @@ class Gluon(Optimizer):
             state = _checked_state(self.param_groups, groups, state_dict.get("state", {}))
         except ValueError as e:
             error = str(e)
+        except Exception as e:  # e.g. a device copy of a shard: every rank must still settle
+            if self.executor.mode == "local":
+                raise
+            error = f"{type(e).__name__}: {e}"
         # Under FSDP2 each rank checked its own shards: all raise if any of them found a fault.
         self.executor.settle(error)
         super().load_state_dict({**state_dict, "param_groups": groups, "state": state})
+        if self.executor.mode == "sharded":
+            self.materialize_state()  # parameters the loaded state had no entry for
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -827,6 +833,18 @@ class Gluon(Optimizer):
                 err = _matrix_error(group, p)
                 if err is not None:
                     raise ValueError(f"Parameter {_name(group, i)!r}{where(group, index)}: {err}")
+                if isinstance(p, DTensor) and (
+                    not isinstance(g, DTensor) or g.placements != p.placements
+                ):
+                    # A Partial() gradient would be reduced by nobody: each rank's replica
+                    # would drift. Placements are the same on every rank, so all raise.
+                    got = g.placements if isinstance(g, DTensor) else "a plain tensor"
+                    raise RuntimeError(
+                        f"Parameter {_name(group, i)!r}{where(group, index)} is placed "
+                        f"{p.placements} but its gradient is {got}; under distributed="
+                        "'sharded' every gradient must be laid out like its parameter (reduce a "
+                        "Partial() gradient first)"
+                    )
                 items.append((p, g))
             work.append((group, items))
         return work
@@ -926,6 +944,17 @@ def _checked_value(where_: str, name: str, value: Any, p: Tensor) -> Any:
     if expected is not None and tuple(value.shape) != expected:
         raise ValueError(
             f"{where_}: state {name!r} has shape {tuple(value.shape)}, expected {expected}"
+        )
+    if isinstance(value, DTensor) and (
+        not isinstance(p, DTensor)
+        or value.placements != p.placements
+        or value.device_mesh != p.device_mesh
+    ):
+        theirs = "a plain tensor" if not isinstance(p, DTensor) else f"{tuple(p.placements)}"
+        raise ValueError(
+            f"{where_}: state {name!r} is a DTensor placed {tuple(value.placements)} on "
+            f"{value.device_mesh}, but the parameter is {theirs}; load whole tensors, or "
+            "DTensors laid out like the parameters (torch.distributed.checkpoint does)"
         )
     if isinstance(p, DTensor) and not isinstance(value, DTensor) and name not in WHOLE_STATE:
         # A whole tensor (a one-process or "replicated" checkpoint): keep this rank's rows.

@@ -89,7 +89,7 @@ class TwoPoint:
                 if (
                     state
                     and "prev_param" in state
-                    and float(state.get("step", 0)) > 0
+                    and ("step" not in state or float(state["step"]) > 0)
                     and estimator.ready(state)
                 ):
                     out.append(p)

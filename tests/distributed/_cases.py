@@ -505,6 +505,10 @@ def dcp_resume(rank: int, world: int) -> dict[str, Any]:
     }
 
 
+#: The parameters muon gives the LMO in ``Net`` (the others are AdamW's).
+LMO_MATRICES = ("fc.weight", "conv.weight", "mix.weight")
+
+
 def sharded_errors(rank: int, world: int) -> dict[str, str]:
     """The failures that must be clear errors on every rank under FSDP2."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -591,6 +595,28 @@ def sharded_errors(rank: int, world: int) -> dict[str, str]:
                     raise RuntimeError("state changed")
 
     out["nan_state"] = _expect(nan_state_on_rank_1)
+
+    def owner_fails_on_rank_1() -> None:
+        net = shard(model())
+        opt = go.muon(net)
+        loss_of(net, 0).backward()
+        before = full_params(net)
+        owned = go.distributed.ShardedExecutor._owned
+
+        def failing(*args: Any) -> Any:
+            raise RuntimeError("no convergence (injected)")
+
+        if rank == 1:
+            go.distributed.ShardedExecutor._owned = staticmethod(failing)  # type: ignore[method-assign]
+        try:
+            opt.step()
+        finally:
+            go.distributed.ShardedExecutor._owned = staticmethod(owned)  # type: ignore[method-assign]
+            after = full_params(net)
+            if any(not torch.equal(before[n], after[n]) for n in LMO_MATRICES):
+                raise FloatingPointError("an LMO parameter moved")
+
+    out["owner_fails"] = _expect(owner_fails_on_rank_1)
     return out
 
 

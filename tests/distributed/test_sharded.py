@@ -91,13 +91,14 @@ def test_limuons_randomized_svd_runs_once_per_matrix(
 
 def _formula(comm: dict[str, Any], rank: int, world: int, a: int, b: int) -> int:
     """Bytes ``rank`` sends per step under muon: phase 1, its rows of the matrices others own
-    (``a`` bytes each: bfloat16); phase 2, the rows of its own matrices every other rank holds
-    (``b`` bytes each), each part padded to 8 bytes."""
+    (``a`` bytes each: bfloat16); phase 2, an 8-byte status to every other rank and the rows
+    of its own matrices every other rank holds (``b`` bytes each), each part padded to 8
+    bytes."""
 
     def pad(n: int) -> int:
         return n + (-n % 8)
 
-    total = 0
+    total = 8 * (world - 1)
     for key, owner in comm["owners"].items():
         shape = comm["shapes"][key]
         per_row = math.prod(shape[1:])
@@ -127,7 +128,12 @@ def test_bytes_sent_equal_the_documented_formula(parity: dict[int, list[Any]], w
     # The hidden matrices' rows split evenly here (24 rows), so the mean over ranks is dion's
     # 4 (W - 1) P / W^2 for P matrix elements.
     elements = 24 * 8 + 24 * 24 * 3 + 24 * 24
-    assert sum(per_rank) / world == pytest.approx(4 * (world - 1) * elements / world**2)
+    statuses = 8 * (world - 1)
+    assert sum(per_rank) / world == pytest.approx(4 * (world - 1) * elements / world**2 + statuses)
+    # ... and the library's own formula, from the same shapes and owners.
+    shapes = [comm["shapes"][k] for k in comm["owners"]]
+    owners = list(comm["owners"].values())
+    assert go.distributed.sharded_bytes(shapes, owners, world) == per_rank
 
 
 def test_real_fsdp2_with_the_full_batch_on_every_rank_equals_one_process(
@@ -180,6 +186,9 @@ def test_bad_input_is_a_clear_error_on_every_rank(tmp_path: Path) -> None:
         assert "'w' is a DTensor on a 2-D mesh" in out["mesh2d"], out
         # A non-finite state on rank 1's shard only: refused on both ranks, nothing loaded.
         assert "'momentum_buffer' holds non-finite values" in out["nan_state"], out
+        # An owner's failure ends the step on every rank instead of leaving them waiting.
+        expected = "no convergence (injected)" if rank == 1 else "rank(s) [1] failed computing"
+        assert expected in out["owner_fails"], out
 
 
 def test_sharded_mode_needs_a_dtensor_here() -> None:
