@@ -434,19 +434,29 @@ class ReplicatedExecutor(LocalExecutor):
         # Owner-run estimators (LiMuon's low-rank state): the owner turns the gradient into
         # the momentum; every request is then in the norm's view, as the others are.
         new_state: dict[int, dict[str, Tensor]] = {}
-        requests = [
-            self._owner_view(r, j, owner[j] == self.rank, new_state) for j, r in enumerate(given)
-        ]
         mine = [j for j, o in enumerate(owner) if o == self.rank]
-        computed = dict(zip(mine, compute([requests[j] for j in mine]), strict=True))
+        # An owner whose own work fails must still take part in the exchanges, or the other
+        # ranks would wait forever: it sends zeros and a failure status, and every rank raises.
+        failure: Exception | None = None
+        try:
+            requests = [
+                self._owner_view(r, j, owner[j] == self.rank, new_state)
+                for j, r in enumerate(given)
+            ]
+            computed = dict(zip(mine, compute([requests[j] for j in mine]), strict=True))
+        except Exception as e:
+            failure = e
+            requests = [self._owner_view(r, j, False, {}) for j, r in enumerate(given)]
+            computed, new_state = self._view_stand_ins(given, requests, mine)
         kinds = [self._dtypes_of(r) for r in requests]
         dtypes = [k[0] for k in kinds]
         directions: list[Tensor | None] = [None] * len(requests)
-        for dtype in sorted(set(dtypes), key=str):
+        for n, dtype in enumerate(sorted(set(dtypes), key=str)):
             idx = [j for j in range(len(requests)) if dtypes[j] == dtype]
-            for j, flat in zip(
-                idx, self._share(requests, owner, computed, idx, dtype), strict=True
-            ):
+            # The first exchange also carries every rank's status.
+            status = failure if n == 0 else False
+            shared = self._share(requests, owner, computed, idx, dtype, status)
+            for j, flat in zip(idx, shared, strict=True):
                 directions[j] = flat.view(requests[j].operand.shape)
         duals = self._share_duals(requests, owner, computed, [k[1] for k in kinds])
         self._share_state(given, owner, new_state)
@@ -457,6 +467,41 @@ class ReplicatedExecutor(LocalExecutor):
                 d = r.norm.restore(d, r.operand, r.layout.transposed)
             out.append(DirectionResult(d, duals.get(j)))
         return out
+
+    def _view_stand_ins(
+        self,
+        given: Sequence[DirectionRequest],
+        requests: Sequence[DirectionRequest],
+        mine: Sequence[int],
+    ) -> tuple[dict[int, DirectionResult], dict[int, dict[str, Tensor]]]:
+        """Zeros shaped like the owned results and new state, sent when computing them failed
+        (never applied: every rank raises after the first exchange)."""
+        computed, new_state = {}, {}
+        for j in mine:
+            r = requests[j]
+            direction_dtype, dual_dtype = self._dtypes_of(r)
+            direction = torch.zeros(r.operand.shape, dtype=direction_dtype, device=r.operand.device)
+            dual = None if dual_dtype is None else torch.zeros((), dtype=dual_dtype)
+            computed[j] = DirectionResult(direction, dual)
+            estimate = given[j].estimate
+            if estimate is not None:
+                new_state[j] = {
+                    key: torch.zeros(shape, dtype=dtype, device=r.operand.device)
+                    for key, (shape, dtype) in estimate.state.items()
+                }
+        return computed, new_state
+
+    def _raise_for(self, statuses: Sequence[float], failure: Exception | None) -> None:
+        """After the first exchange: this rank's own failure, or the other ranks'."""
+        if failure is not None:
+            raise failure
+        failed = [rank for rank, status in enumerate(statuses) if status]
+        if failed:
+            raise RuntimeError(
+                f"distributed={self.mode!r}: rank(s) {failed} failed computing the directions "
+                "they own (their own error says why); the step raised on every rank before any "
+                "LMO parameter moved (AdamW groups take their whole step earlier)"
+            )
 
     @staticmethod
     def _owner_view(
@@ -531,28 +576,38 @@ class ReplicatedExecutor(LocalExecutor):
         dtype: torch.dtype,
         device: torch.device,
         label: str,
+        status: Exception | None | bool = False,
     ) -> dict[int, Tensor]:
         """Items ``idx``, each computed by its owner, on every rank: one all-gather.
 
         This rank packs ``local_values(j)`` (flat, ``size_of(j)`` long) of the items it owns,
         in order, into a buffer padded to the widest rank's; every item comes back as its flat
-        slice of the gathered buffers. ``last_owned[label]`` records the sizes per rank.
+        slice of the gathered buffers. ``last_owned[label]`` records the sizes per rank. With
+        ``status`` (``None``, or this rank's failure), each buffer starts with one element, 1
+        where its rank failed, and every rank raises if any did (:meth:`_raise_for`).
         """
         by_rank: list[list[int]] = [[] for _ in range(self.world)]
         for j in idx:
             by_rank[owner[j]].append(j)
-        sizes = [sum(size_of(j) for j in js) for js in by_rank]
+        head = 0 if status is False else 1
+        sizes = [head + sum(size_of(j) for j in js) for js in by_rank]
         self.last_owned[label] = sizes
         local = torch.zeros(max(sizes), dtype=dtype, device=device)
-        offset = 0
+        if head:
+            local[0] = float(isinstance(status, Exception))
+        offset = head
         for j in by_rank[self.rank]:
             n = size_of(j)
             local[offset : offset + n] = local_values(j)
             offset += n
         gathered = self._gather(local)
+        if head:
+            self._raise_for(
+                gathered[:, 0].tolist(), status if isinstance(status, Exception) else None
+            )
         out: dict[int, Tensor] = {}
         for rank, js in enumerate(by_rank):
-            offset = 0
+            offset = head
             for j in js:
                 n = size_of(j)
                 out[j] = gathered[rank, offset : offset + n]
@@ -566,8 +621,10 @@ class ReplicatedExecutor(LocalExecutor):
         computed: dict[int, DirectionResult],
         idx: list[int],
         dtype: torch.dtype,
+        status: Exception | None | bool = False,
     ) -> list[Tensor]:
-        """The directions ``idx`` (all of ``dtype``), each from its owner, flattened."""
+        """The directions ``idx`` (all of ``dtype``), each from its owner, flattened (with
+        every rank's status, see :meth:`_exchange`)."""
         out = self._exchange(
             idx,
             owner,
@@ -576,6 +633,7 @@ class ReplicatedExecutor(LocalExecutor):
             dtype,
             requests[idx[0]].operand.device,
             str(dtype).removeprefix("torch."),
+            status,
         )
         return [out[j] for j in idx]
 

@@ -262,6 +262,29 @@ def errors(rank: int, world: int) -> dict[str, str]:
         go.Gluon([("w", w)], lr=0.01, distributed="replicated")
 
     out["dtensor"] = _expect(dtensor_parameter)
+
+    def owner_fails_on_rank_1() -> None:
+        net = model()
+        opt = go.muon(net, distributed="replicated")
+        loss_of(net, 0).backward()
+        before = params(net)
+        compute = go.distributed.compute
+
+        def failing(requests: Any) -> Any:
+            if any(r.operand.numel() > 1 for r in requests):  # not the dtype probe
+                raise RuntimeError("no convergence (injected)")
+            return compute(requests)
+
+        if rank == 1:
+            go.distributed.compute = failing  # type: ignore[assignment]
+        try:
+            opt.step()
+        finally:
+            go.distributed.compute = compute  # type: ignore[assignment]
+            if any(not torch.equal(before[n], params(net)[n]) for n in LMO_MATRICES):
+                raise FloatingPointError("an LMO parameter moved")
+
+    out["owner_fails"] = _expect(owner_fails_on_rank_1)
     return out
 
 

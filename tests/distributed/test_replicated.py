@@ -118,6 +118,8 @@ def test_bad_input_is_a_clear_error_on_every_rank(tmp_path: Path) -> None:
         assert out["order"].startswith("ValueError: distributed='replicated': rank"), out
         assert "different parameter groups" in out["order"]
         assert out["dtensor"].startswith("ValueError: Parameter 'w' is a DTensor"), out
+        expected = "no convergence (injected)" if rank == 1 else "rank(s) [1] failed computing"
+        assert expected in out["owner_fails"], out
 
 
 def test_owners_balance_the_newton_schulz_cost() -> None:
