@@ -139,15 +139,21 @@ def sharded_bytes(
     return [b + _STATUS * (world - 1) for b in sent]
 
 
-def assign_owners(costs: Sequence[int], world: int) -> list[int]:
+def assign_owners(
+    costs: Sequence[int], world: int, kinds: Sequence[Any] | None = None
+) -> list[int]:
     """Longest-processing-time owners: the costliest item first, to the least loaded rank.
 
-    Ties (equal cost) go in item order and to the lowest rank, so the table depends only on the
-    costs and ``world``.
+    Ties (equal cost) go by ``kinds`` (sortable, e.g. the shapes), then in item order, and to
+    the lowest rank, so the table depends only on the costs, the kinds and ``world``. Sorting
+    equal costs by kind deals each kind out in turn: a tall ``(4n, n)`` and a wide ``(n, 4n)``
+    matrix cost the same Newton–Schulz multiply-adds but not the same time (the tall one is
+    transposed), and without it alternating ties could give one rank every tall matrix.
     """
     loads = [0] * world
     owners = [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+    kind = list(kinds) if kinds is not None else [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], kind[i], i)):
         rank = min(range(world), key=lambda r: (loads[r], r))
         owners[i] = rank
         loads[rank] += costs[i]
@@ -332,7 +338,9 @@ class ReplicatedExecutor(LocalExecutor):
         self._check_same_everywhere(signature)
         costs = {e[0]: lmo_cost(e[4], e[2], e[5]) for e in entries}
         keys = list(costs)
-        owners = dict(zip(keys, assign_owners([costs[k] for k in keys], self.world), strict=True))
+        shapes = {e[0]: tuple(e[2]) for e in entries}
+        table = assign_owners([costs[k] for k in keys], self.world, [shapes[k] for k in keys])
+        owners = dict(zip(keys, table, strict=True))
         self._plan, self._quick = _Plan(signature, owners, costs), quick
         return self._plan
 

@@ -134,6 +134,19 @@ def test_owners_balance_the_newton_schulz_cost() -> None:
     assert go.distributed.assign_owners(costs, 8) == owners  # deterministic
 
 
+def test_equal_costs_are_dealt_out_by_kind() -> None:
+    # A GPT block's fc (1536 x 384, tall) and proj (384 x 1536, wide) cost the same; in block
+    # order, alternating ties would give rank 0 every tall one. By kind, each rank gets 3 + 3.
+    shapes = [(1536, 384), (384, 1536)] * 6
+    norm = go.norms.get("spectral")
+    costs = [go.distributed.lmo_cost(norm, s, 5) for s in shapes]
+    assert go.distributed.assign_owners(costs, 2)[0::2] == [0] * 6  # without kinds
+    owners = go.distributed.assign_owners(costs, 2, shapes)
+    for rank in (0, 1):
+        mine = [s for s, o in zip(shapes, owners, strict=True) if o == rank]
+        assert sorted(mine) == sorted([(1536, 384)] * 3 + [(384, 1536)] * 3)
+
+
 def test_modes_and_their_errors() -> None:
     p = torch.nn.Parameter(torch.randn(4, 3))
     with pytest.raises(ValueError, match="Unknown distributed 'ddp'"):

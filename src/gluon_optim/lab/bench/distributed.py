@@ -56,7 +56,7 @@ def communication(worlds: tuple[int, ...] = (8, 64)) -> list[dict[str, Any]]:
         p = sum(elements)
         costs = [go.distributed.lmo_cost(norm, s, 5) for s in shapes]
         for w in worlds:
-            owners = go.distributed.assign_owners(costs, w)
+            owners = go.distributed.assign_owners(costs, w, [tuple(s) for s in shapes])
             owned = [
                 sum(e for e, o in zip(elements, owners, strict=True) if o == r) for r in range(w)
             ]
