@@ -741,15 +741,7 @@ class ShardedExecutor(ReplicatedExecutor):
     """
 
     mode = "sharded"
-
-    def __init__(
-        self,
-        optimizer: _Optimizer,
-        group: ProcessGroup | None,
-        resolve_norm: Callable[[Mapping[str, Any], Tensor], Norm],
-    ) -> None:
-        super().__init__(optimizer, group, resolve_norm)
-        self.last_phase_bytes = [0, 0]
+    last_phase_bytes: list[int]
 
     def _rows(self, layout: ShardLayout, rank: int) -> tuple[int, int]:
         n = layout.shape[0] if layout.shape else 1
@@ -758,6 +750,7 @@ class ShardedExecutor(ReplicatedExecutor):
     def directions(self, requests: Sequence[DirectionRequest]) -> list[DirectionResult]:
         plan = self.plan()
         world, me = self.world, self.rank
+        self.last_phase_bytes = [0, 0]
         owner = [plan.owners[r.key] for r in requests]
         wires = [self._wire(r) for r in requests]
         device = requests[0].operand.device if requests else torch.device("cpu")

@@ -206,18 +206,46 @@ def _expect(fn: Callable[[], Any]) -> str:
     return "no error"
 
 
-def errors(rank: int, world: int) -> dict[str, str]:
+def _agreement_errors(rank: int, net_of: Callable[[], nn.Module], mode: str) -> dict[str, str]:
+    """A NaN on rank 1, a gradient missing on rank 0, groups in another order on rank 1: what
+    every rank raises, for models built by ``net_of`` under ``distributed=mode``."""
     out: dict[str, str] = {}
 
     def nan_on_rank_1() -> None:
-        net = model()
-        opt = go.muon(net, distributed="replicated")
+        net = net_of()
+        opt = go.muon(net, distributed=mode)
         loss_of(net, 0).backward()
         if rank == 1:
-            net.fc.weight.grad[0, 0] = float("nan")
+            go.distributed.local(net.fc.weight.grad)[0, 0] = float("nan")
         opt.step()
 
     out["nan"] = _expect(nan_on_rank_1)
+
+    def grad_missing_on_rank_0() -> None:
+        net = net_of()
+        opt = go.muon(net, distributed=mode)
+        loss_of(net, 0).backward()
+        if rank == 0:
+            net.mix.weight.grad = None
+        opt.step()
+
+    out["grad_none"] = _expect(grad_missing_on_rank_0)
+
+    def groups_in_another_order() -> None:
+        net = net_of()
+        named = list(net.named_parameters())
+        if rank == 1:
+            named.reverse()
+        opt = go.Gluon(named, lr=0.01, norm="euclidean", distributed=mode)
+        loss_of(net, 0).backward()
+        opt.step()
+
+    out["order"] = _expect(groups_in_another_order)
+    return out
+
+
+def errors(rank: int, world: int) -> dict[str, str]:
+    out = _agreement_errors(rank, model, "replicated")
 
     def nan_skipped() -> None:
         net = model()
@@ -231,27 +259,6 @@ def errors(rank: int, world: int) -> dict[str, str]:
             raise RuntimeError("the skipped group changed")
 
     out["skip"] = _expect(nan_skipped)
-
-    def grad_missing_on_rank_0() -> None:
-        net = model()
-        opt = go.muon(net, distributed="replicated")
-        loss_of(net, 0).backward()
-        if rank == 0:
-            net.mix.weight.grad = None
-        opt.step()
-
-    out["grad_none"] = _expect(grad_missing_on_rank_0)
-
-    def groups_in_another_order() -> None:
-        net = model()
-        named = list(net.named_parameters())
-        if rank == 1:
-            named.reverse()
-        opt = go.Gluon(named, lr=0.01, norm="euclidean", distributed="replicated")
-        loss_of(net, 0).backward()
-        opt.step()
-
-    out["order"] = _expect(groups_in_another_order)
 
     def dtensor_parameter() -> None:
         from torch.distributed.device_mesh import init_device_mesh
@@ -537,38 +544,7 @@ def sharded_errors(rank: int, world: int) -> dict[str, str]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    out: dict[str, str] = {}
-
-    def nan_on_rank_1() -> None:
-        net = shard(model())
-        opt = go.muon(net)
-        loss_of(net, 0).backward()
-        if rank == 1:
-            go.distributed.local(net.fc.weight.grad)[0, 0] = float("nan")
-        opt.step()
-
-    out["nan"] = _expect(nan_on_rank_1)
-
-    def grad_missing_on_rank_0() -> None:
-        net = shard(model())
-        opt = go.muon(net)
-        loss_of(net, 0).backward()
-        if rank == 0:
-            net.mix.weight.grad = None
-        opt.step()
-
-    out["grad_none"] = _expect(grad_missing_on_rank_0)
-
-    def groups_in_another_order() -> None:
-        net = shard(model())
-        named = list(net.named_parameters())
-        if rank == 1:
-            named.reverse()
-        opt = go.Gluon(named, lr=0.01, norm="euclidean")
-        loss_of(net, 0).backward()
-        opt.step()
-
-    out["order"] = _expect(groups_in_another_order)
+    out = _agreement_errors(rank, lambda: shard(model()), "sharded")
     out["replicated"] = _expect(lambda: go.muon(shard(model()), distributed="replicated"))
     out["local"] = _expect(lambda: go.muon(shard(model()), distributed="local"))
     out["plain"] = _expect(lambda: go.muon(model(), distributed="sharded"))

@@ -41,8 +41,8 @@ def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def test_ddp_runs_match_one_process(folder: Path) -> None:
-    run(_ddp_runs, 2, folder / "spawn")
+def _check_against_one_process(folder: Path, prefix: str) -> None:
+    """Runs ``{prefix}-none`` and ``{prefix}-rank`` against one process at batch 4 and 8."""
     threads = torch.get_num_threads()
     try:
         train(_config(folder), folder / "one-b4", progress=False)
@@ -50,13 +50,18 @@ def test_ddp_runs_match_one_process(folder: Path) -> None:
     finally:
         torch.set_num_threads(threads)
     # The same batch on both ranks: bit for bit.
-    same = report.compare_runs(folder / "ddp-none", folder / "one-b4")
+    same = report.compare_runs(folder / f"{prefix}-none", folder / "one-b4")
     assert same["first_diff_step"] is None and same["max_param_diff"] == 0.0
     # Each rank its half of a batch of 8: what one process sees at 8, up to the order of sums.
-    split = report.compare_runs(folder / "ddp-rank", folder / "one-b8")
+    split = report.compare_runs(folder / f"{prefix}-rank", folder / "one-b8")
     assert split["steps"] == 6 and split["max_loss_diff"] < 1e-3
     # Rank 0 alone wrote the folder: one metrics line per step.
-    assert len((folder / "ddp-rank" / "metrics.jsonl").read_text().splitlines()) == 6
+    assert len((folder / f"{prefix}-rank" / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+def test_ddp_runs_match_one_process(folder: Path) -> None:
+    run(_ddp_runs, 2, folder / "spawn")
+    _check_against_one_process(folder, "ddp")
 
 
 def _fsdp_runs(rank: int, world: int) -> None:
@@ -76,17 +81,8 @@ def _resume_in_one(rank: int, world: int) -> None:
 def test_fsdp2_runs_match_one_process_and_resume_at_another_world_size(folder: Path) -> None:
     run(_fsdp_runs, 2, folder / "spawn")
     run(_resume_in_one, 1, folder / "spawn1")
-    threads = torch.get_num_threads()
-    try:
-        train(_config(folder), folder / "one-b4", progress=False)
-        train(_config(folder, batch_size=8), folder / "one-b8", progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    # Every parameter a Shard(0) DTensor, the same batch on both ranks: bit for bit.
-    same = report.compare_runs(folder / "fsdp-none", folder / "one-b4")
-    assert same["first_diff_step"] is None and same["max_param_diff"] == 0.0
-    split = report.compare_runs(folder / "fsdp-rank", folder / "one-b8")
-    assert split["steps"] == 6 and split["max_loss_diff"] < 1e-3
+    # Every parameter a Shard(0) DTensor.
+    _check_against_one_process(folder, "fsdp")
     # Saved at 2 ranks after step 3 (whole tensors), continued by 1: as if never stopped.
     resumed = report.compare_runs(folder / "fsdp-stopped", folder / "one-b4")
     assert resumed["steps"] == 6
