@@ -14,8 +14,9 @@
 * ``"sharded"``: parameters are DTensors (FSDP2's ``fully_shard``), ``Shard(0)`` or
   ``Replicate()`` on a 1-D mesh. Every elementwise stage runs on this rank's rows only, with the
   state kept as DTensors laid out like the parameters; each LMO parameter's owner assembles the
-  whole momentum from every rank's rows and sends every rank its rows of the direction: two
-  ``all_to_all_single`` per step (:class:`ShardedExecutor`). Newton–Schulz on a local shard
+  whole momentum from every rank's rows and sends every rank its rows of the direction: one
+  ``all_to_all_single`` to the owners and :data:`PHASE2_CHUNKS` asynchronous ones back per
+  step (:class:`ShardedExecutor`). Newton–Schulz on a local shard
   would be a different algorithm, so there is no such fallback.
 * ``"auto"`` (default): ``"sharded"`` for DTensor parameters, ``"local"`` for plain tensors.
 
@@ -41,7 +42,7 @@ import hashlib
 import math
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Literal, Protocol, cast, overload
 
 import torch
 import torch.distributed as dist
@@ -60,6 +61,7 @@ from gluon_optim.norms import POLAR_OPTIONS, Norm, PolarNorm
 
 __all__ = [
     "MODES",
+    "PHASE2_CHUNKS",
     "LocalState",
     "ReplicatedExecutor",
     "ShardedExecutor",
@@ -135,8 +137,8 @@ def sharded_bytes(
                 )
             else:
                 sent[r] += _padded(counts[r] * per_row * in_bytes)
-    # Every rank also sends every other rank its 8-byte status in the second exchange.
-    return [b + _STATUS * (world - 1) for b in sent]
+    # Every rank also sends every other rank an 8-byte status in each message of phase 2.
+    return [b + _STATUS * (world - 1) * PHASE2_CHUNKS for b in sent]
 
 
 def assign_owners(
@@ -689,8 +691,11 @@ def _pack(parts: Sequence[Tensor]) -> list[Tensor]:
     return out
 
 
-#: Bytes of the status each rank sends every other rank in the sharded phase 2.
+#: Bytes of the status each rank sends every other rank in each message of the sharded phase 2.
 _STATUS = 8
+#: The sharded phase 2 is this many asynchronous all-to-alls: each owner sends the direction
+#: rows of its first matrices while it computes the others.
+PHASE2_CHUNKS = 2
 
 
 def _padded(nbytes: int) -> int:
@@ -719,14 +724,16 @@ class ShardedExecutor(ReplicatedExecutor):
     """The ``"sharded"`` direction stage (FSDP2): owners assemble whole tensors from shards.
 
     Every request is this rank's rows of a ``Shard(0)`` DTensor (or the whole of a
-    ``Replicate()`` one), in the parameter's layout (:class:`ShardLayout`). Two
-    ``all_to_all_single`` calls per step, each one buffer of bytes with uneven splits:
+    ``Replicate()`` one), in the parameter's layout (:class:`ShardLayout`). Two phases of
+    ``all_to_all_single`` calls, each one buffer of bytes with uneven splits:
 
     1. every rank sends each owner its rows of the owner's operands (cast to what the norm
        reads, :meth:`Norm.reads_as`: bfloat16 for bfloat16 Newton–Schulz) and, for the
        gradient-dual radius, of the gradients;
     2. each owner computes the direction of the whole tensor (and the dual norm), exactly as
-       one process does, and sends every rank its rows of the direction (and the dual).
+       one process does, and sends every rank its rows of the direction (and the dual), in
+       :data:`PHASE2_CHUNKS` asynchronous all-to-alls: the first half of its matrices travel
+       while it computes the second, and each message starts with an 8-byte status.
 
     Each rank sends ``sum_j rows_r(j) * q_j * (a_j + b_j)`` bytes for the parameters ``j`` it
     does not own (``q_j`` elements per row, ``a_j`` / ``b_j`` the item sizes in and out) and
@@ -736,8 +743,9 @@ class ShardedExecutor(ReplicatedExecutor):
     Nothing in the stage dispatches through DTensor, so nothing else communicates.
 
     Attributes (besides :class:`ReplicatedExecutor`'s):
-        last_phase_bytes: the bytes this rank sent to other ranks in each exchange of the last
-            step (padding to 8 bytes per part included); ``last_bytes`` is their sum.
+        last_phase_bytes: the bytes this rank sent to other ranks in each phase of the last
+            step (padding to 8 bytes per part and the statuses included); ``last_bytes`` is
+            their sum.
     """
 
     mode = "sharded"
@@ -807,17 +815,10 @@ class ShardedExecutor(ReplicatedExecutor):
                     into.append(incoming[src][at : at + n].view(dtype).view(shape))
                     cursor[src] = at + size
             wholes[j] = [torch.cat(parts) for parts in rows_of]
-        # An owner that fails here (an SVD that does not converge, memory) must still take
-        # part in phase 2, or the other ranks would wait in it forever: it sends stand-ins and
-        # a failure status, and every rank raises below.
-        failure: Exception | None = None
-        try:
-            computed, full_d, new_state = self._owned(requests, wires, mine, wholes)
-        except Exception as e:
-            failure = e
-            computed, full_d, new_state = self._stand_ins(wires, mine, device)
 
-        # -- phase 2: direction rows, duals and whole new state back to every rank --------------
+        # -- phase 2, in chunks: each owner computes its first half of matrices and sends
+        # their direction rows asynchronously while it computes the rest, so a rank that is
+        # ahead keeps computing instead of waiting for the others.
         def returned(j: int, dst: int) -> list[int]:
             """Bytes of each part the owner of request ``j`` sends ``dst``."""
             w = wires[j]
@@ -829,36 +830,64 @@ class ShardedExecutor(ReplicatedExecutor):
             sizes += [_padded(math.prod(shape) * d.itemsize) for _, shape, d in w.state]
             return sizes
 
-        # Each message starts with the sender's status (8 bytes): 1 if its owned work failed.
-        status = torch.tensor([int(failure is not None)], dtype=torch.int64, device=device)
-        outgoing = [[status] if dst != me else [] for dst in range(world)]
-        for j in mine:
-            result = computed[j]
-            for dst in range(world):
-                if dst == me:
-                    continue
-                start, stop = self._rows(wires[j].layout, dst)
-                outgoing[dst].append(full_d[j][start:stop])
-                if result.dual is not None:
-                    outgoing[dst].append(result.dual.to(torch.float64).reshape(1))
-                outgoing[dst] += [new_state[j][key] for key, _, _ in wires[j].state]
-        incoming = self._all_to_all(
-            outgoing,
-            [
-                (src != me) * _STATUS
-                + sum(sum(returned(j, me)) for j in range(len(requests)) if owner[j] == src)
+        chunks = self._chunks(owner)
+        computed: dict[int, DirectionResult] = {}
+        full_d: dict[int, Tensor] = {}
+        new_state: dict[int, dict[str, Tensor]] = {}
+        # An owner that fails (an SVD that does not converge, memory) must still take part in
+        # every exchange, or the other ranks would wait forever: it sends stand-ins and a
+        # failure status, and every rank raises once all exchanges are done.
+        failure: Exception | None = None
+        pending = []
+        for chunk in chunks:
+            owned = [j for j in chunk if owner[j] == me]
+            parts = None
+            if failure is None:
+                try:
+                    parts = self._owned(requests, wires, owned, wholes)
+                except Exception as e:
+                    failure = e
+            if parts is None:
+                parts = self._stand_ins(wires, owned, device)
+            computed.update(parts[0])
+            full_d.update(parts[1])
+            new_state.update(parts[2])
+            # Each message starts with the sender's status (8 bytes): 1 if its work failed.
+            status = torch.tensor([int(failure is not None)], dtype=torch.int64, device=device)
+            messages: list[list[Tensor]] = [[status] if d != me else [] for d in range(world)]
+            for j in owned:
+                result = computed[j]
+                for dst in range(world):
+                    if dst == me:
+                        continue
+                    start, stop = self._rows(wires[j].layout, dst)
+                    messages[dst].append(full_d[j][start:stop])
+                    if result.dual is not None:
+                        messages[dst].append(result.dual.to(torch.float64).reshape(1))
+                    messages[dst] += [new_state[j][key] for key, _, _ in wires[j].state]
+            pending.append(
+                self._all_to_all(
+                    messages,
+                    [
+                        (src != me) * _STATUS
+                        + sum(sum(returned(j, me)) for j in chunk if owner[j] == src)
+                        for src in range(world)
+                    ],
+                    phase=1,
+                    total=world * (world - 1) * _STATUS,
+                    device=device,
+                    wait=False,
+                )
+            )
+        received = [finish() for finish in pending]
+        failed = sorted(
+            {
+                src
+                for incoming in received
                 for src in range(world)
-            ],
-            phase=1,
-            total=world * (world - 1) * _STATUS
-            + sum(sum(returned(j, dst)) for j in range(len(requests)) for dst in range(world)),
-            device=device,
+                if src != me and int(incoming[src][:_STATUS].view(torch.int64)[0])
+            }
         )
-        failed = [
-            src
-            for src in range(world)
-            if src != me and int(incoming[src][:_STATUS].view(torch.int64)[0])
-        ]
         if failure is not None:
             raise failure
         if failed:
@@ -867,37 +896,52 @@ class ShardedExecutor(ReplicatedExecutor):
                 "own (their own error says why); the step raised on every rank before any LMO "
                 "parameter moved (AdamW groups take their whole step earlier)"
             )
-        cursor = [_STATUS] * world
-        out: list[DirectionResult] = []
-        for j, r in enumerate(requests):
-            w = wires[j]
-            if owner[j] == me:
-                start, stop = self._rows(w.layout, me)
-                out.append(DirectionResult(full_d[j][start:stop], computed[j].dual))
+        out: dict[int, DirectionResult] = {}
+        for chunk, incoming in zip(chunks, received, strict=True):
+            cursor = [_STATUS] * world
+            for j in chunk:
+                r, w = requests[j], wires[j]
+                if owner[j] == me:
+                    start, stop = self._rows(w.layout, me)
+                    out[j] = DirectionResult(full_d[j][start:stop], computed[j].dual)
+                    if r.estimate is not None:
+                        r.estimate.commit(new_state[j])
+                    continue
+                src = owner[j]
+                shapes: list[tuple[tuple[int, ...], torch.dtype]] = [
+                    ((nrows(j, me), *w.layout.shape[1:]), w.direction)
+                ]
+                if w.dual is not None:
+                    shapes.append(((1,), torch.float64))
+                shapes += [(shape, d) for _, shape, d in w.state]
+                got: list[Tensor] = []
+                for (shape, dtype), size in zip(shapes, returned(j, me), strict=True):
+                    at = cursor[src]
+                    n = math.prod(shape) * dtype.itemsize
+                    got.append(incoming[src][at : at + n].view(dtype).view(shape))
+                    cursor[src] = at + size
+                dual = None if w.dual is None else got[1][0].to(w.dual)
                 if r.estimate is not None:
-                    r.estimate.commit(new_state[j])
-                continue
-            src = owner[j]
-            shapes: list[tuple[tuple[int, ...], torch.dtype]] = [
-                ((nrows(j, me), *w.layout.shape[1:]), w.direction)
-            ]
-            if w.dual is not None:
-                shapes.append(((1,), torch.float64))
-            shapes += [(shape, d) for _, shape, d in w.state]
-            got: list[Tensor] = []
-            for (shape, dtype), size in zip(shapes, returned(j, me), strict=True):
-                at = cursor[src]
-                n = math.prod(shape) * dtype.itemsize
-                got.append(incoming[src][at : at + n].view(dtype).view(shape))
-                cursor[src] = at + size
-            dual = None if w.dual is None else got[1][0].to(w.dual)
-            if r.estimate is not None:
-                tail = got[2:] if w.dual is not None else got[1:]
-                r.estimate.commit(
-                    {key: t.clone() for (key, _, _), t in zip(w.state, tail, strict=True)}
-                )
-            out.append(DirectionResult(got[0], dual))
-        return out
+                    tail = got[2:] if w.dual is not None else got[1:]
+                    r.estimate.commit(
+                        {key: t.clone() for (key, _, _), t in zip(w.state, tail, strict=True)}
+                    )
+                out[j] = DirectionResult(got[0], dual)
+        return [out[j] for j in range(len(requests))]
+
+    @staticmethod
+    def _chunks(owner: Sequence[int]) -> list[list[int]]:
+        """The requests in :data:`PHASE2_CHUNKS` chunks: each owner's first share of the
+        matrices it owns, then the next (the same partition on every rank)."""
+        position: dict[int, int] = {}
+        count: dict[int, int] = {}
+        for j, o in enumerate(owner):
+            position[j] = count.get(o, 0)
+            count[o] = position[j] + 1
+        chunks: list[list[int]] = [[] for _ in range(PHASE2_CHUNKS)]
+        for j, o in enumerate(owner):
+            chunks[position[j] * PHASE2_CHUNKS // count[o]].append(j)
+        return chunks
 
     @staticmethod
     def _owned(
@@ -999,6 +1043,7 @@ class ShardedExecutor(ReplicatedExecutor):
         gradient = None if r.gradient is None else torch.zeros((1,) * ndim, dtype=r.gradient.dtype)
         return self._dtypes_of(DirectionRequest(r.key, r.norm, stub, False, r.dual, gradient))
 
+    @overload
     def _all_to_all(
         self,
         outgoing: list[list[Tensor]],
@@ -1006,22 +1051,51 @@ class ShardedExecutor(ReplicatedExecutor):
         phase: int,
         total: int,
         device: torch.device,
-    ) -> list[Tensor]:
+    ) -> list[Tensor]: ...
+
+    @overload
+    def _all_to_all(
+        self,
+        outgoing: list[list[Tensor]],
+        incoming_sizes: list[int],
+        phase: int,
+        total: int,
+        device: torch.device,
+        wait: Literal[False],
+    ) -> Callable[[], list[Tensor]]: ...
+
+    def _all_to_all(
+        self,
+        outgoing: list[list[Tensor]],
+        incoming_sizes: list[int],
+        phase: int,
+        total: int,
+        device: torch.device,
+        wait: bool = True,
+    ) -> list[Tensor] | Callable[[], list[Tensor]]:
         """One ``all_to_all_single`` of bytes: ``outgoing[dst]`` to each rank; returns what came
-        from each rank. Skipped when no rank sends anything (every rank knows ``total``)."""
+        from each rank (with ``wait=False``, a function that waits for it and returns it).
+        Skipped when no rank sends anything (every rank knows ``total``)."""
         packed = [_pack(parts) for parts in outgoing]
         sizes = [sum(t.numel() for t in parts) for parts in packed]
-        self.last_phase_bytes[phase] = sum(sizes)
+        self.last_phase_bytes[phase] += sum(sizes)
         self.last_bytes += sum(sizes)
+        empty = [torch.empty(0, dtype=torch.uint8, device=device) for _ in range(self.world)]
         if total == 0:
-            return [torch.empty(0, dtype=torch.uint8, device=device) for _ in range(self.world)]
-        send = torch.cat([t for parts in packed for t in parts]) if any(sizes) else None
-        if send is None:
-            send = torch.empty(0, dtype=torch.uint8, device=device)
+            return empty if wait else lambda: empty
+        send = torch.cat([t for parts in packed for t in parts]) if any(sizes) else empty[0]
         recv = torch.empty(sum(incoming_sizes), dtype=torch.uint8, device=device)
-        dist.all_to_all_single(recv, send, incoming_sizes, sizes, group=self._group)
+        work = dist.all_to_all_single(
+            recv, send, incoming_sizes, sizes, group=self._group, async_op=not wait
+        )
         self.last_collectives += 1
-        return list(torch.split(recv, incoming_sizes))
+
+        def finish() -> list[Tensor]:
+            if work is not None:
+                work.wait()
+            return list(torch.split(recv, incoming_sizes))
+
+        return finish() if wait else finish
 
 
 def _named(optimizer: _Optimizer) -> Iterator[tuple[str, Tensor, dict[str, Any]]]:

@@ -91,14 +91,14 @@ def test_limuons_randomized_svd_runs_once_per_matrix(
 
 def _formula(comm: dict[str, Any], rank: int, world: int, a: int, b: int) -> int:
     """Bytes ``rank`` sends per step under muon: phase 1, its rows of the matrices others own
-    (``a`` bytes each: bfloat16); phase 2, an 8-byte status to every other rank and the rows
-    of its own matrices every other rank holds (``b`` bytes each), each part padded to 8
-    bytes."""
+    (``a`` bytes each: bfloat16); phase 2, an 8-byte status to every other rank in each chunk
+    and the rows of its own matrices every other rank holds (``b`` bytes each), each part
+    padded to 8 bytes."""
 
     def pad(n: int) -> int:
         return n + (-n % 8)
 
-    total = 8 * (world - 1)
+    total = 8 * (world - 1) * go.distributed.PHASE2_CHUNKS
     for key, owner in comm["owners"].items():
         shape = comm["shapes"][key]
         per_row = math.prod(shape[1:])
@@ -128,7 +128,7 @@ def test_bytes_sent_equal_the_documented_formula(parity: dict[int, list[Any]], w
     # The hidden matrices' rows split evenly here (24 rows), so the mean over ranks is dion's
     # 4 (W - 1) P / W^2 for P matrix elements.
     elements = 24 * 8 + 24 * 24 * 3 + 24 * 24
-    statuses = 8 * (world - 1)
+    statuses = 8 * (world - 1) * go.distributed.PHASE2_CHUNKS
     assert sum(per_rank) / world == pytest.approx(4 * (world - 1) * elements / world**2 + statuses)
     # ... and the library's own formula, from the same shapes and owners.
     shapes = [comm["shapes"][k] for k in comm["owners"]]
@@ -147,10 +147,12 @@ def test_real_fsdp2_with_the_full_batch_on_every_rank_equals_one_process(
 
 def test_the_step_issues_only_its_own_collectives(tmp_path: Path) -> None:
     # CommDebugMode sees every collective, DTensor's implicit ones included: one all-reduce
-    # (the agreement) and two all-to-alls, and nothing else, for every kind of step.
+    # (the agreement) and the all-to-alls (rows to owners; direction rows back, in chunks),
+    # and nothing else, for every kind of step.
+    all_to_alls = 1 + go.distributed.PHASE2_CHUNKS
     for result in run(_cases.comm_modes, 2, tmp_path):
         for case, counts in result.items():
-            assert counts == {"c10d.allreduce_": 1, "c10d.alltoall_base_": 2}, case
+            assert counts == {"c10d.allreduce_": 1, "c10d.alltoall_base_": all_to_alls}, case
 
 
 def test_a_dcp_checkpoint_saved_at_two_ranks_resumes_at_one_three_and_four(
