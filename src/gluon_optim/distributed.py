@@ -15,8 +15,8 @@
   ``Replicate()`` on a 1-D mesh. Every elementwise stage runs on this rank's rows only, with the
   state kept as DTensors laid out like the parameters; each LMO parameter's owner assembles the
   whole momentum from every rank's rows and sends every rank its rows of the direction: one
-  ``all_to_all_single`` to the owners and :data:`PHASE2_CHUNKS` asynchronous ones back per
-  step (:class:`ShardedExecutor`). Newton–Schulz on a local shard
+  ``all_to_all_single`` each way per step, split into :data:`EXCHANGE_CHUNKS` asynchronous
+  ones (:class:`ShardedExecutor`). Newton–Schulz on a local shard
   would be a different algorithm, so there is no such fallback.
 * ``"auto"`` (default): ``"sharded"`` for DTensor parameters, ``"local"`` for plain tensors.
 
@@ -61,7 +61,7 @@ from gluon_optim.norms import POLAR_OPTIONS, Norm, PolarNorm
 
 __all__ = [
     "MODES",
-    "PHASE2_CHUNKS",
+    "EXCHANGE_CHUNKS",
     "LocalState",
     "ReplicatedExecutor",
     "ShardedExecutor",
@@ -138,7 +138,7 @@ def sharded_bytes(
             else:
                 sent[r] += _padded(counts[r] * per_row * in_bytes)
     # Every rank also sends every other rank an 8-byte status in each message of phase 2.
-    return [b + _STATUS * (world - 1) * PHASE2_CHUNKS for b in sent]
+    return [b + _STATUS * (world - 1) * EXCHANGE_CHUNKS for b in sent]
 
 
 def assign_owners(
@@ -693,9 +693,10 @@ def _pack(parts: Sequence[Tensor]) -> list[Tensor]:
 
 #: Bytes of the status each rank sends every other rank in each message of the sharded phase 2.
 _STATUS = 8
-#: The sharded phase 2 is this many asynchronous all-to-alls: each owner sends the direction
-#: rows of its first matrices while it computes the others.
-PHASE2_CHUNKS = 2
+#: Each sharded phase is this many asynchronous all-to-alls, one per share of every owner's
+#: matrices: an owner computes its first matrices while the rows of the others arrive, and
+#: sends their directions while it computes the others.
+EXCHANGE_CHUNKS = 2
 
 
 def _padded(nbytes: int) -> int:
@@ -731,9 +732,12 @@ class ShardedExecutor(ReplicatedExecutor):
        reads, :meth:`Norm.reads_as`: bfloat16 for bfloat16 Newton–Schulz) and, for the
        gradient-dual radius, of the gradients;
     2. each owner computes the direction of the whole tensor (and the dual norm), exactly as
-       one process does, and sends every rank its rows of the direction (and the dual), in
-       :data:`PHASE2_CHUNKS` asynchronous all-to-alls: the first half of its matrices travel
-       while it computes the second, and each message starts with an 8-byte status.
+       one process does, and sends every rank its rows of the direction (and the dual); each
+       message starts with an 8-byte status.
+
+    Each phase is :data:`EXCHANGE_CHUNKS` asynchronous all-to-alls, one per share of every
+    owner's matrices: an owner computes its first share while the rows of the next arrive,
+    and sends its directions while it computes the next.
 
     Each rank sends ``sum_j rows_r(j) * q_j * (a_j + b_j)`` bytes for the parameters ``j`` it
     does not own (``q_j`` elements per row, ``a_j`` / ``b_j`` the item sizes in and out) and
@@ -776,31 +780,36 @@ class ShardedExecutor(ReplicatedExecutor):
                 return []
             return [_padded(nrows(j, src) * w.row * d.itemsize) for d in w.inbound]
 
-        outgoing: list[list[Tensor]] = [[] for _ in range(world)]
-        for j, r in enumerate(requests):
-            if inbound(j, me):
-                outgoing[owner[j]] += self._parts(r, wires[j])
-        incoming = self._all_to_all(
-            outgoing,
-            [
-                sum(sum(inbound(j, src)) for j in range(len(requests)) if owner[j] == me)
-                for src in range(world)
-            ],
-            phase=0,
-            total=sum(sum(inbound(j, src)) for j in range(len(requests)) for src in range(world)),
-            device=device,
-        )
-        # -- the owner's work: whole tensors, as one process computes them ----------------------
-        cursor = [0] * world
-        mine = [j for j in range(len(requests)) if owner[j] == me]
-        wholes: dict[int, list[Tensor]] = {}
-        for j in mine:
+        # In chunks, like phase 2 below: an owner assembles and computes its first matrices
+        # while the rows of the others are still arriving.
+        chunks = self._chunks(owner)
+        arriving = []
+        for chunk in chunks:
+            outgoing: list[list[Tensor]] = [[] for _ in range(world)]
+            for j in chunk:
+                if inbound(j, me):
+                    outgoing[owner[j]] += self._parts(requests[j], wires[j])
+            arriving.append(
+                self._all_to_all(
+                    outgoing,
+                    [
+                        sum(sum(inbound(j, src)) for j in chunk if owner[j] == me)
+                        for src in range(world)
+                    ],
+                    phase=0,
+                    total=sum(sum(inbound(j, src)) for j in chunk for src in range(world)),
+                    device=device,
+                    wait=False,
+                )
+            )
+
+        def assemble(j: int, incoming: list[Tensor], cursor: list[int]) -> list[Tensor]:
+            """The whole tensors of owned request ``j``, from every rank's rows."""
             w = wires[j]
             if not w.layout.sharded or world == 1:
                 # The whole tensor is here already, uncast: Norm.reads_as promises the same
                 # direction either way.
-                wholes[j] = self._parts(requests[j], w, cast=False)
-                continue
+                return self._parts(requests[j], w, cast=False)
             local_parts = self._parts(requests[j], w)
             rows_of: list[list[Tensor]] = [[] for _ in w.inbound]
             for src in range(world):
@@ -814,7 +823,7 @@ class ShardedExecutor(ReplicatedExecutor):
                     n = math.prod(shape) * dtype.itemsize
                     into.append(incoming[src][at : at + n].view(dtype).view(shape))
                     cursor[src] = at + size
-            wholes[j] = [torch.cat(parts) for parts in rows_of]
+            return [torch.cat(parts) for parts in rows_of]
 
         # -- phase 2, in chunks: each owner computes its first half of matrices and sends
         # their direction rows asynchronously while it computes the rest, so a rank that is
@@ -830,7 +839,6 @@ class ShardedExecutor(ReplicatedExecutor):
             sizes += [_padded(math.prod(shape) * d.itemsize) for _, shape, d in w.state]
             return sizes
 
-        chunks = self._chunks(owner)
         computed: dict[int, DirectionResult] = {}
         full_d: dict[int, Tensor] = {}
         new_state: dict[int, dict[str, Tensor]] = {}
@@ -839,11 +847,13 @@ class ShardedExecutor(ReplicatedExecutor):
         # failure status, and every rank raises once all exchanges are done.
         failure: Exception | None = None
         pending = []
-        for chunk in chunks:
+        for chunk, rows_arriving in zip(chunks, arriving, strict=True):
             owned = [j for j in chunk if owner[j] == me]
+            incoming, cursor = rows_arriving(), [0] * world  # every rank waits for every chunk
             parts = None
             if failure is None:
                 try:
+                    wholes = {j: assemble(j, incoming, cursor) for j in owned}
                     parts = self._owned(requests, wires, owned, wholes)
                 except Exception as e:
                     failure = e
@@ -931,16 +941,16 @@ class ShardedExecutor(ReplicatedExecutor):
 
     @staticmethod
     def _chunks(owner: Sequence[int]) -> list[list[int]]:
-        """The requests in :data:`PHASE2_CHUNKS` chunks: each owner's first share of the
+        """The requests in :data:`EXCHANGE_CHUNKS` chunks: each owner's first share of the
         matrices it owns, then the next (the same partition on every rank)."""
         position: dict[int, int] = {}
         count: dict[int, int] = {}
         for j, o in enumerate(owner):
             position[j] = count.get(o, 0)
             count[o] = position[j] + 1
-        chunks: list[list[int]] = [[] for _ in range(PHASE2_CHUNKS)]
+        chunks: list[list[int]] = [[] for _ in range(EXCHANGE_CHUNKS)]
         for j, o in enumerate(owner):
-            chunks[position[j] * PHASE2_CHUNKS // count[o]].append(j)
+            chunks[position[j] * EXCHANGE_CHUNKS // count[o]].append(j)
         return chunks
 
     @staticmethod

@@ -25,7 +25,7 @@ def test_communication_rows_follow_their_formulas() -> None:
     # Sharded: every row count divides by W here, so the mean rank sends dion's 4 (W-1) P / W^2;
     # the largest rank sends more where the owners are uneven (W = 64: 48 matrices).
     for row in rows.values():  # plus an 8-byte status to every other rank, in each chunk
-        statuses = 8 * (row["world"] - 1) * go.distributed.PHASE2_CHUNKS
+        statuses = 8 * (row["world"] - 1) * go.distributed.EXCHANGE_CHUNKS
         assert row["ours_sharded_mean"] == row["dion_fsdp2_all_to_all_bf16"] + statuses
     assert gpt2["ours_sharded_max"] == pytest.approx(gpt2["ours_sharded_mean"])
     assert rows["gpt2-124m", 64]["ours_sharded_max"] > rows["gpt2-124m", 64]["ours_sharded_mean"]

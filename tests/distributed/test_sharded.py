@@ -98,7 +98,7 @@ def _formula(comm: dict[str, Any], rank: int, world: int, a: int, b: int) -> int
     def pad(n: int) -> int:
         return n + (-n % 8)
 
-    total = 8 * (world - 1) * go.distributed.PHASE2_CHUNKS
+    total = 8 * (world - 1) * go.distributed.EXCHANGE_CHUNKS
     for key, owner in comm["owners"].items():
         shape = comm["shapes"][key]
         per_row = math.prod(shape[1:])
@@ -128,7 +128,7 @@ def test_bytes_sent_equal_the_documented_formula(parity: dict[int, list[Any]], w
     # The hidden matrices' rows split evenly here (24 rows), so the mean over ranks is dion's
     # 4 (W - 1) P / W^2 for P matrix elements.
     elements = 24 * 8 + 24 * 24 * 3 + 24 * 24
-    statuses = 8 * (world - 1) * go.distributed.PHASE2_CHUNKS
+    statuses = 8 * (world - 1) * go.distributed.EXCHANGE_CHUNKS
     assert sum(per_rank) / world == pytest.approx(4 * (world - 1) * elements / world**2 + statuses)
     # ... and the library's own formula, from the same shapes and owners.
     shapes = [comm["shapes"][k] for k in comm["owners"]]
@@ -149,7 +149,7 @@ def test_the_step_issues_only_its_own_collectives(tmp_path: Path) -> None:
     # CommDebugMode sees every collective, DTensor's implicit ones included: one all-reduce
     # (the agreement) and the all-to-alls (rows to owners; direction rows back, in chunks),
     # and nothing else, for every kind of step.
-    all_to_alls = 1 + go.distributed.PHASE2_CHUNKS
+    all_to_alls = 2 * go.distributed.EXCHANGE_CHUNKS
     for result in run(_cases.comm_modes, 2, tmp_path):
         for case, counts in result.items():
             assert counts == {"c10d.allreduce_": 1, "c10d.alltoall_base_": all_to_alls}, case
