@@ -42,7 +42,7 @@ import hashlib
 import math
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, cast, overload
+from typing import Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -799,7 +799,6 @@ class ShardedExecutor(ReplicatedExecutor):
                     phase=0,
                     total=sum(sum(inbound(j, src)) for j in chunk for src in range(world)),
                     device=device,
-                    wait=False,
                 )
             )
 
@@ -886,7 +885,6 @@ class ShardedExecutor(ReplicatedExecutor):
                     phase=1,
                     total=world * (world - 1) * _STATUS,
                     device=device,
-                    wait=False,
                 )
             )
         received = [finish() for finish in pending]
@@ -1053,7 +1051,6 @@ class ShardedExecutor(ReplicatedExecutor):
         gradient = None if r.gradient is None else torch.zeros((1,) * ndim, dtype=r.gradient.dtype)
         return self._dtypes_of(DirectionRequest(r.key, r.norm, stub, False, r.dual, gradient))
 
-    @overload
     def _all_to_all(
         self,
         outgoing: list[list[Tensor]],
@@ -1061,42 +1058,21 @@ class ShardedExecutor(ReplicatedExecutor):
         phase: int,
         total: int,
         device: torch.device,
-    ) -> list[Tensor]: ...
-
-    @overload
-    def _all_to_all(
-        self,
-        outgoing: list[list[Tensor]],
-        incoming_sizes: list[int],
-        phase: int,
-        total: int,
-        device: torch.device,
-        wait: Literal[False],
-    ) -> Callable[[], list[Tensor]]: ...
-
-    def _all_to_all(
-        self,
-        outgoing: list[list[Tensor]],
-        incoming_sizes: list[int],
-        phase: int,
-        total: int,
-        device: torch.device,
-        wait: bool = True,
-    ) -> list[Tensor] | Callable[[], list[Tensor]]:
-        """One ``all_to_all_single`` of bytes: ``outgoing[dst]`` to each rank; returns what came
-        from each rank (with ``wait=False``, a function that waits for it and returns it).
-        Skipped when no rank sends anything (every rank knows ``total``)."""
+    ) -> Callable[[], list[Tensor]]:
+        """One asynchronous ``all_to_all_single`` of bytes, ``outgoing[dst]`` to each rank;
+        returns a function that waits for it and returns what came from each rank. Skipped when
+        no rank sends anything (every rank knows ``total``)."""
         packed = [_pack(parts) for parts in outgoing]
         sizes = [sum(t.numel() for t in parts) for parts in packed]
         self.last_phase_bytes[phase] += sum(sizes)
         self.last_bytes += sum(sizes)
         empty = [torch.empty(0, dtype=torch.uint8, device=device) for _ in range(self.world)]
         if total == 0:
-            return empty if wait else lambda: empty
+            return lambda: empty
         send = torch.cat([t for parts in packed for t in parts]) if any(sizes) else empty[0]
         recv = torch.empty(sum(incoming_sizes), dtype=torch.uint8, device=device)
         work = dist.all_to_all_single(
-            recv, send, incoming_sizes, sizes, group=self._group, async_op=not wait
+            recv, send, incoming_sizes, sizes, group=self._group, async_op=True
         )
         self.last_collectives += 1
 
@@ -1105,7 +1081,7 @@ class ShardedExecutor(ReplicatedExecutor):
                 work.wait()
             return list(torch.split(recv, incoming_sizes))
 
-        return finish() if wait else finish
+        return finish
 
 
 def _named(optimizer: _Optimizer) -> Iterator[tuple[str, Tensor, dict[str, Any]]]:
