@@ -173,6 +173,9 @@ class LocalExecutor:
 
     #: ``"local"``: the ``distributed`` mode this executor implements.
     mode = "local"
+    #: Whether estimators whose state is not elementwise (LiMuon's low-rank factors) hand it
+    #: an :class:`OwnerEstimate` to run once, on the owner, instead of running here.
+    owner_estimates = False
 
     def settle(self, error: str | None) -> None:
         """Raise ``ValueError(error)`` if there is one (a distributed executor raises the first

@@ -288,6 +288,7 @@ class ReplicatedExecutor(LocalExecutor):
     """
 
     mode = "replicated"
+    owner_estimates = True
 
     def __init__(
         self,
@@ -415,21 +416,30 @@ class ReplicatedExecutor(LocalExecutor):
         return [c == self.world for c in oks]
 
     # -- the directions -------------------------------------------------------------------------
-    def _dtypes_of(self, r: DirectionRequest) -> tuple[torch.dtype, torch.dtype | None]:
-        """The dtypes of a request's direction and dual, which non-owners need to unpack them.
+    def _dtypes_of(
+        self,
+        r: DirectionRequest,
+        operand: torch.dtype | None = None,
+        ndim: int | None = None,
+    ) -> tuple[torch.dtype, torch.dtype | None]:
+        """The dtypes of a request's direction and dual, which non-owners need to unpack them,
+        for an operand of ``operand``'s dtype and ``ndim`` dims in the norm's view (default:
+        the request's own operand).
 
         The same computation on a one-element zero operand of the same dtypes and rank gives
-        them without running the real LMO.
+        them without running the real LMO, once per kind of request.
         """
+        operand = r.operand.dtype if operand is None else operand
+        ndim = r.operand.ndim if ndim is None else ndim
         grad_dtype = None if r.gradient is None else r.gradient.dtype
-        key = (r.norm, r.operand.dtype, r.operand.ndim, r.dual, grad_dtype)
+        key = (r.norm, operand, ndim, r.dual, grad_dtype)
         if key not in self._dtypes:
 
             def zeros(dtype: torch.dtype) -> Tensor:
-                return torch.zeros((1,) * r.operand.ndim, dtype=dtype)
+                return torch.zeros((1,) * ndim, dtype=dtype)
 
             gradient = None if grad_dtype is None else zeros(grad_dtype)
-            probe = DirectionRequest(r.key, r.norm, zeros(r.operand.dtype), False, r.dual, gradient)
+            probe = DirectionRequest(r.key, r.norm, zeros(operand), False, r.dual, gradient)
             (result,) = compute([probe])
             self._dtypes[key] = (
                 result.direction.dtype,
@@ -1026,7 +1036,9 @@ class ShardedExecutor(ReplicatedExecutor):
             if r.gradient is not None:
                 inbound.append(r.gradient.dtype)
             state = ()
-        direction, dual = self._view_dtypes(r, wire)
+        # The owner computes on the norm's view of the whole tensor, in the wire dtype.
+        ndim = len(r.norm.operand_shape(layout.shape, layout.transposed))
+        direction, dual = self._dtypes_of(r, wire, ndim)
         return _Wire(layout, math.prod(layout.shape[1:]), tuple(inbound), direction, dual, state)
 
     @staticmethod
@@ -1040,16 +1052,6 @@ class ShardedExecutor(ReplicatedExecutor):
         elif r.gradient is not None:
             parts.append(r.gradient)
         return parts
-
-    def _view_dtypes(
-        self, r: DirectionRequest, wire: torch.dtype
-    ) -> tuple[torch.dtype, torch.dtype | None]:
-        """The direction's and dual's dtypes of a sharded request (see ``_dtypes_of``)."""
-        assert r.layout is not None
-        ndim = len(r.norm.operand_shape(r.layout.shape, r.layout.transposed))
-        stub = torch.zeros((1,) * ndim, dtype=wire)
-        gradient = None if r.gradient is None else torch.zeros((1,) * ndim, dtype=r.gradient.dtype)
-        return self._dtypes_of(DirectionRequest(r.key, r.norm, stub, False, r.dual, gradient))
 
     def _all_to_all(
         self,

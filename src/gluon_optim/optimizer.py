@@ -161,11 +161,14 @@ def _begin_step(state: MutableMapping[str, Any]) -> int:
     """
     if "step" not in state:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-    elif float(state["step"]) == 0.0:
-        for key in [key for key in state if key != "step"]:
-            del state[key]
+        k = 0
+    else:
+        k = int(state["step"].item())  # a CPU scalar: no device synchronisation
+        if k == 0:
+            for key in [key for key in state if key != "step"]:
+                del state[key]
     state["step"] += 1
-    return int(state["step"].item()) - 1  # a CPU scalar: no device synchronisation
+    return k
 
 
 # -- the algorithms -------------------------------------------------------------------------------
@@ -258,12 +261,9 @@ def _lmo_estimate(
                 group,
             )
         )
-    # Under FSDP2, an estimator whose state is not elementwise runs on the owner (its operand
-    # rows are then the gradient's, distributed.ShardedExecutor).
-    replicated = opt.executor.mode == "replicated"
-    on_owner = estimator.matrix_only and (
-        replicated or any(isinstance(p, DTensor) for p, _ in items)
-    )
+    # A distributed executor runs an estimator whose state is not elementwise on the owner,
+    # once (its operand is then the gradient, or this rank's rows of it under FSDP2).
+    on_owner = estimator.matrix_only and opt.executor.owner_estimates
     estimates: list[OwnerEstimate | None] = [None] * len(steps)
     if on_owner:
         momenta = [s.g for s in steps]
