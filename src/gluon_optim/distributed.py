@@ -856,6 +856,7 @@ class ShardedExecutor(ReplicatedExecutor):
         # failure status, and every rank raises once all exchanges are done.
         failure: Exception | None = None
         pending = []
+        ok, failed = (torch.tensor([value], dtype=torch.int64, device=device) for value in (0, 1))
         for chunk, rows_arriving in zip(chunks, arriving, strict=True):
             owned = [j for j in chunk if owner[j] == me]
             incoming, cursor = rows_arriving(), [0] * world  # every rank waits for every chunk
@@ -872,7 +873,7 @@ class ShardedExecutor(ReplicatedExecutor):
             full_d.update(parts[1])
             new_state.update(parts[2])
             # Each message starts with the sender's status (8 bytes): 1 if its work failed.
-            status = torch.tensor([int(failure is not None)], dtype=torch.int64, device=device)
+            status = ok if failure is None else failed
             messages: list[list[Tensor]] = [[status] if d != me else [] for d in range(world)]
             for j in owned:
                 result = computed[j]
@@ -898,22 +899,23 @@ class ShardedExecutor(ReplicatedExecutor):
                 )
             )
         received = [finish() for finish in pending]
-        failed = sorted(
-            {
-                src
-                for incoming in received
-                for src in range(world)
-                if src != me and int(incoming[src][:_STATUS].view(torch.int64)[0])
-            }
-        )
-        if failure is not None:
-            raise failure
-        if failed:
-            raise RuntimeError(
-                f"distributed='sharded': rank(s) {failed} failed computing the directions they "
-                "own (their own error says why); the step raised on every rank before any LMO "
-                "parameter moved (AdamW groups take their whole step earlier)"
+        # Every other rank's status in every chunk, read in one host transfer.
+        others = [src for src in range(world) if src != me]
+        flags = (
+            torch.stack(
+                [
+                    incoming[src][:_STATUS].view(torch.int64)[0]
+                    for incoming in received
+                    for src in others
+                ]
             )
+            if others
+            else torch.zeros(0, dtype=torch.int64)
+        )
+        statuses = [0] * world
+        for n, flag in enumerate(flags.tolist()):
+            statuses[others[n % len(others)]] |= int(flag)
+        self._raise_for(statuses, failure)
         out: dict[int, DirectionResult] = {}
         for chunk, incoming in zip(chunks, received, strict=True):
             cursor = [_STATUS] * world

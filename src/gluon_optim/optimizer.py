@@ -267,10 +267,16 @@ def _lmo_estimate(
     estimates: list[OwnerEstimate | None] = [None] * len(steps)
     if on_owner:
         momenta = [s.g for s in steps]
-        # g_prev is copied: with two_point="approx" it is the state's previous gradient, which
-        # the protocol overwrites below, before the owner reads it.
+        # With two_point="approx", g_prev is the state's previous gradient, which the protocol
+        # overwrites below, before the owner reads it: that one is copied.
+        copy = group["two_point"] == "approx"
         estimates = [
-            _owner_estimate(estimator, s, p, s.g_prev.clone() if s.g_prev is not s.g else None)
+            _owner_estimate(
+                estimator,
+                s,
+                p,
+                None if s.g_prev is s.g else s.g_prev.clone() if copy else s.g_prev,
+            )
             for s, (p, _) in zip(steps, items, strict=True)
         ]
     elif estimator.advance_many is not None and not scheduled and batch:
