@@ -247,10 +247,12 @@ class LocalState(MutableMapping[str, Any]):
     the parameter (so ``state_dict()`` and ``torch.distributed.checkpoint`` see DTensors),
     except the keys in ``whole``, which every rank holds whole (LiMuon's factors)."""
 
-    def __init__(self, state: dict[str, Any], like: DTensor, whole: Sequence[str] = ()) -> None:
+    def __init__(
+        self, state: dict[str, Any], like: DTensor, whole: frozenset[str] = frozenset()
+    ) -> None:
         self._state = state
         self._like = like
-        self._whole = frozenset(whole)
+        self._whole = whole
 
     def __getitem__(self, key: str) -> Any:
         value = self._state[key]

@@ -41,7 +41,8 @@ Variance Reduction for Training Large Models", arXiv 2411.10438 (Algorithm 1 and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping
+import math
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,6 +171,10 @@ class Estimator:
         advance_many: the same as ``advance`` for a whole group in multi-tensor kernels (the
             ``foreach`` setting), when the estimator has such a form.
         matrix_only: it needs matrices (2-D, or kernels flattened to 2-D).
+        whole_state: for a state that is not elementwise, the shapes of its keys given the
+            parameter's shape and group; such a state is held whole (the same on every rank
+            of a distributed run) and the estimator runs on the owner. ``None``: every state
+            key is shaped like the parameter.
         follows_schedule: it takes its ``beta`` from a radius policy's momentum schedule.
     """
 
@@ -182,6 +187,9 @@ class Estimator:
     advance: Advance
     advance_many: AdvanceMany | None = None
     matrix_only: bool = False
+    whole_state: Callable[[Sequence[int], Mapping[str, Any]], dict[str, tuple[int, ...]]] | None = (
+        None
+    )
     follows_schedule: bool = False
 
     def ready(self, state: Mapping[str, Any]) -> bool:
@@ -283,6 +291,15 @@ def _store_lowrank(s: EstimatorStep, m: Tensor) -> Tensor:
         v.to(dtype),
     )
     return m
+
+
+def _lowrank_shapes(shape: Sequence[int], group: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The factors' shapes for a parameter of ``shape`` read as ``(m, n)``: ``U`` ``(m, k)``,
+    ``S`` ``(k,)``, ``V`` ``(n, k)``, with ``k = min(rank, m, n)`` as :func:`lowrank.rsvd`."""
+    m = shape[0]
+    n = math.prod(shape) // m
+    k = min(group["rank"], m, n)
+    return {"lowrank_u": (m, k), "lowrank_s": (k,), "lowrank_v": (n, k)}
 
 
 def _lowrank_start(s: EstimatorStep) -> Tensor:
@@ -396,6 +413,7 @@ ESTIMATORS: dict[str, Estimator] = {
             start=_lowrank_start,
             advance=_lowrank_advance,
             matrix_only=True,
+            whole_state=_lowrank_shapes,
         ),
         _recursive(
             "mars",
@@ -409,8 +427,8 @@ ESTIMATORS: dict[str, Estimator] = {
 
 #: State keys held whole (not shaped like the parameter): LiMuon's low-rank factors. Under FSDP2
 #: they are the same, whole, on every rank.
-WHOLE_STATE: tuple[str, ...] = tuple(
-    key for e in ESTIMATORS.values() if e.matrix_only for key in e.state
+WHOLE_STATE: frozenset[str] = frozenset(
+    key for e in ESTIMATORS.values() if e.whole_state is not None for key in e.state
 )
 
 #: The variance-reduced estimators: each needs a two-point gradient ``g_prev``.

@@ -263,7 +263,7 @@ def _lmo_estimate(
         )
     # A distributed executor runs an estimator whose state is not elementwise on the owner,
     # once (its operand is then the gradient, or this rank's rows of it under FSDP2).
-    on_owner = estimator.matrix_only and opt.executor.owner_estimates
+    on_owner = estimator.whole_state is not None and opt.executor.owner_estimates
     estimates: list[OwnerEstimate | None] = [None] * len(steps)
     if on_owner:
         momenta = [s.g for s in steps]
@@ -307,12 +307,9 @@ def _lmo_estimate(
 def _whole_state_shapes(
     estimator: Estimator, group: Mapping[str, Any], p: Tensor
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """The shapes of a low-rank estimator's factors of ``p``: ``(m, k)``, ``(k,)``, ``(n, k)``."""
-    m = p.shape[0]
-    n = p.numel() // m
-    k = min(group["rank"], m, n)
-    shapes = {"lowrank_u": (m, k), "lowrank_s": (k,), "lowrank_v": (n, k)}
-    return {key: (shapes[key], p.dtype) for key in estimator.state}
+    """The shapes and dtype of an estimator's whole state for ``p`` (``Estimator.whole_state``)."""
+    assert estimator.whole_state is not None
+    return {key: (shape, p.dtype) for key, shape in estimator.whole_state(p.shape, group).items()}
 
 
 def _owner_estimate(
@@ -674,7 +671,7 @@ class Gluon(Optimizer):
                 whole: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
                 if estimator is None:
                     keys = list(_ADAMW_STATE)
-                elif estimator.matrix_only:  # low-rank factors: whole, the same on every rank
+                elif estimator.whole_state is not None:  # whole, the same on every rank
                     whole = _whole_state_shapes(estimator, group, p)
                 else:
                     schedule = POLICIES[group["radius_policy"]].momentum
