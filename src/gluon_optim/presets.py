@@ -356,12 +356,12 @@ def _reads_matrices(settings: Mapping[str, Any]) -> bool:
 
 
 #: Options of the optimizer object rather than of its groups, accepted by every preset.
-_ENGINE_KEYS = ("distributed", "process_group")
+ENGINE_KEYS = ("distributed", "process_group")
 
 
 def _engine(options: dict[str, Any]) -> dict[str, Any]:
     """Take the optimizer-level options (``distributed``, ``process_group``) out of ``options``."""
-    return {key: options.pop(key) for key in _ENGINE_KEYS if key in options}
+    return {key: options.pop(key) for key in ENGINE_KEYS if key in options}
 
 
 def _from_model(

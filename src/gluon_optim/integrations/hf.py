@@ -61,7 +61,7 @@ def optimizer_cls_and_kwargs(
     """
     built = build(model, preset, **options)
     kwargs: dict[str, Any] = {"params": built.param_groups, "lr": built.defaults["lr"]}
-    kwargs.update({k: options[k] for k in ("distributed", "process_group") if k in options})
+    kwargs.update({k: options[k] for k in presets.ENGINE_KEYS if k in options})
     return Gluon, kwargs
 
 

@@ -857,8 +857,10 @@ def train(
     unit = "tok" if is_lm else "img"
 
     def save(step: int) -> None:
-        # Under fsdp2 every rank takes part in gathering the whole tensors; the state is then
-        # the same on every rank (as under "replicated"), and rank 0 writes it.
+        # Rank 0 writes the checkpoint. Under fsdp2 every rank first takes part in gathering
+        # the whole tensors; under ddp the state is already whole and the same everywhere.
+        if not lead and not sharded:
+            return
         tensors = {
             "model": _whole(model.state_dict()),
             "optimizers": [_whole(opt.state_dict()) for opt in optimizers],
