@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-vision pytest lint typecheck demo demo-distributed bench accuracy faults docs-tables clean
+.PHONY: test test-vision pytest lint typecheck demo demo-distributed bench accuracy faults docs-tables clean dist gpu-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -85,6 +85,18 @@ faults: $(STAMP)
 ## docs-tables: regenerate the settings, estimator and radius-policy tables of docs/optimizer.md
 docs-tables: $(STAMP)
 	$(PY) -c "from gluon_optim.groups import write_docs; write_docs('docs/optimizer.md')"
+
+## dist: build the sdist and the wheel (from the sdist) into dist/ and `twine check` them;
+## tests/test_wheel.py installs such a wheel in a clean venv and runs the README's quick start
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(PY) -m twine check --strict dist/*
+
+## gpu-check: on a CUDA machine, the CUDA tests, a bf16 Newton–Schulz step benchmark against
+## torch.optim.Muon (JSON in runs/gpu-check/), the lab where it runs on CUDA; no CUDA: one line
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) $(VISION) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
