@@ -156,3 +156,95 @@ def test_nonfinite_ignore_does_not_check(tiny: TinyNet) -> None:
     tiny.fc.weight.grad = torch.full_like(tiny.fc.weight, float("nan"))
     opt.step()
     assert torch.isnan(tiny.fc.weight).all()
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("transposed", "Invalid transposed: tensor"),
+        ("constrained", "Invalid constrained: tensor"),
+        ("ns_steps", "Invalid ns_steps: tensor"),
+        ("eps", "Invalid eps: tensor"),
+        ("nesterov", "Invalid nesterov: tensor"),
+        ("rank", "Invalid rank: tensor"),
+        ("oversampling", "Invalid oversampling: tensor"),
+        ("rsvd_seed", "Invalid rsvd_seed: tensor"),
+        ("norm", "Unknown norm tensor"),
+        ("momentum", "Invalid momentum: tensor"),
+    ],
+)
+def test_a_setting_replaced_by_a_tensor_gets_its_own_error_at_the_step(
+    tiny: TinyNet, key: str, message: str
+) -> None:
+    # A flag or number compared with a many-element tensor raised "Boolean value of Tensor
+    # ... is ambiguous" inside the step's cheap re-check instead of naming the setting.
+    opt = go.unscion(tiny, lr=0.01)
+    x = torch.randint(0, 23, (2, 6))
+    lm_loss(tiny, x).backward()
+    opt.step()
+    opt.param_groups[1][key] = torch.tensor([1.0, 2.0])
+    snap = _snapshot(tiny, opt)
+    with pytest.raises(ValueError, match=rf"{message}\(\[1., 2.\]\) \(param group 1, role"):
+        opt.step()
+    _assert_unchanged(tiny, opt, snap)
+
+
+def test_a_setting_given_as_a_tensor_is_refused_at_construction() -> None:
+    p = nn.Parameter(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="Invalid ns_steps: tensor"):
+        go.Gluon([p], ns_steps=torch.tensor([5, 5]))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Unknown estimator array"):
+        go.Gluon([p], estimator=_Array(["ema", "mvr1"]))  # type: ignore[arg-type]
+
+
+class _Array:
+    """Compares elementwise, as a numpy array does: ``x in (...)`` on it would be ambiguous."""
+
+    def __init__(self, items: list[str]) -> None:
+        self.items = items
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("The truth value of an array with more than one element is ambiguous")
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"array({self.items})"
+
+
+def test_a_parameter_resized_after_construction_is_refused_at_the_step(tiny: TinyNet) -> None:
+    # The spectral LMO would otherwise take the resized matrix as a vector.
+    opt = go.Gluon([("fc.weight", tiny.fc.weight)], lr=0.01)
+    tiny.fc.weight.grad = torch.randn_like(tiny.fc.weight)
+    opt.step()
+    tiny.fc.weight.data = torch.zeros(5)
+    tiny.fc.weight.grad = torch.ones(5)
+    snap = _snapshot(tiny, opt)
+    with pytest.raises(
+        ValueError,
+        match=r"Parameter 'fc.weight' \(param group 0\) has shape \(5,\), but it had shape "
+        r"\(20, 12\) when it was given to the optimizer",
+    ):
+        opt.step()
+    _assert_unchanged(tiny, opt, snap)
+
+
+def test_a_parameter_resized_before_its_first_step_is_refused_too(tiny: TinyNet) -> None:
+    opt = go.Gluon([("fc.weight", tiny.fc.weight)], lr=0.01)
+    tiny.fc.weight.data = torch.zeros(20, 3)
+    tiny.fc.weight.grad = torch.ones(20, 3)
+    with pytest.raises(ValueError, match=r"has shape \(20, 3\), but it had shape \(20, 12\)"):
+        opt.step()
+    assert not opt.state[tiny.fc.weight]
+
+
+def test_a_copied_optimizer_records_its_shapes_at_its_first_step(tiny: TinyNet) -> None:
+    opt = go.Gluon([("fc.weight", tiny.fc.weight)], lr=0.01)
+    twin = copy.deepcopy(opt)  # torch's __getstate__ keeps only defaults, state and groups
+    (w,) = twin.param_groups[0]["params"]
+    w.grad = torch.randn_like(w)
+    twin.step()
+    w.data = torch.zeros(4)
+    w.grad = torch.ones(4)
+    with pytest.raises(ValueError, match=r"has shape \(4,\), but it had shape \(20, 12\)"):
+        twin.step()

@@ -36,6 +36,9 @@ FUZZ = hypothesis.settings(
 )
 
 JUNK: list[Any] = [None, "x", -1, 0, 1, 2.5, -0.5, float("nan"), float("inf"), 1e300, True, (1,)]
+#: Values of the wrong kind that compare elementwise: a setting's check must name the setting,
+#: not raise "Boolean value of Tensor with more than one value is ambiguous".
+TENSORS: list[Any] = [torch.tensor([1.0, 2.0]), torch.tensor([1, 2]), torch.tensor(0.5)]
 
 
 def _pool(setting: S.Setting) -> list[Any]:
@@ -169,6 +172,61 @@ def test_fuzzed_settings_build_and_step_or_raise_before_any_change(
         if k == 0 or not _huge(opt):
             assert all(torch.isfinite(p).all() for p in model.parameters()), chosen
     hypothesis.event("two finite steps")
+
+
+@hypothesis.settings(FUZZ, max_examples=120)
+@hypothesis.given(
+    changes=st.dictionaries(
+        st.sampled_from(sorted(BY_NAME)),
+        st.tuples(st.sampled_from(["pool", "junk", "tensor"]), st.integers(0, 40)),
+        min_size=1,
+        max_size=3,
+    ),
+    group=st.integers(0, 1),
+    resize=st.sampled_from([None, (5,), (3, 3), ()]),
+)
+def test_settings_and_shapes_changed_between_steps_are_caught_before_any_change(
+    changes: dict[str, tuple[str, int]], group: int, resize: tuple[int, ...] | None
+) -> None:
+    """What a training loop (or a bug) does to a live optimizer: set a group's values, or
+    resize a parameter (``p.data = ...``). The next step runs finitely or raises a
+    ``ValueError`` naming the setting or the parameter's shapes, having changed nothing."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = go.Gluon(
+        [
+            {"params": [("fc.weight", model.fc.weight), ("out.weight", model.out.weight)]},
+            {"params": [("fc.bias", model.fc.bias)], "norm": "bias_rms"},
+        ],
+        lr=0.01,
+    )
+    closure = _closure(model, opt, 1.0)
+    closure()
+    opt.step()
+    closure()  # the gradients of the next step, taken before any resize
+    for key, (kind, i) in changes.items():
+        pool = {"pool": _pool(BY_NAME[key]), "junk": JUNK, "tensor": TENSORS}[kind]
+        opt.param_groups[group][key] = pool[i % len(pool)]
+    if resize is not None:
+        model.out.weight.data = torch.zeros(resize)
+        model.out.weight.grad = torch.ones(resize)
+    before = _snapshot(model, opt)
+    try:
+        opt.step()
+    except (ValueError, RuntimeError) as err:
+        # AdamW's pair is named as torch.optim.AdamW names it: "Invalid beta parameter".
+        named = [k.rstrip("s") if k == "betas" else k for k in changes]
+        named += ["shape"] if resize is not None else []
+        assert isinstance(err, ValueError) and any(k in str(err) for k in named), (changes, err)
+        params, state = _snapshot(model, opt)
+        assert all(torch.equal(a, b) for a, b in zip(before[0], params, strict=True))
+        assert _same_state(before[1]["state"], state["state"])
+        hypothesis.event("the step refused, nothing changed")
+        return
+    assert resize is None, "a resized parameter was stepped"
+    if not _huge(opt):
+        assert all(torch.isfinite(p).all() for p in model.parameters()), changes
+    hypothesis.event("a finite step")
 
 
 # -- 2. state-dict mutations ----------------------------------------------------------------------

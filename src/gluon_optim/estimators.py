@@ -176,6 +176,10 @@ class Estimator:
             of a distributed run) and the estimator runs on the owner. ``None``: every state
             key is shaped like the parameter.
         follows_schedule: it takes its ``beta`` from a radius policy's momentum schedule.
+        kept: the keys of :attr:`state` that every step leaves, given the group and whether
+            ``beta`` is scheduled, when that is fewer than all of them (the EMA keeps no buffer
+            at ``momentum=0``). ``None``: every key. ``load_state_dict`` refuses a started state
+            that lacks one of them, which the step would otherwise silently restart.
     """
 
     name: str
@@ -191,10 +195,15 @@ class Estimator:
         None
     )
     follows_schedule: bool = False
+    kept: Callable[[Mapping[str, Any], bool], tuple[str, ...]] | None = None
 
     def ready(self, state: Mapping[str, Any]) -> bool:
         """Whether ``state`` holds every key of this estimator (so the next step advances)."""
         return all(key in state for key in self.state)
+
+    def kept_state(self, group: Mapping[str, Any], scheduled: bool) -> tuple[str, ...]:
+        """The state keys a parameter holds after any step of ``group`` (see :attr:`kept`)."""
+        return self.state if self.kept is None else self.kept(group, scheduled)
 
     def update(self, step: EstimatorStep) -> Tensor:
         """``M^k`` for this step: :attr:`start` on the first, :attr:`advance` afterwards."""
@@ -219,10 +228,18 @@ def _ema_buffer(s: EstimatorStep) -> tuple[Tensor, bool]:
     return state["momentum_buffer"], True
 
 
-def _ema(s: EstimatorStep) -> Tensor:
+def _ema_keeps_buffer(beta: float, scheduled: bool) -> bool:
     # beta = 0 keeps no buffer (M = g), unless a schedule sets beta: its buffer must exist
     # from its first step on, where beta^0 = 0.
-    if s.beta == 0.0 and not s.scheduled:
+    return beta != 0.0 or scheduled
+
+
+def _ema_kept(group: Mapping[str, Any], scheduled: bool) -> tuple[str, ...]:
+    return ("momentum_buffer",) if _ema_keeps_buffer(group["momentum"], scheduled) else ()
+
+
+def _ema(s: EstimatorStep) -> Tensor:
+    if not _ema_keeps_buffer(s.beta, s.scheduled):
         return s.g
     buf, average = _ema_buffer(s)
     if average:
@@ -382,6 +399,7 @@ ESTIMATORS: dict[str, Estimator] = {
             advance=_ema,
             advance_many=_ema_many,
             follows_schedule=True,
+            kept=_ema_kept,
         ),
         _recursive(
             "mvr1",

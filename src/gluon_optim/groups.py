@@ -375,10 +375,14 @@ def validate(group: Mapping[str, Any], index: int | None) -> None:
 def validate_step(group: Mapping[str, Any], index: int, seen: dict[int, tuple[Any, ...]]) -> None:
     """The check of ``step()``: the per-step settings always, the rest only when it changed.
 
-    ``seen`` maps ``id(group)`` to the values of the other settings when they last passed, so a
-    step in which nothing but the lr changed costs one tuple comparison per group.
+    ``seen`` maps ``id(group)`` to the types and values of the other settings when they last
+    passed, so a step in which nothing but the lr changed costs one tuple comparison per group.
+    The types come first: a value of another type (a tensor put where a flag was) makes the
+    comparison stop at the types, before ``==`` could compare it elementwise and raise, and
+    the complete check then names the setting.
     """
-    stable = tuple(group[name] for name in _STABLE)
+    values = tuple(group[name] for name in _STABLE)
+    stable = (tuple(map(type, values)), values)
     if seen.get(id(group)) == stable:
         _raise_first(group, index, _PER_STEP)
         return

@@ -35,6 +35,7 @@ from gluon_optim.two_point import (
     TwoPoint,
     Work,
     is_exact,
+    kept_keys,
     needs_partner,
     state_keys,
 )
@@ -220,12 +221,14 @@ class Algorithm:
     ``update(optimizer, index, group, items, at_previous)`` runs the algorithm's stages up to the
     direction stage and returns the parameters that still need a direction (AdamW needs none
     and returns ``[]``). ``state`` lists the per-parameter state keys it may keep, given the
-    group (besides ``"step"``).
+    group (besides ``"step"``); ``kept`` those every step leaves, which a loaded state that
+    has started must hold (:meth:`Gluon.load_state_dict`).
     """
 
     name: str
     update: Callable[[Gluon, int, dict[str, Any], _Items, _AtPrevious], list[_Pending]]
     state: Callable[[Mapping[str, Any]], tuple[str, ...]]
+    kept: Callable[[Mapping[str, Any]], tuple[str, ...]]
 
 
 def _lmo_estimate(
@@ -400,10 +403,17 @@ def _lmo_state(group: Mapping[str, Any]) -> tuple[str, ...]:
     return (*ESTIMATORS[group["estimator"]].state, *state_keys(group))
 
 
+def _lmo_kept(group: Mapping[str, Any]) -> tuple[str, ...]:
+    estimator = ESTIMATORS[group["estimator"]]
+    # As the estimator stage decides it (_lmo_estimate): a schedule's beta keeps a buffer.
+    scheduled = POLICIES[group["radius_policy"]].momentum is not None and estimator.follows_schedule
+    return (*estimator.kept_state(group, scheduled), *kept_keys(group))
+
+
 #: Every algorithm by the value of the group key ``algorithm``.
 ALGORITHMS: dict[str, Algorithm] = {
-    "lmo": Algorithm("lmo", _lmo_estimate, _lmo_state),
-    "adamw": Algorithm("adamw", _adamw, lambda group: _ADAMW_STATE),
+    "lmo": Algorithm("lmo", _lmo_estimate, _lmo_state, _lmo_kept),
+    "adamw": Algorithm("adamw", _adamw, lambda group: _ADAMW_STATE, lambda group: _ADAMW_STATE),
 }
 
 _MOMENTUM_KEYS = frozenset(
@@ -543,6 +553,9 @@ class Gluon(Optimizer):
         _distributed.check_mode(distributed)
         self._two_point = TwoPoint(self)
         self._checked: dict[int, tuple[Any, ...]] = {}
+        #: Every parameter's shape when it was given to the optimizer, by ``id``: its norm was
+        #: checked for that shape, and a step refuses a parameter resized since.
+        self._shapes: dict[int, torch.Size] = {}
         #: Where the direction stage runs (:mod:`gluon_optim.distributed` for more than one
         #: process) and how the step's decisions are agreed.
         self.executor: LocalExecutor = LocalExecutor()
@@ -601,24 +614,40 @@ class Gluon(Optimizer):
             if err is not None:
                 raise ValueError(err)
         super().add_param_group({**param_group, "params": items})
+        for p in tensors:
+            self._shapes[id(p)] = p.shape
         if built and self.executor.mode == "sharded":
             self.materialize_state()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a ``state_dict()``; its groups are validated first, so a bad one changes nothing.
+        """Load a ``state_dict()``; everything is checked first, so a bad one changes nothing.
+
+        Refused (``ValueError`` or ``TypeError`` naming the key and the parameter): a dict
+        without ``"state"`` or ``"param_groups"``; groups that are not the optimizer's (their
+        number, their sizes, an id listed twice); an invalid setting; a norm that does not fit
+        a parameter's shape (as at construction); per-parameter state with a key its group's
+        configuration does not keep, a tensor of the wrong shape or dtype, a non-finite value or
+        a step that is not a count; and a *partial* state, one that has started (step > 0) but
+        lacks ``step`` or a key every step of its configuration leaves (the next step would
+        silently restart it). An empty state, ``{}`` for a parameter or ``"state": {}`` for all,
+        is a fresh start for those parameters with the saved groups.
 
         Groups saved by 0.1.0 are upgraded: ``radius`` becomes ``radius_policy``, and LiMuon's
         ``momentum`` (its beta, the weight of the fresh gradient) becomes ``1 - beta``, the weight
         of the old momentum, with estimator ``storm`` renamed ``mvr1``.
         """
-        groups = [_groups.upgrade(dict(g)) for g in state_dict["param_groups"]]
-        for index, group in enumerate(groups):
+        saved_groups, saved_state = _saved_parts(state_dict)
+        _check_layout(self.param_groups, saved_groups)
+        groups = [_groups.upgrade(dict(g)) for g in saved_groups]
+        for index, (group, current) in enumerate(zip(groups, self.param_groups, strict=True)):
             _groups.check_keys(group, f"load_state_dict: param group {index}")
-            _groups.validate({**DEFAULTS, **group}, index)
+            merged = {**DEFAULTS, **group}
+            _groups.validate(merged, index)
+            _check_loaded_shapes(merged, current, index)
         state: dict[Any, Any] = {}
         error = None
         try:
-            state = _checked_state(self.param_groups, groups, state_dict.get("state", {}))
+            state = _checked_state(self.param_groups, groups, saved_state)
         except ValueError as e:
             error = str(e)
         except Exception as e:  # e.g. a device copy of a shard: every rank must still settle
@@ -639,6 +668,9 @@ class Gluon(Optimizer):
                 group.setdefault(key, value)
         self.__dict__.setdefault("_two_point", TwoPoint(self))
         self.__dict__.setdefault("_checked", {})
+        # Not pickled (torch's __getstate__ keeps defaults, state and groups): a copy records
+        # its parameters' shapes at its first step.
+        self.__dict__.setdefault("_shapes", {})
         self.__dict__.setdefault("executor", LocalExecutor())
 
     def state_of(self, p: Tensor) -> MutableMapping[str, Any]:
@@ -836,6 +868,9 @@ class Gluon(Optimizer):
                 err = _matrix_error(group, p)
                 if err is not None:
                     raise ValueError(f"Parameter {_name(group, i)!r}{where(group, index)}: {err}")
+                shape = self._shapes.setdefault(id(p), p.shape)
+                if p.shape != shape or g.shape != shape:
+                    raise ValueError(_resized(group, index, i, shape, p, g))
                 if isinstance(p, DTensor) and (
                     not isinstance(g, DTensor) or g.placements != p.placements
                 ):
@@ -894,20 +929,121 @@ class Gluon(Optimizer):
         return skipped
 
 
+def _resized(
+    group: Mapping[str, Any], index: int, i: int, shape: torch.Size, p: Tensor, g: Tensor
+) -> str:
+    """The step's error for a parameter (or its gradient) whose shape is not the one given."""
+    what = (
+        f"has shape {tuple(p.shape)}"
+        if p.shape != shape
+        else f"has a gradient of shape {tuple(g.shape)}"
+    )
+    return (
+        f"Parameter {_name(group, i)!r}{where(group, index)} {what}, but it had shape "
+        f"{tuple(shape)} when it was given to the optimizer, which chose its norm and state for "
+        "that shape; nothing was changed. Build a new optimizer after resizing a parameter"
+    )
+
+
+def _saved_parts(state_dict: Any) -> tuple[list[Mapping[str, Any]], Mapping[Any, Any]]:
+    """The saved groups and per-parameter state of ``state_dict``; raises if it is malformed.
+
+    A dict without ``"state"`` is refused rather than read as an empty state: that would start
+    every parameter afresh, silently. ``"state": {}`` says so explicitly.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            "load_state_dict: expected a dict with 'state' and 'param_groups' (what state_dict() "
+            f"returns), got {type(state_dict).__name__}"
+        )
+    fix = {
+        "state": "to load only the groups and start every parameter afresh, pass 'state': {}",
+        "param_groups": "it must list the groups, as state_dict() saves them",
+    }
+    for key, why in fix.items():
+        if key not in state_dict:
+            raise ValueError(f"load_state_dict: the state dict has no {key!r}; {why}")
+    saved, groups = state_dict["state"], state_dict["param_groups"]
+    if not isinstance(saved, Mapping):
+        raise TypeError(
+            "load_state_dict: 'state' must be a dict of per-parameter states, got "
+            f"{type(saved).__name__}"
+        )
+    if not isinstance(groups, list | tuple) or not all(isinstance(g, Mapping) for g in groups):
+        raise TypeError("load_state_dict: 'param_groups' must be a list of dicts")
+    return list(groups), saved
+
+
+def _check_layout(current: list[dict[str, Any]], saved: list[Mapping[str, Any]]) -> None:
+    """Raise unless the saved groups list the optimizer's groups: as many, as large, ids once.
+
+    torch checks the first two later, after our checks have read the state through the ids;
+    an id listed twice would give one parameter's state to two of them.
+    """
+    if len(saved) != len(current):
+        raise ValueError(
+            f"load_state_dict: 'param_groups' has {len(saved)} group(s), the optimizer "
+            f"{len(current)}; load a state dict saved by an optimizer with the same groups"
+        )
+    seen: dict[Any, int] = {}
+    for index, (group, saved_group) in enumerate(zip(current, saved, strict=True)):
+        ids = saved_group.get("params")
+        if not isinstance(ids, list | tuple):
+            raise ValueError(
+                f"load_state_dict: param group {index} has no 'params' list of parameter ids, "
+                f"got {ids!r}"
+            )
+        if len(ids) != len(group["params"]):
+            raise ValueError(
+                f"load_state_dict: param group {index}'s 'params' lists {len(ids)} "
+                f"parameter(s), the optimizer's group holds {len(group['params'])}"
+            )
+        for key in ids:
+            try:
+                other = seen.get(key)
+            except TypeError:
+                raise ValueError(
+                    f"load_state_dict: param group {index}'s 'params' holds {key!r}, which is "
+                    "no parameter id (an int, or a name)"
+                ) from None
+            seen[key] = index
+            if other is not None:
+                raise ValueError(
+                    f"load_state_dict: parameter id {key!r} is listed twice in 'param_groups' "
+                    f"(param groups {other} and {index}); every id names one parameter"
+                )
+
+
+def _check_loaded_shapes(merged: Mapping[str, Any], current: Mapping[str, Any], index: int) -> None:
+    """A loaded group's norm against the parameters it will hold, as construction checks it."""
+    candidate = {**merged, "params": current["params"]}
+    if not candidate.get("param_names") and current.get("param_names"):
+        candidate["param_names"] = current["param_names"]
+    try:
+        _check_shapes(candidate, index)
+    except ValueError as e:
+        raise ValueError(f"load_state_dict: {e}") from None
+
+
 def _checked_state(
-    current: list[dict[str, Any]], saved_groups: list[dict[str, Any]], saved: Mapping[Any, Any]
+    current: list[dict[str, Any]],
+    saved_groups: list[dict[str, Any]],
+    saved: Mapping[Any, Any],
 ) -> dict[Any, Any]:
     """The saved per-parameter state, checked against the parameters it will belong to.
 
     Raises ``ValueError`` naming the parameter and key for a key its group's configuration does
-    not declare, a tensor of the wrong shape or a non-floating dtype, a non-finite value, or a
-    ``step`` that is not a count. A plain-number ``step`` (as PyTorch's own tests write) is
-    turned into the tensor the step expects. Nothing is loaded before every entry passed.
+    not declare, a tensor of the wrong shape or a non-floating dtype, a non-finite value, a
+    ``step`` that is not a count, or a partial state (:func:`_missing_key`). A plain-number
+    ``step`` (as PyTorch's own tests write) is turned into the tensor the step expects. Nothing
+    is loaded before every entry passed. The groups' layout was checked (:func:`_check_layout`).
     """
     owner: dict[Any, tuple[dict[str, Any], int, Tensor]] = {}
-    for group, saved_group in zip(current, saved_groups, strict=False):
+    for group, saved_group in zip(current, saved_groups, strict=True):
         merged = {**DEFAULTS, **saved_group}
-        for i, (key, p) in enumerate(zip(saved_group["params"], group["params"], strict=False)):
+        if not merged.get("param_names") and group.get("param_names"):
+            merged["param_names"] = group["param_names"]
+        for i, (key, p) in enumerate(zip(saved_group["params"], group["params"], strict=True)):
             owner[key] = (merged, i, p)
     out: dict[Any, Any] = {}
     for key, entry in saved.items():
@@ -915,6 +1051,10 @@ def _checked_state(
             raise ValueError(f"load_state_dict: state for parameter {key!r}, which no group holds")
         group, i, p = owner[key]
         where_ = f"load_state_dict: parameter {_name(group, i)!r}"
+        if not isinstance(entry, Mapping):
+            raise ValueError(
+                f"{where_}: its state must be a dict of state keys, got {type(entry).__name__}"
+            )
         allowed = {"step", *ALGORITHMS[group["algorithm"]].state(group)}
         out[key] = {}
         for name, value in entry.items():
@@ -923,17 +1063,35 @@ def _checked_state(
                     f"{where_}: state key {name!r} is not kept by its group's configuration "
                     f"(keeps {sorted(allowed)})"
                 )
-            out[key][name] = _checked_value(where_, name, value, p)
-        # AdamW's two moments only make sense together (the LMO estimators restart a buffer
-        # that is missing, which is how a configuration change mid-run starts its new state).
-        moments = set(_ADAMW_STATE) & set(entry)
-        if group["algorithm"] == "adamw" and len(moments) == 1:
-            (have,) = moments
-            raise ValueError(f"{where_}: state has {have!r} but not its partner AdamW moment")
+            out[key][name] = _checked_value(where_, name, value, p, entry)
+        missing = _missing_key(group, out[key])
+        if missing is not None:
+            raise ValueError(
+                f"{where_}: state has no {missing!r} (it holds {sorted(entry)}), which every "
+                "step of its group's configuration keeps; the next step would silently restart "
+                f"{'its step count and every schedule' if missing == 'step' else 'it'}. Load the "
+                "complete state, or an empty one ({}) to start this parameter afresh"
+            )
     return out
 
 
-def _checked_value(where_: str, name: str, value: Any, p: Tensor) -> Any:
+def _missing_key(group: Mapping[str, Any], entry: Mapping[str, Any]) -> str | None:
+    """The first key a started state lacks: ``step``, or one its algorithm keeps every step.
+
+    An empty state has not started (a fresh parameter), and neither has one whose step count is
+    0: its tensors are placeholders (:meth:`Gluon.materialize_state`) that the first step drops.
+    """
+    if not entry:
+        return None
+    if "step" not in entry:
+        return "step"
+    if float(_local(entry["step"])) == 0:
+        return None
+    kept = ALGORITHMS[group["algorithm"]].kept(group)
+    return next((key for key in kept if key not in entry), None)
+
+
+def _checked_value(where_: str, name: str, value: Any, p: Tensor, entry: Mapping[str, Any]) -> Any:
     if name == "step":
         number = value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
         if isinstance(number, bool) or not isinstance(number, (int, float)):
@@ -943,10 +1101,13 @@ def _checked_value(where_: str, name: str, value: Any, p: Tensor) -> Any:
         return value if isinstance(value, Tensor) else torch.tensor(float(number))
     if not isinstance(value, Tensor) or not value.is_floating_point():
         raise ValueError(f"{where_}: state {name!r} must be a floating-point tensor")
-    expected = _state_shape(name, p, value)
-    if expected is not None and tuple(value.shape) != expected:
+    expected = _state_shape(name, p, value, entry)
+    if tuple(value.shape) != expected:
+        shared = name in ("lowrank_u", "lowrank_v") and "lowrank_s" in entry
+        why = " (the rank is the length of 'lowrank_s': the three factors share it)"
         raise ValueError(
             f"{where_}: state {name!r} has shape {tuple(value.shape)}, expected {expected}"
+            + (why if shared else "")
         )
     if isinstance(value, DTensor) and (
         not isinstance(p, DTensor)
@@ -970,12 +1131,22 @@ def _checked_value(where_: str, name: str, value: Any, p: Tensor) -> Any:
     return value
 
 
-def _state_shape(name: str, p: Tensor, value: Tensor) -> tuple[int, ...] | None:
-    """The shape state ``name`` must have for parameter ``p`` (low-rank factors: by rank)."""
+def _state_shape(name: str, p: Tensor, value: Tensor, entry: Mapping[str, Any]) -> tuple[int, ...]:
+    """The shape state ``name`` must have for parameter ``p``.
+
+    The low-rank factors ``U`` ``(m, r)``, ``S`` ``(r,)``, ``V`` ``(n, r)`` may have any rank
+    ``r`` (the group's ``rank`` may have changed since they were made: the next step reads them
+    and stores the new rank), but one ``r`` for all three, read from ``S``; otherwise the step
+    would fail part-way through.
+    """
     if name in ("lowrank_u", "lowrank_s", "lowrank_v"):
-        m = p.shape[0]
-        n = p.numel() // m
-        r = value.shape[-1] if name != "lowrank_s" else value.shape[0]
+        m = p.shape[0] if p.ndim else 1
+        n = p.numel() // max(m, 1)
+        s = entry.get("lowrank_s")
+        if isinstance(s, Tensor) and s.ndim >= 1:
+            r = s.shape[0]
+        else:  # no S to read r from: each factor alone (a missing S is refused by its name)
+            r = value.shape[-1 if name != "lowrank_s" else 0] if value.ndim else 0
         return {"lowrank_u": (m, r), "lowrank_s": (r,), "lowrank_v": (n, r)}[name]
     return tuple(p.shape)
 

@@ -63,6 +63,11 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _is_scalar(v: Any) -> bool:
+    """Plain data that compares as one value (a setting's value is never a tensor or array)."""
+    return v is None or isinstance(v, (str, int, float))
+
+
 @dataclass(frozen=True)
 class Number(Check):
     """A finite real number in an interval (``lo_open`` / ``hi_open`` exclude the endpoints)."""
@@ -128,7 +133,9 @@ class Choice(Check):
 
     def __call__(self, value: Any) -> str | None:
         allowed = self.allowed()
-        if isinstance(value, Mapping | list | set) or value not in allowed:
+        # Only plain scalars are compared: `in` on a tensor or an array compares elementwise
+        # and raises for more than one element instead of saying which setting is wrong.
+        if not _is_scalar(value) or value not in allowed:
             return f"expected one of {allowed}"
         return None
 

@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 
 from gluon_optim.estimators import ESTIMATORS
 
-__all__ = ["TWO_POINT_KEYS", "TwoPoint", "Work", "needs_partner", "state_keys"]
+__all__ = ["TWO_POINT_KEYS", "TwoPoint", "Work", "kept_keys", "needs_partner", "state_keys"]
 
 #: Every state key of the protocol (``state_bytes()`` counts them as two-point memory).
 TWO_POINT_KEYS = frozenset({"prev_param", "prev_grad", "prev_point_grad"})
@@ -53,6 +53,17 @@ def state_keys(group: Mapping[str, Any]) -> tuple[str, ...]:
     if not needs_partner(group):
         return ()
     return ("prev_param", "prev_point_grad") if group["two_point"] == "exact" else ("prev_grad",)
+
+
+def kept_keys(group: Mapping[str, Any]) -> tuple[str, ...]:
+    """The protocol's keys every step of ``group`` leaves (the partner of the next step).
+
+    ``prev_point_grad`` is not among them: it lives only between a :meth:`TwoPoint.block` and
+    the step that consumes it.
+    """
+    if not needs_partner(group):
+        return ()
+    return ("prev_param",) if group["two_point"] == "exact" else ("prev_grad",)
 
 
 def _name(group: Mapping[str, Any], i: int) -> str:
