@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-vision pytest lint typecheck demo demo-distributed bench accuracy faults docs-tables clean dist gpu-check
+.PHONY: test test-vision pytest lint typecheck demo demo-distributed bench accuracy faults docs-tables clean dist gpu-check test-compat test-newest
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,18 @@ $(VISION_STAMP): pyproject.toml constraints-vision.txt
 
 test-vision: $(VISION_STAMP)
 	$(VISION)/bin/python -m pytest -q tests/vision
+
+## test-compat: the test suite on every supported pair, each in its own venv under .venv-compat/
+## (scripts/compat.sh): Python 3.11, 3.12 and 3.13 with torch 2.14.1, and Python 3.11 with the
+## oldest torch pyproject.toml admits. About 10 minutes a pair on 2 cores, installs included.
+OLDEST_TORCH := 2.6.0
+COMPAT := 3.11:2.14.1 3.12:2.14.1 3.13:2.14.1 3.11:$(OLDEST_TORCH)
+test-compat:
+	@for pair in $(COMPAT); do bash scripts/compat.sh $${pair%%:*} $${pair##*:} || exit 1; done
+
+## test-newest: the newest supported pair only (Python 3.13, torch 2.14.1); CI runs it
+test-newest:
+	bash scripts/compat.sh 3.13 2.14.1
 
 pytest: $(STAMP)
 	$(PY) -m pytest -q
@@ -99,4 +111,4 @@ gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py
 
 clean:
-	rm -rf $(VENV) $(VISION) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VISION) .venv-compat build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
