@@ -23,7 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "distributed": {"directions", "norms"},
     "optimizer": _TABLES | {"groups", "two_point", "directions", "distributed"},
     "roles": set(),
-    "presets": {"groups", "norms", "optimizer", "roles"},
+    "presets": {"estimators", "groups", "norms", "optimizer", "roles"},
     "integrations.hf": {"presets", "integrations", "optimizer"},
     "integrations.lightning": {"integrations", "optimizer"},
     "smoothness.fit": set(),

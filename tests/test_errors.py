@@ -248,3 +248,79 @@ def test_a_copied_optimizer_records_its_shapes_at_its_first_step(tiny: TinyNet) 
     w.grad = torch.ones(4)
     with pytest.raises(ValueError, match=r"has shape \(4,\), but it had shape \(20, 12\)"):
         twin.step()
+
+
+@pytest.mark.parametrize(
+    ("estimator", "reduces_to"),
+    [("mvr1", "no momentum at all"), ("mvr2", "the EMA started at g"), ("mvr3", "mars_gamma=1")],
+)
+def test_a_degenerate_approx_group_is_refused_as_the_preset_refuses_it(
+    tiny: TinyNet, estimator: str, reduces_to: str
+) -> None:
+    sentence = rf"two_point='approx' is not variance reduction for MVR-{estimator[-1]}: .*"
+    group = {"params": [tiny.fc.weight], "estimator": estimator, "two_point": "approx"}
+    with pytest.raises(ValueError, match=rf"estimator='{estimator}' \(new param group\): "):
+        go.Gluon([group])
+    with pytest.raises(ValueError, match=sentence + reduces_to):
+        go.Gluon([group])
+    with pytest.raises(ValueError, match="gluon_mvr: " + sentence + reduces_to):
+        go.gluon_mvr(tiny, int(estimator[-1]), two_point="approx")
+    # A group built by hand says the same as the preset: one sentence, shared.
+    from gluon_optim.estimators import approx_reduction
+
+    with pytest.raises(ValueError) as by_hand:
+        go.Gluon([group])
+    with pytest.raises(ValueError) as by_preset:
+        go.gluon_mvr(tiny, int(estimator[-1]), two_point="approx")
+    assert approx_reduction(estimator) in str(by_hand.value)
+    assert approx_reduction(estimator) in str(by_preset.value)
+
+
+def test_the_degenerate_approx_mode_is_refused_on_every_path_before_any_change(
+    tiny: TinyNet,
+) -> None:
+    with pytest.raises(ValueError, match="limuon: low_rank=False is estimator='mvr1', and "):
+        go.limuon(tiny, low_rank=False, two_point="approx")
+    with pytest.raises(ValueError, match="not variance reduction for MVR-1"):
+        go.gluon(tiny, estimator="mvr1", two_point="approx")
+    opt = go.Gluon([tiny.fc.weight], lr=0.01, estimator="mvr1", two_point="exact")
+    with pytest.raises(ValueError, match="not variance reduction for MVR-2"):
+        opt.add_param_group(
+            {"params": [tiny.head.weight], "estimator": "mvr2", "two_point": "approx"}
+        )
+    assert len(opt.param_groups) == 1
+    # Switched to it between steps: refused at the step, nothing changed.
+    x = torch.randint(0, 23, (2, 6))
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = lm_loss(tiny, x)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    opt.param_groups[0]["two_point"] = "approx"
+    closure()
+    snap = _snapshot(tiny, opt)
+    with pytest.raises(ValueError, match=r"estimator='mvr1' \(param group 0\): two_point='approx'"):
+        opt.step()
+    _assert_unchanged(tiny, opt, snap)
+    # Loaded from a state dict: refused before anything is loaded.
+    opt.param_groups[0]["two_point"] = "exact"
+    bad = copy.deepcopy(opt.state_dict())
+    bad["param_groups"][0]["two_point"] = "approx"
+    bad["state"] = {}
+    snap = _snapshot(tiny, opt)
+    with pytest.raises(ValueError, match="not variance reduction for MVR-1"):
+        opt.load_state_dict(bad)
+    _assert_unchanged(tiny, opt, snap)
+
+
+def test_allow_degenerate_opts_into_the_reduction(tiny: TinyNet) -> None:
+    # Tests and ablations that show the reduction say so, in plain data that a state dict keeps.
+    opt = go.gluon(tiny, estimator="mvr1", two_point="approx", allow_degenerate=True)
+    assert all(g["allow_degenerate"] for g in opt.param_groups)
+    go.gluon_mvr(tiny, 3, two_point="approx", allow_degenerate=True)
+    go.limuon(tiny, low_rank=False, two_point="approx", allow_degenerate=True)
+    fresh = go.gluon(tiny, estimator="mvr1", two_point="approx", allow_degenerate=True)
+    fresh.load_state_dict(opt.state_dict())

@@ -96,7 +96,11 @@ def _reference(
 
 def _optimizer(prob: LeastSquares, **options: object) -> tuple[nn.Parameter, go.Gluon]:
     w = nn.Parameter(prob.w0.clone())
-    opts: dict[str, object] = dict(lr=0.05, polar_method="svd", compute_dtype="float64")
+    # allow_degenerate: these tests check each recursion's arithmetic in both two-point modes,
+    # and approx MVR-1/2/3 (a simpler method in disguise) is refused without the opt-in.
+    opts: dict[str, object] = dict(
+        lr=0.05, polar_method="svd", compute_dtype="float64", allow_degenerate=True
+    )
     opts.update(options)
     return w, go.Gluon([w], **opts)
 
@@ -259,6 +263,7 @@ def test_storm_is_mvr1_with_one_minus_beta(two_point: str) -> None:
         shape_rule="rms",
         two_point=two_point,
         compute_dtype="float64",
+        allow_degenerate=True,  # approx full-rank LiMuon is M = g, refused without it
     )
     v, mvr1 = _optimizer(
         prob, norm="spectral", estimator="mvr1", momentum=0.75, two_point=two_point
@@ -508,7 +513,7 @@ def test_only_exact_groups_are_swapped() -> None:
     opt = go.Gluon(
         [
             {"params": [w], "estimator": "mvr1"},
-            {"params": [a], "estimator": "mvr1", "two_point": "approx"},
+            {"params": [a], "estimator": "mvr1", "two_point": "approx", "allow_degenerate": True},
             {"params": [b], "algorithm": "adamw"},
         ],
         lr=0.01,
@@ -562,7 +567,11 @@ def test_state_dict_round_trip_and_bit_identical_resume(
     assert saved["opt"]["param_groups"][0]["estimator"] == estimator
     v = nn.Parameter(saved["w"])
     resumed = go.Gluon(
-        [v], **{**dict(lr=0.05, polar_method="svd", compute_dtype="float64"), **opts}
+        [v],
+        **{
+            **dict(lr=0.05, polar_method="svd", compute_dtype="float64", allow_degenerate=True),
+            **opts,
+        },
     )
     resumed.load_state_dict(saved["opt"])
     for k in range(3, 8):

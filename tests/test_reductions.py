@@ -179,3 +179,26 @@ def test_zero_gradient_gives_zero_step_in_the_optimizer(norm: str) -> None:
         p.grad = torch.zeros_like(p)
         opt.step()
         assert torch.equal(p.detach(), x0)
+
+
+def test_mvr1_with_the_approximate_two_point_gradient_is_steps_without_momentum() -> None:
+    # Why a group refuses estimator='mvr1', two_point='approx': M^0 = g^0 and g_prev = g_{k-1}
+    # telescope M <- g + beta (M - g_prev) to M = g. allow_degenerate=True builds it anyway.
+    p, q = _param(6, 4), _param(6, 4)
+    q.data.copy_(p.data)
+    mvr = go.Gluon(
+        [p],
+        lr=0.1,
+        norm="euclidean",
+        estimator="mvr1",
+        momentum=0.9,
+        two_point="approx",
+        allow_degenerate=True,
+    )
+    plain = go.Gluon([q], lr=0.1, norm="euclidean", momentum=0.0)
+    for k in range(5):
+        g = _set_grad(p, k)
+        q.grad = g.clone()
+        mvr.step()
+        plain.step()
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-12)

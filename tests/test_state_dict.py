@@ -343,3 +343,14 @@ def test_the_state_fault_campaign_finds_no_partial_silent_or_unclear_outcome() -
     assert tally["faults"] > 100
     assert tally["partial"] == tally["silent"] == tally["tracebacks"] == 0, tally
     assert tally["refused"] + tally["accepted"] == tally["faults"]
+
+
+def test_a_loaded_group_in_a_degenerate_approx_mode_is_refused() -> None:
+    model, opt = _stepped(CONFIGS["gluon-mvr2"])
+    bad = copy.deepcopy(opt.state_dict())
+    bad["param_groups"][1]["two_point"] = "approx"
+    bad["state"] = {}
+    _refused(model, opt, bad, ValueError, r"estimator='mvr2' \(param group 1, role 'hidden'\)")
+    bad["param_groups"][1]["allow_degenerate"] = True
+    opt.load_state_dict(bad)
+    assert opt.param_groups[1]["allow_degenerate"]

@@ -53,9 +53,11 @@ from gluon_optim import lowrank as _lowrank
 from gluon_optim.settings import Choice, Flag, Integer, Number, Setting
 
 __all__ = [
+    "APPROX_REDUCES_TO",
     "ESTIMATORS",
     "VR_ESTIMATORS",
     "Estimator",
+    "approx_reduction",
     "EstimatorStep",
     "mvr1_",
     "mvr2_",
@@ -350,6 +352,33 @@ TWO_POINT = Setting(
     "where `g_prev` comes from: `exact` = this batch at the previous iterate (two gradients per "
     "step); `approx` = the previous step's gradient",
 )
+ALLOW_DEGENERATE = Setting(
+    "allow_degenerate",
+    False,
+    Flag(),
+    ("mvr1", "mvr2", "mvr3"),
+    "run `two_point='approx'` although it reduces MVR-1/2/3 to a simpler method (refused "
+    "otherwise); for tests and ablations that show the reduction",
+)
+#: What each MVR recursion is with ``two_point="approx"`` (tested to rounding): with the previous
+#: step's gradient as ``g_prev`` and ``M^0 = G^0 = g^0``, the correction telescopes away.
+APPROX_REDUCES_TO: dict[str, str] = {
+    "mvr1": "no momentum at all (M = g, for every momentum)",
+    "mvr2": "the EMA started at g^0 (estimator='ema', momentum_init='gradient'), for every mvr_q",
+    "mvr3": "estimator='mars' with mars_gamma=1, for every mvr_q",
+}
+
+
+def approx_reduction(estimator: str) -> str:
+    """Why ``two_point="approx"`` is no variance reduction for ``estimator`` (a key of
+    :data:`APPROX_REDUCES_TO`): the sentence the ``gluon_mvr`` preset and a group's check share."""
+    return (
+        f"two_point='approx' is not variance reduction for MVR-{estimator[-1]}: with the "
+        "previous step's gradient as g_prev and M^0 = g^0 the recursion reduces to "
+        f"{APPROX_REDUCES_TO[estimator]} (docs/variance_reduction.md)"
+    )
+
+
 MVR_Q = Setting(
     "mvr_q",
     0.1,
@@ -405,21 +434,21 @@ ESTIMATORS: dict[str, Estimator] = {
             "mvr1",
             "`M <- g + beta (M - g_prev)` (Gluon-MVR-1; LiMuon option 1)",
             _M,
-            (TWO_POINT,),
+            (TWO_POINT, ALLOW_DEGENERATE),
             _mvr1,
         ),
         _recursive(
             "mvr2",
             "`G <- g + (1 - q)(G - g_prev)`, `M <- beta M + (1 - beta) G` (Gluon-MVR-2)",
             _MG,
-            (TWO_POINT, MVR_Q),
+            (TWO_POINT, ALLOW_DEGENERATE, MVR_Q),
             _mvr2,
         ),
         _recursive(
             "mvr3",
             "MVR-2 plus `beta (g - g_prev)` (Gluon-MVR-3, our reconstruction)",
             _MG,
-            (TWO_POINT, MVR_Q),
+            (TWO_POINT, ALLOW_DEGENERATE, MVR_Q),
             _mvr3,
         ),
         Estimator(

@@ -20,7 +20,7 @@ from typing import Any, TypedDict
 from torch import Tensor
 
 from gluon_optim import norms as _norms
-from gluon_optim.estimators import ESTIMATORS, Estimator
+from gluon_optim.estimators import APPROX_REDUCES_TO, ESTIMATORS, Estimator, approx_reduction
 from gluon_optim.estimators import RENAMED as _RENAMED_ESTIMATORS
 from gluon_optim.polar import COMPILE_BACKENDS, NS_FORMS, NS_PRESETS
 from gluon_optim.radius import POLICIES, RadiusPolicy
@@ -241,6 +241,7 @@ class PresetOptions(TypedDict, total=False):
     nesterov: bool
     momentum_init: str
     two_point: str
+    allow_degenerate: bool
     mvr_q: float
     mars_gamma: float
     oversampling: int
@@ -308,10 +309,35 @@ def _overflows(group: Mapping[str, Any], key: str) -> bool:
 
 @dataclass(frozen=True)
 class _Rule:
-    """A constraint between settings: ``broken(group)`` is true when it does not hold."""
+    """A constraint between settings: ``broken(group)`` is true when it does not hold.
+
+    ``message`` is formatted with the group's settings and ``where``; a callable makes it from
+    the group first (when its words depend on a value).
+    """
 
     broken: Callable[[Mapping[str, Any]], bool]
-    message: str
+    message: str | Callable[[Mapping[str, Any]], str]
+
+
+def _degenerate(g: Mapping[str, Any]) -> bool:
+    """An MVR estimator in approx mode, not opted into (``allow_degenerate``)."""
+    return (
+        g["algorithm"] == "lmo"
+        and g["estimator"] in APPROX_REDUCES_TO
+        and g["two_point"] == "approx"
+        and not g["allow_degenerate"]
+    )
+
+
+def _degenerate_message(g: Mapping[str, Any]) -> str:
+    # The preset's sentence (approx_reduction), then what a group can do instead.
+    return (
+        "estimator={estimator!r}{where}: "
+        + approx_reduction(g["estimator"])
+        + ". Use two_point='exact' (the paper's method), or estimator='mars' with "
+        "two_point='approx' for a one-gradient correction that keeps a momentum; "
+        "allow_degenerate=True runs the reduction on purpose (to show it)"
+    )
 
 
 _RULES: tuple[_Rule, ...] = (
@@ -339,6 +365,7 @@ _RULES: tuple[_Rule, ...] = (
         f"that size overflows float32 (lr times scale and lr times weight_decay must stay "
         f"below {_HUGE:g}); nothing was changed",
     ),
+    _Rule(_degenerate, _degenerate_message),
 )
 
 
@@ -352,7 +379,8 @@ def _raise_first(
             raise ValueError(err)
     for rule in _RULES:
         if rule.broken(group):
-            raise ValueError(rule.message.format(where=loc, **group))
+            message = rule.message(group) if callable(rule.message) else rule.message
+            raise ValueError(message.format(where=loc, **group))
 
 
 _LR_ON_DEVICE = LearningRate(read_device_values=True)

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
 from gluon_optim import norms as _norms
+from gluon_optim.estimators import approx_reduction
 from gluon_optim.groups import DEFAULTS, PresetOptions
 from gluon_optim.optimizer import Gluon
 from gluon_optim.roles import ROLES, ModuleRef, RoleKey, assign_roles
@@ -220,14 +221,6 @@ def _gluon_table(
     }
 
 
-#: What each MVR variant's recursion is with ``two_point="approx"`` (tested to rounding).
-_APPROX_REDUCES_TO = {
-    1: "no momentum at all (M = g, for every momentum)",
-    2: "the EMA started at g^0 (estimator='ema', momentum_init='gradient'), for every mvr_q",
-    3: "estimator='mars' with mars_gamma=1, for every mvr_q",
-}
-
-
 def _gluon_mvr_table(
     *,
     variant: int = 1,
@@ -239,13 +232,11 @@ def _gluon_mvr_table(
 ) -> dict[str, dict[str, Any]]:
     if isinstance(variant, bool) or variant not in (1, 2, 3):
         raise ValueError(f"gluon_mvr: variant must be 1, 2 or 3, got {variant!r}")
-    if two_point == "approx":
+    if two_point == "approx" and not lmo_options.get("allow_degenerate", False):
         raise ValueError(
-            f"gluon_mvr: two_point='approx' is not variance reduction for MVR-{variant}: with "
-            "the previous step's gradient as g_prev and M^0 = g^0 the recursion reduces to "
-            f"{_APPROX_REDUCES_TO[variant]} (docs/variance_reduction.md). Use "
-            "two_point='exact' (the paper's method), or go.gluon(model, estimator='mars', "
-            "two_point='approx') for a one-gradient correction that keeps a momentum"
+            f"gluon_mvr: {approx_reduction(f'mvr{variant}')}. Use two_point='exact' (the "
+            "paper's method), or go.gluon(model, estimator='mars', two_point='approx') for a "
+            "one-gradient correction that keeps a momentum"
         )
     vr = dict(estimator=f"mvr{variant}", momentum=momentum, mvr_q=mvr_q, two_point=two_point)
     return _gluon_table(lr=lr, **{**vr, **lmo_options})
@@ -281,6 +272,13 @@ def _limuon_table(
         )
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < beta <= 1.0:
         raise ValueError(f"limuon: beta must be a number in (0, 1], got {beta!r}")
+    if not low_rank and two_point == "approx" and not lmo_options.get("allow_degenerate", False):
+        # Option 1 is estimator='mvr1', whose approx mode the groups refuse: say so in limuon's
+        # words (option 2's truncated state keeps its correction from telescoping).
+        raise ValueError(
+            f"limuon: low_rank=False is estimator='mvr1', and {approx_reduction('mvr1')}. Use "
+            "two_point='exact' (the paper's method), or low_rank=True"
+        )
     matrix = {
         **dict(
             algorithm="lmo",
@@ -551,7 +549,8 @@ def gluon_mvr(
         lr, momentum: the radius ``t = lr * scale`` and ``beta`` (weight on the old momentum,
             as in Gluon; the paper's beta on the correction term is the same number for MVR-1).
         mvr_q: MVR-2/3's ``q`` in ``[0, 1]``.
-        two_point: ``"exact"`` (``"approx"`` raises; see above).
+        two_point: ``"exact"`` (``"approx"`` raises, see above, unless the group setting
+            ``allow_degenerate=True`` asks for the reduction on purpose).
         settings, head, embedding, roles, **options: as :func:`gluon`.
 
     References:
@@ -619,7 +618,8 @@ def limuon(
             by default).
         oversampling: extra sketch columns ``s`` (LiMuon asks for ``s >= 2``; 5 is our default).
         two_point: ``"exact"`` (default: two gradients of the same batch per step, as the
-            paper; use ``opt.step(closure)`` or ``opt.previous_iterate()``) or ``"approx"``.
+            paper; use ``opt.step(closure)`` or ``opt.previous_iterate()``) or ``"approx"``
+            (refused with ``low_rank=False``: that is MVR-1's degenerate approx mode).
         low_rank: ``True`` (default, option 2); ``False`` for option 1 (full-rank STORM momentum,
             which is ``estimator="mvr1"``).
         shape_rule: the spectral shape factor. LiMuon states none (``W - eta U V^T``), so the

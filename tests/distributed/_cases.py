@@ -76,7 +76,9 @@ CASES: dict[str, Builder] = {
     ),
     "mvr1-exact": lambda m, **kw: go.gluon_mvr(m, 1, lr=0.01, **kw),
     "mvr2-exact": lambda m, **kw: go.gluon_mvr(m, 2, lr=0.01, **kw),
-    "mvr3-approx": lambda m, **kw: go.gluon(m, lr=0.01, estimator="mvr3", two_point="approx", **kw),
+    "mvr3-approx": lambda m, **kw: go.gluon(
+        m, lr=0.01, estimator="mvr3", two_point="approx", allow_degenerate=True, **kw
+    ),
     "mars-approx": lambda m, **kw: go.gluon(
         m, lr=0.01, estimator="mars", two_point="approx", mars_gamma=0.3, **kw
     ),
@@ -706,7 +708,10 @@ def fewer_rows_than_ranks(rank: int, world: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for label, options in (
         ("muon", {"norm": "spectral", "shape_rule": "muon", "nesterov": True, "momentum": 0.95}),
-        ("mvr2", {"estimator": "mvr2", "two_point": "approx", "momentum": 0.9}),
+        (
+            "mvr2",
+            {"estimator": "mvr2", "two_point": "approx", "allow_degenerate": True, "momentum": 0.9},
+        ),
     ):
         results = {}
         local_rows = {}

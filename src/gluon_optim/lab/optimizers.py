@@ -97,6 +97,9 @@ def _vr(estimator: str, two_point: str) -> Factory:
     def build(model: nn.Module, lr: float, **options: Any) -> list[torch.optim.Optimizer]:
         scales = {role: {"scale": s} for role, s in go.presets.SCION_SCALES.items()}
         opts = {"momentum": 0.9, "two_point": two_point, "settings": scales, **options}
+        if two_point == "approx" and estimator != "mars":
+            # The gluon-mvr*-approx entries exist to show the reduction, so they opt in.
+            opts.setdefault("allow_degenerate", True)
         return [go.gluon(model, lr=lr, estimator=estimator, **opts)]
 
     return build
