@@ -89,8 +89,8 @@ bench: $(STAMP)
 accuracy: $(STAMP)
 	$(PY) benchmarks/accuracy.py
 
-## faults: kills, flipped bits, torn files and mixed-up runs against resume (a few minutes;
-## prints "N faults, S survived, R refused, X silent" and fails if any was silent)
+## faults: kills and damaged run folders against resume, and mutated state dicts (a few minutes;
+## prints "N faults, S survived, R refused, X silent, P partial, T tracebacks", fails on X, P or T)
 faults: $(STAMP)
 	$(PY) benchmarks/faults.py
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import typing
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -455,3 +458,109 @@ def test_sweep_takes_specs_with_options(corpus: str, tmp_path: Path) -> None:
     configs = [json.loads(p.read_text())["config"] for p in out.glob("*/config.json")]
     momenta = sorted(str(c["opt_options"].get("momentum", "default")) for c in configs)
     assert momenta == ["0.5", "default"]
+
+
+# -- a damaged run folder: one line naming the file, and the folder left as it was ---------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny finished run folder (checkpoint, config.json, metrics.jsonl), trained once."""
+    root = tmp_path_factory.mktemp("finished")
+    gen = torch.Generator().manual_seed(1)
+    corpus = root / "c.txt"
+    corpus.write_bytes(bytes(torch.randint(32, 127, (4000,), generator=gen).tolist()))
+    run = root / "run"
+    assert cli.main(["train", "--data", f"text:{corpus}", "--out", str(run), *TINY]) == 0
+    return run
+
+
+def _edit_config(edit: Callable[[dict[str, typing.Any]], object]) -> Callable[[Path], None]:
+    def damage(run: Path) -> None:
+        saved = json.loads((run / "config.json").read_text())
+        edit(saved)
+        (run / "config.json").write_text(json.dumps(saved))
+
+    return damage
+
+
+def _rewrite(name: str, change: Callable[[bytes], bytes]) -> Callable[[Path], None]:
+    def damage(run: Path) -> None:
+        (run / name).write_bytes(change((run / name).read_bytes()))
+
+    return damage
+
+
+#: damage -> (the file it damages, how, what the error says about it)
+DAMAGES: dict[str, tuple[str, Callable[[Path], None], str]] = {
+    "unknown key": (
+        "config.json",
+        _edit_config(lambda saved: saved["config"].update(bogus=1)),
+        "unknown key 'bogus' in \"config\"; the known keys are RunConfig's fields: model, data",
+    ),
+    "no config key": ("config.json", _edit_config(lambda s: s.pop("config")), 'no "config" object'),
+    "config not JSON": ("config.json", _rewrite("config.json", lambda d: d[:-9]), "not JSON ("),
+    "steps a string": (
+        "config.json",
+        _edit_config(lambda saved: saved["config"].update(steps="4")),
+        '"config" key \'steps\' is "4" (a string); it must be a whole number',
+    ),
+    "random-bytes checkpoint": (
+        "checkpoint.pt",
+        _rewrite("checkpoint.pt", lambda d: bytes(torch.randint(0, 256, (len(d),)).tolist())),
+        "not a readable checkpoint (no zip header",
+    ),
+    "truncated checkpoint": (
+        "checkpoint.pt",
+        _rewrite("checkpoint.pt", lambda d: d[: len(d) // 2]),
+        "not a readable checkpoint (PytorchStreamReader failed reading zip archive",
+    ),
+    "broken metrics line": (
+        "metrics.jsonl",
+        _rewrite("metrics.jsonl", lambda d: b"{broken\n" + d),
+        "metrics.jsonl:1: not a JSON record",
+    ),
+}
+
+
+def _digests(run: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize(
+    ("command", "damage"),
+    [("train", name) for name in DAMAGES]
+    + [("plot", "unknown key"), ("plot", "no config key"), ("plot", "broken metrics line")]
+    + [("diff", "random-bytes checkpoint"), ("diff", "truncated checkpoint")],
+)
+def test_a_damaged_run_folder_is_one_line_naming_the_file_and_left_as_it_was(
+    command: str,
+    damage: str,
+    finished_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    name, spoil, message = DAMAGES[damage]
+    spoil(run)
+    before = _digests(run)
+    argv = {
+        "train": ["train", "--resume", str(run), "--quiet"],
+        "plot": ["plot", str(run), "--out", str(tmp_path / "loss.png")],
+        "diff": ["diff", str(finished_run), str(run)],
+    }[command]
+    capsys.readouterr()
+    status = cli.main(argv)
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2
+    assert len(lines) == 1, lines  # one line: no traceback, none of torch's paragraphs
+    assert "Traceback" not in out + err
+    assert lines[0].startswith(f"gluon-optim {command}: error: {run / name}"), lines[0]
+    assert message in lines[0], lines[0]
+    assert _digests(run) == before  # nothing in the folder changed or went missing

@@ -3,6 +3,8 @@
 Every command writes a run folder (``runs/<time>-<what>/`` unless ``--out`` says otherwise) with
 the resolved configuration, the parameter-group table, the code version, JSONL metrics and, for
 comparisons, ``report.md`` and PNG plots. Run ``gluon-optim COMMAND --help`` for the options.
+Every error is one line on stderr with exit status 2; one about a run folder read back (a
+damaged ``config.json``, checkpoint or log) names the file and leaves the folder as it was.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 from gluon_optim.lab import experiments, report
 from gluon_optim.lab.optimizers import OPTIMIZERS
-from gluon_optim.lab.train import ConfigError, RunConfig, option_of, train
+from gluon_optim.lab.train import ConfigError, RunConfig, option_of, read_run_config, train
 from gluon_optim.lab.usage import Parser, UsageError, print_error
 
 #: `make demo`: gpt-tiny on the standard-library corpus, the three optimizers the papers compare.
@@ -347,8 +349,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
         cfg_path = Path(run) / "config.json"
         if not cfg_path.exists():
             raise UsageError("runs", f"{run} is not a run folder (no config.json)")
-        saved = json.loads(cfg_path.read_text())
-        configs.append({**saved["config"], "lr": saved.get("lr", saved["config"]["lr"])})
+        saved, config = read_run_config(run)
+        configs.append({**dataclasses.asdict(config), "lr": saved.get("lr", config.lr)})
     groups: dict[str, list[str]] = {}
     for run, label in zip(args.runs, report.run_labels(configs), strict=True):
         groups.setdefault(label, []).append(run)
@@ -613,11 +615,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ConfigError as err:  # a run setting: name the option that set it
-        return print_error(args.command, flag_of(err.field), str(err))
+        return print_error(args.command, flag_of(err.field), _one_line(err))
     except UsageError as err:
-        return print_error(args.command, err.option, str(err))
-    except (ValueError, FileNotFoundError) as err:
-        return print_error(args.command, "", str(err))
+        return print_error(args.command, err.option, _one_line(err))
+    except (ValueError, OSError) as err:
+        # Bad input, files included: a damaged run folder is a RunFolderError naming the file
+        # (gluon_optim.lab.train), a missing or unreadable file an OSError.
+        return print_error(args.command, "", _one_line(err))
+
+
+def _one_line(err: BaseException) -> str:
+    """``err``'s message on one line (its lines joined), whatever raised it."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines) or type(err).__name__
 
 
 if __name__ == "__main__":

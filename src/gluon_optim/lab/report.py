@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gluon_optim.lab.train import read_metrics
+from gluon_optim.lab.train import load_checkpoint, read_metrics
 
 __all__ = [
     "format_table",
@@ -224,16 +224,13 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
     losses differ at all (``None``: none does), and ``max_param_diff`` the largest entry of
     ``|X_a - X_b|`` in the final checkpoints (``0.0``: bit-identical).
     """
-    import torch
-
     a, b = read_metrics(run_a), read_metrics(run_b)
     steps = min(len(a), len(b))
     diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(a[:steps], b[:steps], strict=True)]
     first = next((a[i]["step"] for i, d in enumerate(diffs) if d != 0.0), None)
-    models = [
-        torch.load(Path(r) / "checkpoint.pt", weights_only=True)["model"] for r in (run_a, run_b)
-    ]
-    if models[0].keys() != models[1].keys():
+    models = [load_checkpoint(Path(r) / "checkpoint.pt")["model"] for r in (run_a, run_b)]
+    shape_a, shape_b = ({k: v.shape for k, v in m.items()} for m in models)
+    if shape_a != shape_b:  # other parameters, or the same ones at other sizes
         raise ValueError(f"{run_a} and {run_b} hold different models")
     param_diff = max(
         float((models[0][k].double() - models[1][k].double()).abs().max()) for k in models[0]

@@ -19,17 +19,20 @@ the CPU. A killed run loses at most the steps since its last checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import hashlib
 import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -414,7 +417,8 @@ def tensor_checksum(obj: Any) -> str:
 
 
 def check_checkpoint(ckpt: Mapping[str, Any], config: RunConfig, path: Path) -> None:
-    """Raise ``ValueError`` unless ``ckpt`` is intact and belongs to the run ``config`` describes.
+    """Raise :class:`RunFolderError` (a ``ValueError``) unless ``ckpt`` is intact and belongs to
+    the run ``config`` describes.
 
     The checkpoint carries the resolved configuration it was written under and a checksum of
     its tensors (checkpoints written before 0.2.0 carry neither and are not verified). Only
@@ -424,7 +428,7 @@ def check_checkpoint(ckpt: Mapping[str, Any], config: RunConfig, path: Path) -> 
     if "checksum" in ckpt:
         tensors = {k: ckpt[k] for k in ("model", "optimizers", "rng")}
         if tensor_checksum(tensors) != ckpt["checksum"]:
-            raise ValueError(f"{path}: corrupt (the tensors do not match their checksum)")
+            raise RunFolderError(f"{path}: corrupt (the tensors do not match their checksum)")
     if "config" in ckpt:
         saved, now = dict(ckpt["config"]), dataclasses.asdict(config)
         differ = [
@@ -432,11 +436,13 @@ def check_checkpoint(ckpt: Mapping[str, Any], config: RunConfig, path: Path) -> 
         ]
         if differ:
             details = "; ".join(f"{k}: {saved.get(k)!r} there, {now.get(k)!r} here" for k in differ)
-            raise ValueError(f"{path} belongs to another run ({details})")
+            raise RunFolderError(f"{path} belongs to another run ({details})")
     if int(ckpt["step"]) > config.steps:
-        raise ValueError(
+        raise RunFolderError(
             f"{path} is at step {int(ckpt['step'])}, past the run's {config.steps} steps"
         )
+    if int(ckpt["step"]) < 0:
+        raise RunFolderError(f"{path} is at step {int(ckpt['step'])}, before the run's start")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -464,6 +470,171 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     os.replace(tmp, path)
+
+
+# -- reading a run folder back ---------------------------------------------------------------------
+
+
+class RunFolderError(ValueError):
+    """A run folder's file that cannot be used as it is. The message is one line that names the
+    file and what is wrong with it; nothing in the folder was changed."""
+
+
+#: The checkpoint entries :func:`train` writes, with the types they must have.
+_CHECKPOINT_ENTRIES: dict[str, tuple[type, ...]] = {
+    "model": (dict,),
+    "optimizers": (list,),
+    "rng": (Tensor,),
+    "step": (int,),
+    "elapsed": (int, float),
+}
+#: Entries older checkpoints may lack.
+_CHECKPOINT_OPTIONAL: dict[str, tuple[type, ...]] = {
+    "grad_evals": (int,),
+    "config": (dict,),
+    "checksum": (str,),
+}
+
+
+def short_cause(exc: BaseException) -> str:
+    """One line of ``exc``'s message: what went wrong, without torch's advice around it.
+
+    torch's unpickling errors are paragraphs; the line after ``WeightsUnpickler error:`` is the
+    cause. Otherwise the first non-empty line (with the next one where it ends in a colon, as
+    ``Error(s) in loading state_dict for GPT:`` does) up to its first sentence's end.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    if found:
+        cause = "unpickling failed: " + found.group(1).strip()
+    elif lines:
+        cause = lines[0] if not lines[0].endswith(":") else " ".join(lines[:2])
+    else:
+        return type(exc).__name__
+    cause = cause.split(". ")[0].rstrip(".")
+    return cause if len(cause) <= 240 else cause[:237] + "..."
+
+
+def _json_kind(value: object) -> str:
+    """What ``value`` is, in JSON's words."""
+    names: tuple[tuple[type, str], ...] = (
+        (type(None), "null"),
+        (bool, "true/false"),  # before int: a bool is an int
+        (int, "a whole number"),
+        (float, "a number"),
+        (str, "a string"),
+        (list, "a list"),
+        (dict, "an object"),
+    )
+    return next((name for kind, name in names if isinstance(value, kind)), type(value).__name__)
+
+
+def _type_error(name: str, value: object) -> str | None:
+    """What RunConfig field ``name`` needs where ``value`` is not it (``None``: it is)."""
+    hint = typing.get_type_hints(RunConfig)[name]
+    if typing.get_origin(hint) is dict:
+        return None if isinstance(value, dict) else "an object"
+    args = typing.get_args(hint) or (hint,)
+    optional = type(None) in args
+    kind = next(t for t in args if t is not type(None))
+    need = {int: "a whole number", float: "a number", str: "a string"}[kind]
+    need += " or null" if optional else ""
+    if value is None:
+        return None if optional else need
+    if isinstance(value, bool):
+        return need
+    ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+    return None if ok else need
+
+
+def read_run_config(run_dir: str | Path) -> tuple[dict[str, Any], RunConfig]:
+    """``run_dir/config.json``: the saved document and its :class:`RunConfig` (not validated).
+
+    Raises :class:`RunFolderError` for a missing or unreadable file, text that is not JSON, a
+    document without its ``"config"`` object, a key that is not a RunConfig field and a value
+    of the wrong JSON type. A key it lacks takes RunConfig's default.
+    """
+    path = Path(run_dir) / "config.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RunFolderError(f"{path}: no such file (not a run folder?)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunFolderError(f"{path}: unreadable ({short_cause(exc)})") from None
+    try:
+        saved = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RunFolderError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise RunFolderError(
+            f'{path}: no "config" object (a run\'s config.json is {{"config": {{...the run\'s '
+            'settings...}, "lr": ..., "options": {...}})'
+        )
+    values: dict[str, Any] = saved["config"]
+    known = [f.name for f in dataclasses.fields(RunConfig)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        keys = ", ".join(repr(k) for k in unknown)
+        close = [m for k in unknown for m in difflib.get_close_matches(k, known, n=1)]
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        raise RunFolderError(
+            f'{path}: unknown key{"s" if len(unknown) > 1 else ""} {keys} in "config"{hint}; '
+            f"the known keys are RunConfig's fields: {', '.join(known)}"
+        )
+    for name, value in values.items():
+        need = _type_error(name, value)
+        if need:
+            raise RunFolderError(
+                f'{path}: "config" key {name!r} is {json.dumps(value)} ({_json_kind(value)}); '
+                f"it must be {need}"
+            )
+    return saved, RunConfig(**values)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``torch.load`` a lab checkpoint (tensors only); :class:`RunFolderError` unless it is one.
+
+    The error names the file and one line of cause: an empty file, a file with no zip header
+    (``torch.save`` writes a zip archive: zeroed, overwritten or not a checkpoint), torch's own
+    reason (a truncated archive, a failed unpickling), or the entry it lacks.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise RunFolderError(f"{path}: no such file")
+    if not path.is_file():
+        raise RunFolderError(f"{path}: not a file")
+    try:
+        ckpt = torch.load(path, weights_only=True)
+    except Exception as exc:  # whatever torch raises for a damaged file, as one line
+        with path.open("rb") as f:
+            head = f.read(4)
+        if not head:
+            cause = "empty file"
+        elif head != b"PK\x03\x04":
+            cause = "no zip header, as torch.save writes: zeroed, overwritten or another file"
+        else:
+            cause = short_cause(exc)
+        raise RunFolderError(f"{path}: not a readable checkpoint ({cause})") from None
+    if not isinstance(ckpt, dict):
+        raise RunFolderError(
+            f"{path}: not a lab checkpoint (it holds {type(ckpt).__name__}, not a dict)"
+        )
+    for entries, required in ((_CHECKPOINT_ENTRIES, True), (_CHECKPOINT_OPTIONAL, False)):
+        for key, kinds in entries.items():
+            if key not in ckpt:
+                if required:
+                    raise RunFolderError(f"{path}: not a lab checkpoint (no {key!r} entry)")
+                continue
+            if not isinstance(ckpt[key], kinds) or isinstance(ckpt[key], bool):
+                names = " or ".join(k.__name__ for k in kinds)
+                raise RunFolderError(
+                    f"{path}: not a lab checkpoint ({key!r} is {type(ckpt[key]).__name__}, "
+                    f"not {names})"
+                )
+    if not all(isinstance(v, Tensor) for v in ckpt["model"].values()):
+        raise RunFolderError(f"{path}: not a lab checkpoint ('model' holds more than tensors)")
+    return ckpt
 
 
 class _Progress:
@@ -757,11 +928,16 @@ def train(
     """
     run_path = Path(run_dir)
     ckpt_path = run_path / "checkpoint.pt"
+    ckpt: dict[str, Any] = {}
+    logs: dict[Path, list[dict[str, Any]]] = {}
     if resume:
         if not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        saved_config = json.loads((run_path / "config.json").read_text())
-        config = RunConfig(**saved_config["config"])
+        saved_config, config = read_run_config(run_path)
+        try:
+            config.validate()
+        except ConfigError as exc:  # the folder's setting, not a command-line option's
+            raise RunFolderError(f"{run_path / 'config.json'}: {exc}") from None
         if steps is not None and steps != config.steps:
             if config.schedule != "constant" or config.warmup:
                 raise ConfigError(
@@ -770,6 +946,14 @@ def train(
                     "(it depends on the total); start a new run instead",
                 )
             config = dataclasses.replace(config, steps=steps)
+        # Everything the folder holds is read and checked before anything in it is written.
+        ckpt = load_checkpoint(ckpt_path)
+        check_checkpoint(ckpt, config, ckpt_path)
+        logs = {
+            path: _records(path, _METRIC_NUMBERS if path.name == "metrics.jsonl" else ())
+            for path in (run_path / name for name in _LOGS)
+            if path.exists()
+        }
     elif steps is not None:
         raise ValueError("steps= goes with resume=True; set RunConfig.steps for a new run")
     config.validate()
@@ -812,27 +996,28 @@ def train(
     start_step, elapsed, resumed_evals = 0, 0.0, 0
     if resume:
         try:
-            ckpt = torch.load(ckpt_path, weights_only=True)
-        except Exception as exc:  # a truncated or zeroed file: name it, no traceback
-            raise ValueError(f"{ckpt_path}: not a readable checkpoint ({exc})") from None
-        check_checkpoint(ckpt, config, ckpt_path)
-        if lead and steps is not None:
-            saved_config["config"]["steps"] = config.steps
-            _write_json(run_path / "config.json", saved_config)
-        if lead and progress:
-            print(f"resuming at step {int(ckpt['step'])} of {config.steps}", file=sys.stderr)
-        _load_model(model, ckpt["model"], sharded)
-        for opt, sd in zip(optimizers, ckpt["optimizers"], strict=True):
-            opt.load_state_dict(sd)  # whole tensors: a sharded Gluon keeps its rows
-            if sharded and not isinstance(opt, go.Gluon):
-                _shard_state(opt)
-        torch.set_rng_state(ckpt["rng"])
+            _load_model(model, ckpt["model"], sharded)
+            for opt, sd in zip(optimizers, ckpt["optimizers"], strict=True):
+                opt.load_state_dict(sd)  # whole tensors: a sharded Gluon keeps its rows
+                if sharded and not isinstance(opt, go.Gluon):
+                    _shard_state(opt)
+            torch.set_rng_state(ckpt["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            # A checkpoint without the run's configuration in it (written before 0.2.0).
+            raise RunFolderError(
+                f"{ckpt_path}: does not fit the model and optimizers of "
+                f"{run_path / 'config.json'} ({short_cause(exc)})"
+            ) from None
         start_step, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
         resumed_evals = int(ckpt.get("grad_evals", 0))
         if lead:
-            _truncate_jsonl(run_path / "metrics.jsonl", start_step)
-            _truncate_jsonl(run_path / "smoothness.jsonl", start_step)
-            _truncate_jsonl(run_path / "displacement.jsonl", start_step)
+            if progress:
+                print(f"resuming at step {start_step} of {config.steps}", file=sys.stderr)
+            for path, records in logs.items():
+                _truncate_jsonl(path, records, start_step)
+            if steps is not None:
+                saved_config["config"]["steps"] = config.steps
+                _write_json(run_path / "config.json", saved_config)
     elif lead:
         resolved = dataclasses.asdict(config)
         _write_json(run_path / "config.json", {"config": resolved, "lr": lr, "options": options})
@@ -994,7 +1179,7 @@ def train(
             dist.destroy_process_group()
     if math.isnan(val_loss):  # nothing left to run (resuming a finished run)
         val_loss, val_acc = evaluate(model, data, config, block_size, shards)
-    step_times = [r["step_time"] for r in read_metrics(run_path)]
+    step_times = [r["step_time"] for r in read_metrics(run_path) if "step_time" in r]
     median_ms = 1000 * statistics.median(step_times) if step_times else math.nan
     if end < config.steps:  # stopped early on request: no summary yet
         return RunResult(
@@ -1026,27 +1211,71 @@ def train(
     return result
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
+#: The JSON-lines logs of a run folder, cut back to the checkpoint's step on resume.
+_LOGS = ("metrics.jsonl", "smoothness.jsonl", "displacement.jsonl")
+#: Entries of a ``metrics.jsonl`` record that must be numbers (the first: in every record).
+_METRIC_NUMBERS = (
+    "loss",
+    "tokens",
+    "lr",
+    "grad_evals",
+    "step_time",
+    "time",
+    "val_loss",
+    "val_accuracy",
+)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _record_problem(record: object, numbers: tuple[str, ...]) -> str | None:
+    """What is wrong with one log record (``None``: nothing). Every record is a JSON object
+    with a whole-number ``step``; ``numbers[0]`` must be there, and each of ``numbers`` there
+    must be a number."""
+    if not isinstance(record, dict):
+        return f"not a JSON object but {_json_kind(record)}"
+    step = record.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f'no whole-number "step" (got {json.dumps(step)})'
+    if numbers and numbers[0] not in record:
+        return f"no {numbers[0]!r}"
+    for key in numbers:
+        if key in record and not _is_number(record[key]):
+            return f"{key!r} is {json.dumps(record[key])}, not a number"
+    return None
+
+
+def _records(path: Path, numbers: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """The JSON lines of ``path``. A torn last line (a kill mid-write) is dropped; a broken line
-    anywhere else raises ``ValueError`` naming the file and line."""
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    anywhere else, or a record :func:`_record_problem` finds wrong, raises
+    :class:`RunFolderError` naming the file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunFolderError(f"{path}: unreadable ({short_cause(exc)})") from None
+    lines = [line for line in text.splitlines() if line.strip()]
     out = []
     for number, line in enumerate(lines, 1):
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if number == len(lines):
                 break
-            raise ValueError(f"{path}:{number}: not a JSON record") from None
+            raise RunFolderError(f"{path}:{number}: not a JSON record") from None
+        problem = _record_problem(record, numbers)
+        if problem:
+            raise RunFolderError(f"{path}:{number}: {problem}")
+        out.append(record)
     return out
 
 
-def _truncate_jsonl(path: Path, step: int) -> None:
-    # Lines written after the checkpoint belong to steps that will be run again. Rewritten
-    # through a temporary file and a rename, so a kill during the rewrite loses nothing.
-    if not path.exists():
-        return
-    kept = [r for r in _records(path) if r["step"] <= step]
+def _truncate_jsonl(path: Path, records: list[dict[str, Any]], step: int) -> None:
+    """Rewrite ``path`` as ``records`` up to ``step``: lines written after the checkpoint
+    belong to steps that will be run again. Through a temporary file and a rename, so a kill
+    during the rewrite loses nothing."""
+    kept = [r for r in records if r["step"] <= step]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)
@@ -1064,4 +1293,4 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"No metrics.jsonl in {run_dir}")
-    return _records(path)
+    return _records(path, _METRIC_NUMBERS)
