@@ -124,18 +124,6 @@ import gluon_optim
 print("gluon_optim imported from", gluon_optim.__file__, flush=True)
 """
 
-# The README's third block fits (L0, L1) from a probe that has not seen a step yet: the
-# README shows no training between `SmoothnessProbe(...)` and `fit_records(probe.records)`,
-# so `radius_settings` refuses the empty fits. Only that failure is expected (xfail raises=);
-# any other one fails the test, and once the README trains there, strict=True turns the pass
-# into a failure that says to remove the marker.
-KNOWN_GAP = "radius_settings: no fit has constants"
-
-
-class QuickStartGap(AssertionError):
-    """The quick start failed exactly where the README is known to be incomplete."""
-
-
 def _pyproject() -> dict[str, Any]:
     project: dict[str, Any] = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     return project
@@ -246,11 +234,6 @@ def test_pip_sees_the_metadata_of_pyproject(clean_python: Path) -> None:
     assert installed["torch"]["metadata"]["version"].startswith("2.13.0")
 
 
-@pytest.mark.xfail(
-    raises=QuickStartGap,
-    strict=True,
-    reason="README's quick start fits (L0, L1) from a probe that has measured no step",
-)
 def test_readme_quick_start_runs_from_the_wheel(clean_python: Path, tmp_path: Path) -> None:
     blocks = quick_start_blocks(README.read_text(encoding="utf-8"))
     spec = {
@@ -271,8 +254,6 @@ def test_readme_quick_start_runs_from_the_wheel(clean_python: Path, tmp_path: Pa
         cwd=tmp_path,
         env=env,
     )
-    if result.returncode != 0 and KNOWN_GAP in result.stderr:
-        raise QuickStartGap(result.stderr[-2000:])
     out = _ok(result)
     assert out.count(": ok") == len(blocks), out
     site = clean_python.parent.parent
