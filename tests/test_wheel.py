@@ -124,6 +124,7 @@ import gluon_optim
 print("gluon_optim imported from", gluon_optim.__file__, flush=True)
 """
 
+
 def _pyproject() -> dict[str, Any]:
     project: dict[str, Any] = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     return project
