@@ -6,6 +6,7 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -218,6 +219,31 @@ def test_resume_refuses_a_corrupted_checkpoint(tmp_path: Path, corpus: str) -> N
     (run / "checkpoint.pt").write_bytes(b"\0" * 64)
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         train(RunConfig(), run, resume=True, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("step", 2), ("elapsed", 0.0), ("grad_evals", 1), ("config", None)]
+)
+def test_resume_refuses_an_edited_step_time_or_config_in_the_checkpoint(
+    tmp_path: Path, corpus: str, key: str, value: Any
+) -> None:
+    # The weights are intact, so only the second checksum can see that the run would resume at
+    # another point of its schedule (or count its time and gradients from the wrong start).
+    run = tmp_path / "r"
+    train(_config(corpus), run, progress=False, stop_after=4)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    if key == "config":
+        ckpt["config"] = {**ckpt["config"], "seed": ckpt["config"]["seed"] + 1}
+        (run / "config.json").write_text(
+            json.dumps({**json.loads((run / "config.json").read_text()), "config": ckpt["config"]})
+        )
+    else:
+        ckpt[key] = value
+    torch.save(ckpt, run / "checkpoint.pt")
+    before = (run / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match="do not match their checksum"):
+        train(RunConfig(), run, resume=True, progress=False)
+    assert (run / "checkpoint.pt").read_bytes() == before
 
 
 def test_resume_with_more_steps_continues_as_a_longer_run(tmp_path: Path, corpus: str) -> None:

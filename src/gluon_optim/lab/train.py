@@ -416,12 +416,27 @@ def tensor_checksum(obj: Any) -> str:
     return digest.hexdigest()
 
 
+#: The checkpoint's non-tensor entries that :func:`meta_checksum` covers.
+_META = ("step", "elapsed", "grad_evals", "config")
+
+
+def meta_checksum(ckpt: Mapping[str, Any]) -> str:
+    """SHA-256 of the checkpoint's step, time, gradient count and configuration, as JSON.
+
+    The tensors' checksum cannot see these, and an edited step resumes at another point of
+    the schedule with the right weights, which no later check would notice.
+    """
+    payload = json.dumps({k: ckpt.get(k) for k in _META}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
 def check_checkpoint(ckpt: Mapping[str, Any], config: RunConfig, path: Path) -> None:
     """Raise :class:`RunFolderError` (a ``ValueError``) unless ``ckpt`` is intact and belongs to
     the run ``config`` describes.
 
     The checkpoint carries the resolved configuration it was written under and a checksum of
-    its tensors (checkpoints written before 0.2.0 carry neither and are not verified). Only
+    its tensors and of its other entries (checkpoints written before 0.2.0 carry neither and
+    are not verified; 0.2.0's carry only the first). Only
     ``steps`` may differ (a longer constant-schedule run), and the checkpoint's step must be
     within the run.
     """
@@ -429,6 +444,11 @@ def check_checkpoint(ckpt: Mapping[str, Any], config: RunConfig, path: Path) -> 
         tensors = {k: ckpt[k] for k in ("model", "optimizers", "rng")}
         if tensor_checksum(tensors) != ckpt["checksum"]:
             raise RunFolderError(f"{path}: corrupt (the tensors do not match their checksum)")
+    if "meta_checksum" in ckpt and meta_checksum(ckpt) != ckpt["meta_checksum"]:
+        raise RunFolderError(
+            f"{path}: corrupt (its step, time, gradient count or config do not match their"
+            " checksum)"
+        )
     if "config" in ckpt:
         saved, now = dict(ckpt["config"]), dataclasses.asdict(config)
         differ = [
@@ -493,6 +513,7 @@ _CHECKPOINT_OPTIONAL: dict[str, tuple[type, ...]] = {
     "grad_evals": (int,),
     "config": (dict,),
     "checksum": (str,),
+    "meta_checksum": (str,),
 }
 
 
@@ -1053,15 +1074,19 @@ def train(
         }
         if not lead:
             return
+        meta = {
+            "step": step,
+            "elapsed": elapsed,
+            "grad_evals": grad_evals,
+            # What it belongs to and what it holds, checked on resume.
+            "config": dataclasses.asdict(config),
+        }
         atomic_save(
             {
                 **tensors,
-                "step": step,
-                "elapsed": elapsed,
-                "grad_evals": grad_evals,
-                # What it belongs to and what it holds, checked on resume.
-                "config": dataclasses.asdict(config),
+                **meta,
                 "checksum": tensor_checksum(tensors),
+                "meta_checksum": meta_checksum(meta),
             },
             ckpt_path,
         )
