@@ -75,3 +75,41 @@ def test_nothing_outside_the_lab_imports_the_lab() -> None:
         if "lab" in path.relative_to(PACKAGE).parts:
             continue
         assert not any(m == "lab" or m.startswith("lab.") for m in _imports(path)), path
+
+
+def _lab_graph() -> dict[str, set[str]]:
+    """The lab's modules and the lab modules each imports, lazy (in-function) imports included."""
+    modules = {_module(p).removesuffix(".__init__") for p in (PACKAGE / "lab").rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in (PACKAGE / "lab").rglob("*.py"):
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                base = node.module.removeprefix("gluon_optim.")
+                # `from gluon_optim.lab import bench` names a module, not a symbol
+                named = {f"{base}.{alias.name}" for alias in node.names}
+                edges |= {m for m in named if m in modules} or ({base} & modules)
+            elif isinstance(node, ast.Import):
+                edges |= {a.name.removeprefix("gluon_optim.") for a in node.names} & modules
+        name = _module(path).removesuffix(".__init__")
+        graph[name] = edges - {name}
+    return graph
+
+
+def test_the_lab_has_no_import_cycle() -> None:
+    # A cycle (cli and bench.command once imported each other) makes the import order decide
+    # what works; the shared option parsing lives in lab.options instead.
+    graph = _lab_graph()
+    assert "lab.options" in graph["lab.bench.command"]
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        assert node not in path, "import cycle: " + " -> ".join([*path[path.index(node) :], node])
+        if node in done:
+            return
+        for nxt in sorted(graph.get(node, ())):
+            visit(nxt, [*path, node])
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node, [])

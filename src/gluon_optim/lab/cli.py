@@ -11,19 +11,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
 import time
-import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from gluon_optim.lab import experiments, report
 from gluon_optim.lab.optimizers import OPTIMIZERS
-from gluon_optim.lab.train import ConfigError, RunConfig, option_of, read_run_config, train
+from gluon_optim.lab.options import (
+    add_config_options,
+    config_from_args,
+    config_overrides,
+    count,
+    csv_values,
+    flag_of,
+    nonnegative,
+    run_fields,
+)
+from gluon_optim.lab.train import ConfigError, RunConfig, read_run_config, train
 from gluon_optim.lab.usage import Parser, UsageError, print_error
 
 #: `make demo`: gpt-tiny on the standard-library corpus, the three optimizers the papers compare.
@@ -41,197 +49,8 @@ DEMO_CONFIG = RunConfig(
 DEMO_SEEDS = (0, 1, 2)
 
 
-def _value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _csv(text: str, kind: type = str, option: str = "") -> list[Any]:
-    """Comma-separated values of ``kind``; a value that does not parse names ``option``."""
-    out = []
-    for item in (x.strip() for x in text.split(",")):
-        if not item:
-            continue
-        try:
-            out.append(kind(item))
-        except ValueError:
-            what = {int: "whole numbers", float: "numbers"}.get(kind, "values")
-            raise UsageError(option, f"expected comma-separated {what}, got {item!r}") from None
-    return out
-
-
-def _nonnegative(text: str) -> float:
-    """An argparse type: a finite number ``>= 0``."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text}")
-    return value
-
-
-def count(lo: int) -> Callable[[str], int]:
-    """An argparse type: a whole number ``>= lo``, or an error that says so."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
-        return value
-
-    return parse
-
-
-def counts(text: str) -> list[int]:
-    """An argparse type: comma-separated whole numbers ``>= 1`` (possibly none)."""
-    return [count(1)(x) for x in _csv(text)]
-
-
 def _default_out(what: str) -> Path:
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{what}"
-
-
-# -- run options, generated from RunConfig -------------------------------------------------------
-
-#: Namespace prefix of the generated options' dests, so that a command's own option of the same
-#: name (smoothness's --steps, which means "override the protocol's") is never read as a field.
-_DEST = "config."
-
-
-class _PairsAction(argparse.Action):
-    """``KEY=VALUE`` (or a shortcut's VALUE for its fixed key) into the field's dict."""
-
-    def __init__(self, option_strings: list[str], dest: str, key: str = "", **kw: Any) -> None:
-        super().__init__(option_strings, dest, **kw)
-        self.key = key
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: str | Sequence[Any] | None,
-        option_string: str | None = None,
-    ) -> None:
-        assert isinstance(values, str)
-        key, value = self.key, values
-        if not key:
-            key, sep, text = values.partition("=")
-            if not sep or not key:
-                parser.error(f"argument {option_string}: expected KEY=VALUE, got {values!r}")
-            value = _value(text)
-        setattr(namespace, self.dest, {**getattr(namespace, self.dest, {}), key: value})
-
-
-def flag_of(name: str, prefix: str = "") -> str:
-    """The command-line flag of :class:`RunConfig` field ``name`` (``--`` + ``prefix`` + ...)."""
-    f = _fields()[name]
-    return f"--{prefix}{option_of(f).flag or f.name.replace('_', '-')}"
-
-
-def _fields() -> dict[str, dataclasses.Field[Any]]:
-    return {f.name: f for f in dataclasses.fields(RunConfig)}
-
-
-def run_fields(*, varied: bool = True) -> list[str]:
-    """RunConfig's field names; ``varied=False`` leaves out what compare and sweep vary."""
-    return [n for n, f in _fields().items() if varied or not option_of(f).varied]
-
-
-def _help(text: str, choices: Mapping[str, str] | None, default: object) -> str:
-    if choices:
-        text += ": " + ", ".join(f"{k} ({v})" if v else k for k, v in choices.items())
-    if default is not None and not isinstance(default, dict):
-        text += f" (default {default})"
-    return text.replace("%", "%%")  # argparse %-formats help strings
-
-
-def _scalar(hint: Any) -> type:
-    """The ``int``, ``float`` or ``str`` of a field annotated ``X`` or ``X | None``."""
-    kinds = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]
-    if len(kinds) != 1 or kinds[0] not in (int, float, str):
-        raise TypeError(f"RunConfig: no command-line parser for a field of type {hint}")
-    kind = kinds[0]
-    assert isinstance(kind, type)
-    return kind
-
-
-def _field_kwargs(name: str, help_text: str, default: object) -> dict[str, Any]:
-    """``add_argument`` keywords of field ``name``: how its type parses, its choices, help."""
-    opt = option_of(_fields()[name])
-    hint = typing.get_type_hints(RunConfig)[name]
-    choices = opt.choices() if opt.choices else None
-    kw: dict[str, Any] = {
-        "dest": _DEST + name,
-        "default": argparse.SUPPRESS,
-        "help": _help(help_text, choices, default),
-    }
-    if typing.get_origin(hint) is dict:
-        return {**kw, "action": _PairsAction, "metavar": "KEY=VALUE"}
-    if choices:  # argparse shows {a,b,c} where no metavar is given
-        return {**kw, "type": _scalar(hint), "choices": list(choices)}
-    return {**kw, "type": _scalar(hint), "metavar": name.upper()}
-
-
-def add_config_options(
-    parser: argparse.ArgumentParser,
-    names: Iterable[str],
-    *,
-    base: RunConfig | None,
-    prefix: str = "",
-    title: str | None = None,
-    helps: Mapping[str, str] | None = None,
-) -> dict[str, argparse.Action]:
-    """Add the options of RunConfig fields ``names`` to ``parser``; returns them by field name.
-
-    ``base`` supplies the defaults shown in the help (``None``: a command whose defaults vary,
-    like smoothness's protocols). ``prefix`` goes after the dashes (``--train-model``);
-    ``helps`` replaces a field's help where a command narrows its meaning (the bench's batch is
-    sequences only). Nothing is stored for an option not given, so :func:`config_overrides`
-    returns exactly what the command line set.
-    """
-    group = parser.add_argument_group(title) if title else parser
-    actions: dict[str, argparse.Action] = {}
-    for name in names:
-        opt = option_of(_fields()[name])
-        default = None if base is None else getattr(base, name)
-        kw = _field_kwargs(name, (helps or {}).get(name, opt.help), default)
-        actions[name] = group.add_argument(flag_of(name, prefix), **kw)
-        for sc in opt.shortcuts:
-            group.add_argument(
-                f"--{prefix}{sc.flag}",
-                dest=_DEST + name,
-                action=_PairsAction,
-                key=sc.key,
-                default=argparse.SUPPRESS,
-                help=sc.help,
-                metavar=sc.metavar,
-                choices=sc.choices,
-            )
-    return actions
-
-
-def config_overrides(args: argparse.Namespace, base: RunConfig) -> dict[str, Any]:
-    """The RunConfig fields the command line set; dict fields are merged onto ``base``'s."""
-    out: dict[str, Any] = {}
-    for dest, value in vars(args).items():
-        if dest.startswith(_DEST):
-            name = dest.removeprefix(_DEST)
-            out[name] = {**getattr(base, name), **value} if isinstance(value, dict) else value
-    return out
-
-
-def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
-    """The validated :class:`RunConfig` the command-line options give, over ``base``."""
-    base = RunConfig() if base is None else base
-    config = dataclasses.replace(base, **config_overrides(args, base))
-    config.validate()
-    return config
 
 
 def _add_quiet(p: argparse.ArgumentParser) -> None:
@@ -278,14 +97,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _nonempty(option: str, text: str) -> str:
-    if not _csv(text):
+    if not csv_values(text):
         raise UsageError(option, "give at least one value (comma-separated)")
     return text
 
 
 def _optimizer_specs(text: str, *, allow_lr: bool = True) -> list[str]:
     """``--optimizers``: specs ``name[@lr][:key=value]...`` whose names exist."""
-    specs = _csv(_nonempty("--optimizers", text))
+    specs = csv_values(_nonempty("--optimizers", text))
     for spec in specs:
         try:
             name, lr, _ = experiments.parse_spec(spec)
@@ -302,7 +121,7 @@ def _optimizer_specs(text: str, *, allow_lr: bool = True) -> list[str]:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     specs = _optimizer_specs(args.optimizers)
-    seeds = _csv(_nonempty("--seeds", args.seeds), int, "--seeds")
+    seeds = csv_values(_nonempty("--seeds", args.seeds), int, "--seeds")
     config = config_from_args(args)
     out = Path(args.out) if args.out else _default_out(f"compare-{config.model}")
     res = experiments.compare(
@@ -320,11 +139,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     specs = _optimizer_specs(args.optimizers, allow_lr=False)
-    seeds = _csv(_nonempty("--seeds", args.seeds), int, "--seeds")
-    if args.lrs is not None and not _csv(args.lrs):
+    seeds = csv_values(_nonempty("--seeds", args.seeds), int, "--seeds")
+    if args.lrs is not None and not csv_values(args.lrs):
         raise UsageError("--lrs", "give at least one lr, or leave --lrs out to use --lr-factors")
-    lrs = _csv(args.lrs, float, "--lrs") if args.lrs is not None else None
-    factors = _csv(_nonempty("--lr-factors", args.lr_factors), float, "--lr-factors")
+    lrs = csv_values(args.lrs, float, "--lrs") if args.lrs is not None else None
+    factors = csv_values(_nonempty("--lr-factors", args.lr_factors), float, "--lr-factors")
     config = config_from_args(args)
     out = Path(args.out) if args.out else _default_out(f"sweep-{config.model}")
     res = experiments.sweep(
@@ -379,15 +198,15 @@ def cmd_smoothness(args: argparse.Namespace) -> int:
     from gluon_optim.lab import smoothness as lab_smoothness
 
     out = Path(args.out) if args.out else _default_out("smoothness")
-    factors = tuple(_csv(args.sweep, float, "--sweep")) if args.sweep else ()
-    names = _csv(args.protocols)
+    factors = tuple(csv_values(args.sweep, float, "--sweep")) if args.sweep else ()
+    names = csv_values(args.protocols)
     unknown = [n for n in names if n not in lab_smoothness.PROTOCOLS]
     if unknown or not names:
         raise UsageError(
             "--protocols",
             f"unknown protocol(s) {unknown}" if unknown else "give at least one protocol",
         ).with_valid(sorted(lab_smoothness.PROTOCOLS))
-    check = _csv(args.radius_check, float, "--radius-check") if args.radius_check else []
+    check = csv_values(args.radius_check, float, "--radius-check") if args.radius_check else []
     if args.radius_check and not all(f > 0 and math.isfinite(f) for f in check):
         raise UsageError("--radius-check", f"lr factors must be > 0, got {args.radius_check!r}")
 
@@ -430,7 +249,7 @@ def cmd_smoothness(args: argparse.Namespace) -> int:
             cmp = experiments.compare(
                 base,
                 [base.optimizer, theory],
-                _csv(args.seeds, int, "--seeds"),
+                csv_values(args.seeds, int, "--seeds"),
                 out / name / "train",
                 progress=not args.quiet,
                 title=f"tuned {base.optimizer} vs Gluon with fitted l0l1 radii ({name})",
@@ -586,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_b", help="run folder")
     p.add_argument(
         "--tolerance",
-        type=_nonnegative,
+        type=nonnegative,
         default=0.0,
         help="largest |loss difference| that still passes (default %(default)s: bit for bit)",
     )

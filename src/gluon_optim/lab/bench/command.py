@@ -19,8 +19,8 @@ from gluon_optim.lab.bench.train import (
     check_train_args,
     format_train_table,
 )
-from gluon_optim.lab.cli import add_config_options, config_from_args, count, counts, flag_of
 from gluon_optim.lab.models import model_task
+from gluon_optim.lab.options import add_config_options, config_from_args, count, counts, flag_of
 from gluon_optim.lab.train import ConfigError, RunConfig
 from gluon_optim.lab.usage import Parser
 from gluon_optim.polar import COMPILE_BACKENDS
