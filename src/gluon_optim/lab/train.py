@@ -36,7 +36,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import Tensor, nn
@@ -926,68 +926,80 @@ def _model_for(config: RunConfig, data: TokenDataset | ImageDataset) -> nn.Modul
     )
 
 
-def train(
-    config: RunConfig,
-    run_dir: str | Path,
-    *,
-    resume: bool = False,
-    progress: bool = True,
-    stop_after: int | None = None,
-    steps: int | None = None,
-) -> RunResult:
-    """Train ``config`` in ``run_dir`` (created if needed) and return the final numbers.
+@dataclass
+class _Resumed:
+    """What a resumed run's folder holds, read and checked before anything in it is written."""
 
-    Args:
-        config: the run.
-        run_dir: the run folder.
-        resume: continue from ``run_dir/checkpoint.pt`` (the config is read from the folder).
-        progress: show a progress bar (terminal) or periodic lines (pipes) on stderr.
-        stop_after: stop after this many steps of this call, as if killed (for tests and for
-            splitting long runs); a checkpoint is written first.
-        steps: with ``resume``, run to this many steps instead of the saved number (a constant
-            schedule only: the others depend on the total).
-    """
-    run_path = Path(run_dir)
+    saved_config: dict[str, Any]  # config.json as it is on disk
+    ckpt: dict[str, Any]
+    logs: dict[Path, list[dict[str, Any]]]  # the JSON-lines logs, each record checked
+
+
+def _read_resume(run_path: Path, steps: int | None) -> tuple[RunConfig, _Resumed]:
+    """The folder's configuration (with ``steps`` applied) and its checked contents."""
     ckpt_path = run_path / "checkpoint.pt"
-    ckpt: dict[str, Any] = {}
-    logs: dict[Path, list[dict[str, Any]]] = {}
-    if resume:
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        saved_config, config = read_run_config(run_path)
-        try:
-            config.validate()
-        except ConfigError as exc:  # the folder's setting, not a command-line option's
-            raise RunFolderError(f"{run_path / 'config.json'}: {exc}") from None
-        if steps is not None and steps != config.steps:
-            if config.schedule != "constant" or config.warmup:
-                raise ConfigError(
-                    "steps",
-                    f"--steps {steps} would change this run's {config.schedule} schedule "
-                    "(it depends on the total); start a new run instead",
-                )
-            config = dataclasses.replace(config, steps=steps)
-        # Everything the folder holds is read and checked before anything in it is written.
-        ckpt = load_checkpoint(ckpt_path)
-        check_checkpoint(ckpt, config, ckpt_path)
-        logs = {
-            path: _records(path, _METRIC_NUMBERS if path.name == "metrics.jsonl" else ())
-            for path in (run_path / name for name in _LOGS)
-            if path.exists()
-        }
-    elif steps is not None:
-        raise ValueError("steps= goes with resume=True; set RunConfig.steps for a new run")
-    config.validate()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    rank, world = _start_parallel(config)
-    lead = rank == 0  # the one rank that writes files and shows progress
-    if lead and run_path.is_dir():
-        _remove_torn_files(run_path)
-    # The ranks whose slices make up one global batch (1: every rank takes the whole batch).
-    shards = world if config.batch_split == "rank" else 1
-    run_path.mkdir(parents=True, exist_ok=True)
+    if not ckpt_path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    saved_config, config = read_run_config(run_path)
+    try:
+        config.validate()
+    except ConfigError as exc:  # the folder's setting, not a command-line option's
+        raise RunFolderError(f"{run_path / 'config.json'}: {exc}") from None
+    if steps is not None and steps != config.steps:
+        if config.schedule != "constant" or config.warmup:
+            raise ConfigError(
+                "steps",
+                f"--steps {steps} would change this run's {config.schedule} schedule "
+                "(it depends on the total); start a new run instead",
+            )
+        config = dataclasses.replace(config, steps=steps)
+    ckpt = load_checkpoint(ckpt_path)
+    check_checkpoint(ckpt, config, ckpt_path)
+    logs = {
+        path: _records(path, _METRIC_NUMBERS if path.name == "metrics.jsonl" else ())
+        for path in (run_path / name for name in _LOGS)
+        if path.exists()
+    }
+    return config, _Resumed(saved_config, ckpt, logs)
 
+
+@dataclass
+class _Run:
+    """One process's share of a run: its rank, the data, the model and its optimizers."""
+
+    config: RunConfig
+    path: Path
+    rank: int
+    world: int
+    shards: int  # the ranks whose slices make up one global batch (1: each takes all of it)
+    data: TokenDataset | ImageDataset
+    model: nn.Module
+    net: nn.Module  # what the forward runs: the model, or its DDP wrapper
+    optimizers: list[torch.optim.Optimizer]
+    lr: float
+    options: dict[str, Any]
+    block_size: int  # 0 for an image task
+
+    @property
+    def lead(self) -> bool:
+        """The one rank that writes files and shows progress."""
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.config.parallel == "fsdp2"
+
+    def batch(self, index: int) -> tuple[Tensor, Tensor]:
+        """Training batch ``index`` (this rank's slice of it under ``batch_split="rank"``)."""
+        return _train_batch(self.data, self.config, index, self.block_size, self.shards, self.rank)
+
+
+def _setup(config: RunConfig, run_path: Path) -> _Run:
+    """Join the process group, build the data, the model (sharded or wrapped) and optimizers."""
+    rank, world = _start_parallel(config)
+    if rank == 0 and run_path.is_dir():
+        _remove_torn_files(run_path)
+    run_path.mkdir(parents=True, exist_ok=True)
     data = load_data(config.data, cache_dir=config.data_cache)
     torch.manual_seed(config.seed)
     model = _model_for(config, data)
@@ -1012,178 +1024,215 @@ def train(
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model)
-    base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
+    shards = world if config.batch_split == "rank" else 1
+    return _Run(
+        config, run_path, rank, world, shards, data, model, net, optimizers, lr, options, block_size
+    )
 
-    start_step, elapsed, resumed_evals = 0, 0.0, 0
-    if resume:
-        try:
-            _load_model(model, ckpt["model"], sharded)
-            for opt, sd in zip(optimizers, ckpt["optimizers"], strict=True):
-                opt.load_state_dict(sd)  # whole tensors: a sharded Gluon keeps its rows
-                if sharded and not isinstance(opt, go.Gluon):
-                    _shard_state(opt)
-            torch.set_rng_state(ckpt["rng"])
-        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
-            # A checkpoint without the run's configuration in it (written before 0.2.0).
-            raise RunFolderError(
-                f"{ckpt_path}: does not fit the model and optimizers of "
-                f"{run_path / 'config.json'} ({short_cause(exc)})"
-            ) from None
-        start_step, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
-        resumed_evals = int(ckpt.get("grad_evals", 0))
-        if lead:
-            if progress:
-                print(f"resuming at step {start_step} of {config.steps}", file=sys.stderr)
-            for path, records in logs.items():
-                _truncate_jsonl(path, records, start_step)
-            if steps is not None:
-                saved_config["config"]["steps"] = config.steps
-                _write_json(run_path / "config.json", saved_config)
-    elif lead:
-        resolved = dataclasses.asdict(config)
-        _write_json(run_path / "config.json", {"config": resolved, "lr": lr, "options": options})
-        meta = {
-            **code_version(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "device": "cpu",
-            "threads": torch.get_num_threads(),
-            "world_size": world,
-            "parameters": sum(p.numel() for p in model.parameters()),
-        }
-        _write_json(run_path / "meta.json", meta)
-        (run_path / "groups.txt").write_text(optim_registry.describe(optimizers) + "\n")
-        (run_path / "metrics.jsonl").write_text("")
 
-    is_lm = isinstance(data, TokenDataset)
-    if isinstance(data, ImageDataset) and config.batch_size <= 0:
-        per_step = data.num_examples("train") * config.grad_accum
-    else:
-        per_step = config.batch_size * shards * config.grad_accum * (block_size if is_lm else 1)
-    unit = "tok" if is_lm else "img"
+def _restore(
+    run: _Run, resumed: _Resumed, progress: bool, steps: int | None
+) -> tuple[int, float, int]:
+    """Load the checkpoint into ``run``, cut the logs back to it; ``(step, elapsed, evals)``."""
+    ckpt, ckpt_path = resumed.ckpt, run.path / "checkpoint.pt"
+    try:
+        _load_model(run.model, ckpt["model"], run.sharded)
+        for opt, sd in zip(run.optimizers, ckpt["optimizers"], strict=True):
+            opt.load_state_dict(sd)  # whole tensors: a sharded Gluon keeps its rows
+            if run.sharded and not isinstance(opt, go.Gluon):
+                _shard_state(opt)
+        torch.set_rng_state(ckpt["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        # A checkpoint without the run's configuration in it (written before 0.2.0).
+        raise RunFolderError(
+            f"{ckpt_path}: does not fit the model and optimizers of "
+            f"{run.path / 'config.json'} ({short_cause(exc)})"
+        ) from None
+    start_step = int(ckpt["step"])
+    if run.lead:
+        if progress:
+            print(f"resuming at step {start_step} of {run.config.steps}", file=sys.stderr)
+        for path, records in resumed.logs.items():
+            _truncate_jsonl(path, records, start_step)
+        if steps is not None:
+            resumed.saved_config["config"]["steps"] = run.config.steps
+            _write_json(run.path / "config.json", resumed.saved_config)
+    return start_step, float(ckpt["elapsed"]), int(ckpt.get("grad_evals", 0))
 
-    def save(step: int) -> None:
-        # Rank 0 writes the checkpoint. Under fsdp2 every rank first takes part in gathering
-        # the whole tensors; under ddp the state is already whole and the same everywhere.
-        if not lead and not sharded:
-            return
-        tensors = {
-            "model": _whole(model.state_dict()),
-            "optimizers": [_whole(opt.state_dict()) for opt in optimizers],
-            "rng": torch.get_rng_state(),
-        }
-        if not lead:
-            return
-        meta = {
-            "step": step,
-            "elapsed": elapsed,
-            "grad_evals": grad_evals,
-            # What it belongs to and what it holds, checked on resume.
-            "config": dataclasses.asdict(config),
-        }
-        atomic_save(
-            {
-                **tensors,
-                **meta,
-                "checksum": tensor_checksum(tensors),
-                "meta_checksum": meta_checksum(meta),
-            },
-            ckpt_path,
+
+def _write_new_run(run: _Run) -> None:
+    """A new run folder's config.json, meta.json, groups.txt and empty metrics.jsonl."""
+    resolved = dataclasses.asdict(run.config)
+    _write_json(
+        run.path / "config.json", {"config": resolved, "lr": run.lr, "options": run.options}
+    )
+    meta = {
+        **code_version(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "world_size": run.world,
+        "parameters": sum(p.numel() for p in run.model.parameters()),
+    }
+    _write_json(run.path / "meta.json", meta)
+    (run.path / "groups.txt").write_text(optim_registry.describe(run.optimizers) + "\n")
+    (run.path / "metrics.jsonl").write_text("")
+
+
+def _save_checkpoint(run: _Run, step: int, elapsed: float, grad_evals: int) -> None:
+    """Rank 0 writes the checkpoint. Under fsdp2 every rank first takes part in gathering the
+    whole tensors; under ddp the state is already whole and the same everywhere."""
+    if not run.lead and not run.sharded:
+        return
+    tensors = {
+        "model": _whole(run.model.state_dict()),
+        "optimizers": [_whole(opt.state_dict()) for opt in run.optimizers],
+        "rng": torch.get_rng_state(),
+    }
+    if not run.lead:
+        return
+    meta = {
+        "step": step,
+        "elapsed": elapsed,
+        "grad_evals": grad_evals,
+        # What it belongs to and what it holds, checked on resume.
+        "config": dataclasses.asdict(run.config),
+    }
+    atomic_save(
+        {
+            **tensors,
+            **meta,
+            "checksum": tensor_checksum(tensors),
+            "meta_checksum": meta_checksum(meta),
+        },
+        run.path / "checkpoint.pt",
+    )
+
+
+def _smoothness_probe(run: _Run, start_step: int) -> go.smoothness.SmoothnessProbe | None:
+    """The ``probe_every`` probe on the run's one Gluon optimizer, or ``None``."""
+    config = run.config
+    if not config.probe_every:
+        return None
+    if not isinstance(run.optimizers[0], go.Gluon) or len(run.optimizers) > 1:
+        raise ValueError(
+            f"probe_every needs one gluon_optim.Gluon optimizer; {config.optimizer!r} is not"
         )
+    # Measures (k, k+1) pairs whose k+1 is a multiple of probe_every; a pair cut by a
+    # checkpoint boundary is dropped, never half-measured.
+    return go.smoothness.SmoothnessProbe(
+        run.optimizers[0],
+        config.probe_every,
+        sink=run.path / "smoothness.jsonl" if run.lead else None,
+        start_step=start_step + 1,  # number steps as metrics.jsonl does, from 1
+    )
 
-    probe = None
-    if config.probe_every:
-        if not isinstance(optimizers[0], go.Gluon) or len(optimizers) > 1:
-            raise ValueError(
-                f"probe_every needs one gluon_optim.Gluon optimizer; {config.optimizer!r} is not"
-            )
-        # Measures (k, k+1) pairs whose k+1 is a multiple of probe_every; a pair cut by a
-        # checkpoint boundary is dropped, never half-measured.
-        probe = go.smoothness.SmoothnessProbe(
-            optimizers[0],
-            config.probe_every,
-            sink=run_path / "smoothness.jsonl" if lead else None,
-            start_step=start_step + 1,  # number steps as metrics.jsonl does, from 1
-        )
-    displacement = None
-    if config.probe_displacement:
-        displacement = _displacement_probe(
-            config,
-            optimizers[0],
-            net,
-            lambda index: _train_batch(data, config, index, block_size, shards, rank),
-            lead,
-            run_path,
-        )
-    two_point = needs_closure(optimizers)
-    grad_evals = resumed_evals
 
-    def closure_for(step: int) -> Callable[[], Tensor]:
+class _Gradients:
+    """The closures of the steps, and the count of gradient evaluations they made."""
+
+    def __init__(self, run: _Run, evals: int) -> None:
+        self.run, self.evals = run, evals
+
+    def closure(self, step: int) -> Callable[[], Tensor]:
+        run, config = self.run, self.run.config
+
         def closure() -> Tensor:
             # One gradient evaluation of this step's batch (all micro-batches). Variance-reduced
             # optimizers in exact mode call it twice: at the previous and the current iterate.
-            nonlocal grad_evals
-            for opt in optimizers:
+            for opt in run.optimizers:
                 opt.zero_grad(set_to_none=True)
             total = torch.zeros(())
             for micro in range(config.grad_accum):
-                index = step * config.grad_accum + micro
-                x, y = _train_batch(data, config, index, block_size, shards, rank)
-                loss = batch_loss(net, x, y) / config.grad_accum
+                x, y = run.batch(step * config.grad_accum + micro)
+                loss = batch_loss(run.net, x, y) / config.grad_accum
                 loss.backward()  # type: ignore[no-untyped-call]
                 total += loss.detach()
-            grad_evals += config.grad_accum
-            return _mean_over_ranks(total, world)
+            self.evals += config.grad_accum
+            return _mean_over_ranks(total, run.world)
 
         return closure
 
-    bar = _Progress(config.steps, f"{config.optimizer}/s{config.seed}", progress and lead)
-    metrics = (run_path / "metrics.jsonl").open("a") if lead else None
-    val_loss, val_acc = math.nan, None
+
+def _samples_per_step(run: _Run) -> tuple[int, str]:
+    """What one step consumes across the ranks, and its unit (tokens or images)."""
+    config = run.config
+    if isinstance(run.data, ImageDataset) and config.batch_size <= 0:
+        return run.data.num_examples("train") * config.grad_accum, "img"
+    is_lm = isinstance(run.data, TokenDataset)
+    per_step = config.batch_size * run.shards * config.grad_accum * (run.block_size if is_lm else 1)
+    return per_step, "tok" if is_lm else "img"
+
+
+def _end_parallel(run: _Run) -> None:
+    """Destroy torchrun's process group (ours), after freeing the DDP wrapper that holds it."""
+    if run.config.parallel != "none" and "RANK" in os.environ:
+        import gc
+
+        import torch.distributed as dist
+
+        run.net = run.model
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def train(
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    steps: int | None = None,
+) -> RunResult:
+    """Train ``config`` in ``run_dir`` (created if needed) and return the final numbers.
+
+    Args:
+        config: the run.
+        run_dir: the run folder.
+        resume: continue from ``run_dir/checkpoint.pt`` (the config is read from the folder).
+        progress: show a progress bar (terminal) or periodic lines (pipes) on stderr.
+        stop_after: stop after this many steps of this call, as if killed (for tests and for
+            splitting long runs); a checkpoint is written first.
+        steps: with ``resume``, run to this many steps instead of the saved number (a constant
+            schedule only: the others depend on the total).
+    """
+    run_path = Path(run_dir)
+    resumed = None
+    if resume:
+        # Everything the folder holds is read and checked before anything in it is written.
+        config, resumed = _read_resume(run_path, steps)
+    elif steps is not None:
+        raise ValueError("steps= goes with resume=True; set RunConfig.steps for a new run")
+    config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    run = _setup(config, run_path)
+    start_step, elapsed, evals = 0, 0.0, 0
+    if resumed is not None:
+        start_step, elapsed, evals = _restore(run, resumed, progress, steps)
+    elif run.lead:
+        _write_new_run(run)
+    end = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
+    probe = _smoothness_probe(run, start_step)
+    displacement = None
+    if config.probe_displacement:
+        displacement = _displacement_probe(
+            config, run.optimizers[0], run.net, run.batch, run.lead, run_path
+        )
+    gradients = _Gradients(run, evals)
+    metrics = (run_path / "metrics.jsonl").open("a") if run.lead else None
     try:
-        model.train()
-        end = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
-        for step in range(start_step, end):
-            t0 = time.perf_counter()
-            mult = lr_multiplier(config, step)
-            for opt, lrs in zip(optimizers, base_lrs, strict=True):
-                for g, base in zip(opt.param_groups, lrs, strict=True):
-                    g["lr"] = base * mult
-            loss_t = _step(optimizers, closure_for(step), two_point)
-            if displacement is not None and (step + 1) % config.probe_every == 0:
-                displacement(step + 1)
-            loss_sum = float(loss_t)
-            dt = time.perf_counter() - t0
-            elapsed += dt
-            record: dict[str, Any] = {
-                "step": step + 1,
-                "tokens": (step + 1) * per_step,
-                "loss": loss_sum,
-                "lr": optimizers[0].param_groups[0]["lr"],
-                "grad_evals": grad_evals,
-                "step_time": dt,
-                "time": elapsed,
-                **_state_metrics(optimizers),
-            }
-            if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-                val_loss, val_acc = evaluate(model, data, config, block_size, shards)
-                record["val_loss"] = val_loss
-                if val_acc is not None:
-                    record["val_accuracy"] = val_acc
-            if metrics is not None:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-            bar.update(step, loss_sum, per_step / dt if dt > 0 else 0.0, unit)
-            if not math.isfinite(loss_sum):
-                raise FloatingPointError(f"Training loss is {loss_sum} at step {step + 1}")
-            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-                save(step + 1)
+        elapsed, val = _loop(
+            run, gradients, displacement, metrics, progress, start_step, end, elapsed
+        )
         saved_in_loop = (
             end > start_step and config.checkpoint_every and not end % config.checkpoint_every
         )
         if not saved_in_loop:  # the last step's checkpoint is not written twice
-            save(end)
-        if world > 1:
+            _save_checkpoint(run, end, elapsed, gradients.evals)
+        if run.world > 1:
             import torch.distributed as dist
 
             dist.barrier()  # the checkpoint and metrics are written before any rank reads them
@@ -1192,47 +1241,91 @@ def train(
             metrics.close()
         if probe is not None:
             probe.remove()
-        if config.parallel != "none" and "RANK" in os.environ:  # torchrun's group, ours
-            import gc
+        # The displacement probe's closure holds the DDP wrapper, which holds the group.
+        displacement = None
+        _end_parallel(run)
+    return _result(run, end, elapsed, val)
 
-            import torch.distributed as dist
 
-            # The DDP wrapper (its reducer holds the group) is freed first, with the
-            # displacement probe's closure over it.
-            net, displacement = model, None
-            gc.collect()
-            dist.destroy_process_group()
+def _loop(
+    run: _Run,
+    gradients: _Gradients,
+    displacement: Callable[[int], None] | None,
+    metrics: IO[str] | None,
+    progress: bool,
+    start_step: int,
+    end: int,
+    elapsed: float,
+) -> tuple[float, tuple[float, float | None]]:
+    """Steps ``start_step`` to ``end``: schedule, step, probes, metrics, evaluation and
+    checkpoints. Returns the training time so far and the last evaluation (NaN if none ran)."""
+    config, optimizers = run.config, run.optimizers
+    base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
+    per_step, unit = _samples_per_step(run)
+    two_point = needs_closure(optimizers)
+    bar = _Progress(config.steps, f"{config.optimizer}/s{config.seed}", progress and run.lead)
+    val: tuple[float, float | None] = (math.nan, None)
+    run.model.train()
+    for step in range(start_step, end):
+        t0 = time.perf_counter()
+        mult = lr_multiplier(config, step)
+        for opt, lrs in zip(optimizers, base_lrs, strict=True):
+            for g, base in zip(opt.param_groups, lrs, strict=True):
+                g["lr"] = base * mult
+        loss_t = _step(optimizers, gradients.closure(step), two_point)
+        if displacement is not None and (step + 1) % config.probe_every == 0:
+            displacement(step + 1)
+        loss_sum = float(loss_t)
+        dt = time.perf_counter() - t0
+        elapsed += dt
+        record: dict[str, Any] = {
+            "step": step + 1,
+            "tokens": (step + 1) * per_step,
+            "loss": loss_sum,
+            "lr": optimizers[0].param_groups[0]["lr"],
+            "grad_evals": gradients.evals,
+            "step_time": dt,
+            "time": elapsed,
+            **_state_metrics(optimizers),
+        }
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            val = evaluate(run.model, run.data, config, run.block_size, run.shards)
+            record["val_loss"] = val[0]
+            if val[1] is not None:
+                record["val_accuracy"] = val[1]
+        if metrics is not None:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+        bar.update(step, loss_sum, per_step / dt if dt > 0 else 0.0, unit)
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"Training loss is {loss_sum} at step {step + 1}")
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+            _save_checkpoint(run, step + 1, elapsed, gradients.evals)
+    return elapsed, val
+
+
+def _result(run: _Run, end: int, elapsed: float, val: tuple[float, float | None]) -> RunResult:
+    """The run's numbers; a finished run's are written to summary.json too."""
+    config = run.config
+    val_loss, val_acc = val
     if math.isnan(val_loss):  # nothing left to run (resuming a finished run)
-        val_loss, val_acc = evaluate(model, data, config, block_size, shards)
-    step_times = [r["step_time"] for r in read_metrics(run_path) if "step_time" in r]
+        val_loss, val_acc = evaluate(run.model, run.data, config, run.block_size, run.shards)
+    step_times = [r["step_time"] for r in read_metrics(run.path) if "step_time" in r]
     median_ms = 1000 * statistics.median(step_times) if step_times else math.nan
-    if end < config.steps:  # stopped early on request: no summary yet
-        return RunResult(
-            str(run_path),
-            config.optimizer,
-            config.seed,
-            end,
-            val_loss,
-            val_acc,
-            elapsed,
-            state_bytes(optimizers),
-            lr,
-            median_ms,
-        )
     result = RunResult(
-        run_dir=str(run_path),
+        run_dir=str(run.path),
         optimizer=config.optimizer,
         seed=config.seed,
-        steps=config.steps,
+        steps=end,
         final_val_loss=val_loss,
         final_val_accuracy=val_acc,
         train_time_s=elapsed,
-        optimizer_state_bytes=state_bytes(optimizers),
-        lr=lr,
+        optimizer_state_bytes=state_bytes(run.optimizers),
+        lr=run.lr,
         median_step_ms=median_ms,
     )
-    if lead:
-        _write_json(run_path / "summary.json", dataclasses.asdict(result))
+    if end == config.steps and run.lead:  # stopped early on request: no summary yet
+        _write_json(run.path / "summary.json", dataclasses.asdict(result))
     return result
 
 
