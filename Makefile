@@ -35,7 +35,7 @@ test-vision: $(VISION_STAMP)
 ## test-compat: the test suite on every supported pair, each in its own venv under .venv-compat/
 ## (scripts/compat.sh): Python 3.11, 3.12 and 3.13 with torch 2.14.1, and Python 3.11 with the
 ## oldest torch pyproject.toml admits. About 10 minutes a pair on 2 cores, installs included.
-OLDEST_TORCH := 2.6.0
+OLDEST_TORCH := 2.9.1
 COMPAT := 3.11:2.14.1 3.12:2.14.1 3.13:2.14.1 3.11:$(OLDEST_TORCH)
 test-compat:
 	@for pair in $(COMPAT); do bash scripts/compat.sh $${pair%%:*} $${pair##*:} || exit 1; done
