@@ -324,3 +324,31 @@ def test_allow_degenerate_opts_into_the_reduction(tiny: TinyNet) -> None:
     go.limuon(tiny, low_rank=False, two_point="approx", allow_degenerate=True)
     fresh = go.gluon(tiny, estimator="mvr1", two_point="approx", allow_degenerate=True)
     fresh.load_state_dict(opt.state_dict())
+
+
+def test_a_failed_direction_stage_leaves_adamw_groups_untouched(
+    tiny: TinyNet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # AdamW groups take their whole step after the direction stage, so a direction that fails
+    # (a compiler error, a distributed owner) cannot have moved them. (The LMO groups' momenta
+    # have been updated by then: the estimator stage precedes the directions.)
+    matrices = [p for p in tiny.parameters() if p.ndim == 2]
+    vectors = [p for p in tiny.parameters() if p.ndim != 2]
+    opt = go.Gluon([{"params": matrices}, {"params": vectors, "algorithm": "adamw"}], lr=0.01)
+    x = torch.randint(0, 23, (4, 10), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):  # a started state, so the moments and step counts exist to compare
+        lm_loss(tiny, x).backward()
+        opt.step()
+    lm_loss(tiny, x).backward()
+    before = [p.detach().clone() for p in vectors]
+    moments = [{k: v.clone() for k, v in opt.state[p].items()} for p in vectors]
+
+    def fail(requests: object) -> None:
+        raise RuntimeError("direction stage failed (injected)")
+
+    monkeypatch.setattr(opt.executor, "directions", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        opt.step()
+    for p, old, state in zip(vectors, before, moments, strict=True):
+        assert torch.equal(p, old)
+        assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())

@@ -209,7 +209,7 @@ def test_an_empty_state_is_a_fresh_start_for_those_parameters(config: str, form:
     model, opt = _stepped(build)
     saved = copy.deepcopy(opt.state_dict())
     ref_model, ref_opt = _copy(model, opt, build)
-    first = next(iter(saved["state"]))
+    first = saved["param_groups"][0]["params"][0]  # the state of the parameter popped below
     if form == "no entries":
         saved["state"] = {}
         ref_opt.state.clear()
@@ -231,7 +231,7 @@ def test_a_state_at_step_0_is_a_placeholder_and_loads_as_fresh() -> None:
     model, opt = _stepped(build)
     saved = copy.deepcopy(opt.state_dict())
     ref_model, ref_opt = _copy(model, opt, build)
-    first = next(iter(saved["state"]))
+    first = saved["param_groups"][0]["params"][0]  # the state of the parameter popped below
     saved["state"][first] = {"step": torch.tensor(0.0)}
     ref_opt.state.pop(ref_opt.param_groups[0]["params"][0])
     opt.load_state_dict(saved)

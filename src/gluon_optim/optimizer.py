@@ -222,13 +222,17 @@ class Algorithm:
     direction stage and returns the parameters that still need a direction (AdamW needs none
     and returns ``[]``). ``state`` lists the per-parameter state keys it may keep, given the
     group (besides ``"step"``); ``kept`` those every step leaves, which a loaded state that
-    has started must hold (:meth:`Gluon.load_state_dict`).
+    has started must hold (:meth:`Gluon.load_state_dict`). An algorithm with
+    ``directions=False`` takes its whole step in ``update``, which the step calls only after
+    every direction of the step has been computed: a direction that fails (a distributed
+    owner, a compiler) then leaves those groups' parameters and state as they were.
     """
 
     name: str
     update: Callable[[Gluon, int, dict[str, Any], _Items, _AtPrevious], list[_Pending]]
     state: Callable[[Mapping[str, Any]], tuple[str, ...]]
     kept: Callable[[Mapping[str, Any]], tuple[str, ...]]
+    directions: bool = True
 
 
 def _lmo_estimate(
@@ -413,7 +417,9 @@ def _lmo_kept(group: Mapping[str, Any]) -> tuple[str, ...]:
 #: Every algorithm by the value of the group key ``algorithm``.
 ALGORITHMS: dict[str, Algorithm] = {
     "lmo": Algorithm("lmo", _lmo_estimate, _lmo_state, _lmo_kept),
-    "adamw": Algorithm("adamw", _adamw, lambda group: _ADAMW_STATE, lambda group: _ADAMW_STATE),
+    "adamw": Algorithm(
+        "adamw", _adamw, lambda group: _ADAMW_STATE, lambda group: _ADAMW_STATE, directions=False
+    ),
 }
 
 _MOMENTUM_KEYS = frozenset(
@@ -829,19 +835,25 @@ class Gluon(Optimizer):
         at_previous = self._two_point.gradients(work, from_closure)
         skipped = self._nonfinite_groups(work, at_previous)
 
-        # Stage 3 (or a whole algorithm, for AdamW groups).
+        # Stage 3 for the groups that need directions; the others (AdamW) wait for stage 4.
         pending: list[_Pending] = []
+        whole: list[tuple[int, dict[str, Any], _Items, Algorithm]] = []
         for index, (group, items) in enumerate(work):
             if index not in skipped and items:
-                update = ALGORITHMS[group["algorithm"]].update
-                pending += update(self, index, group, items, at_previous)
+                algorithm = ALGORITHMS[group["algorithm"]]
+                if algorithm.directions:
+                    pending += algorithm.update(self, index, group, items, at_previous)
+                else:
+                    whole.append((index, group, items, algorithm))
         # Stage 4, one call for every LMO of the step.
         results = self.executor.directions([item.request() for item in pending])
         for item, result in zip(pending, results, strict=True):
             item.direction, item.dual = result.direction, result.dual
-        # Stages 5-6.
+        # Stages 5-6, and the algorithms that take their whole step at once.
         for item in pending:
             _apply(item)
+        for index, group, items, algorithm in whole:
+            algorithm.update(self, index, group, items, at_previous)
         self._two_point.finish()
         return loss
 
