@@ -298,7 +298,7 @@ def _lmo_estimate(
         norm = resolve_norm(group, p)
         shape = tuple(p.shape)
         if isinstance(p, DTensor) or estimate is not None:
-            # The owner rank builds the norm's view of the whole tensor (distributed.py).
+            # The owner rank builds the norm's view of the whole tensor (gluon_optim.distributed).
             sharded = isinstance(p, DTensor) and p.placements[0].is_shard()
             layout = ShardLayout(shape, group["transposed"], sharded)
             operand = m

@@ -19,6 +19,7 @@ from torch import nn
 
 import gluon_optim as go
 from gluon_optim import norms as go_norms
+from gluon_optim.distributed import replicated
 
 STEPS = 3
 VOCAB = 11
@@ -277,7 +278,8 @@ def errors(rank: int, world: int) -> dict[str, str]:
         opt = go.muon(net, distributed="replicated")
         loss_of(net, 0).backward()
         before = params(net)
-        compute = go.distributed.compute
+        # The replicated executor's own reference to the direction computation.
+        compute = replicated.compute
 
         def failing(requests: Any) -> Any:
             if any(r.operand.numel() > 1 for r in requests):  # not the dtype probe
@@ -285,11 +287,11 @@ def errors(rank: int, world: int) -> dict[str, str]:
             return compute(requests)
 
         if rank == 1:
-            go.distributed.compute = failing  # type: ignore[assignment]
+            replicated.compute = failing  # type: ignore[assignment]
         try:
             opt.step()
         finally:
-            go.distributed.compute = compute  # type: ignore[assignment]
+            replicated.compute = compute  # type: ignore[assignment]
             if any(not torch.equal(before[n], params(net)[n]) for n in LMO_MATRICES):
                 raise FloatingPointError("an LMO parameter moved")
 

@@ -1,0 +1,379 @@
+"""The ``"sharded"`` direction stage (FSDP2): owners assemble whole tensors from all ranks' rows.
+
+Two phases of row all-to-alls per step: each rank sends every owner its rows of the owner's
+operands; each owner computes the direction of the whole tensor, exactly as one process does,
+and sends every rank its rows of it (see :class:`ShardedExecutor`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from gluon_optim.directions import DirectionRequest, DirectionResult, ShardLayout, compute
+from gluon_optim.distributed.replicated import ReplicatedExecutor
+from gluon_optim.distributed.tensors import rows
+from gluon_optim.distributed.wire import EXCHANGE_CHUNKS, STATUS, Wire, pack, padded
+
+__all__ = ["ShardedExecutor"]
+
+
+class ShardedExecutor(ReplicatedExecutor):
+    """The ``"sharded"`` direction stage (FSDP2): owners assemble whole tensors from shards.
+
+    Every request is this rank's rows of a ``Shard(0)`` DTensor (or the whole of a
+    ``Replicate()`` one), in the parameter's layout (:class:`ShardLayout`). Two phases of
+    ``all_to_all_single`` calls, each one buffer of bytes with uneven splits:
+
+    1. every rank sends each owner its rows of the owner's operands (cast to what the norm
+       reads, :meth:`Norm.reads_as`: bfloat16 for bfloat16 Newton–Schulz) and, for the
+       gradient-dual radius, of the gradients;
+    2. each owner computes the direction of the whole tensor (and the dual norm), exactly as
+       one process does, and sends every rank its rows of the direction (and the dual); each
+       message starts with an 8-byte status.
+
+    Each phase is :data:`EXCHANGE_CHUNKS` asynchronous all-to-alls, one per share of every
+    owner's matrices: an owner computes its first share while the rows of the next arrive,
+    and sends its directions while it computes the next.
+
+    Each rank sends ``sum_j rows_r(j) * q_j * (a_j + b_j)`` bytes for the parameters ``j`` it
+    does not own (``q_j`` elements per row, ``a_j`` / ``b_j`` the item sizes in and out) and
+    receives the same for those it owns: with balanced shards and owners ``(W - 1) P / W^2 *
+    (a + b)`` per rank, ``4 (W - 1) P / W^2`` for bfloat16 both ways. ``Replicate()``
+    parameters send nothing in phase 1 and the whole direction from the owner to every rank.
+    Nothing in the stage dispatches through DTensor, so nothing else communicates.
+
+    Attributes (besides :class:`ReplicatedExecutor`'s):
+        last_phase_bytes: the bytes this rank sent to other ranks in each phase of the last
+            step (padding to 8 bytes per part and the statuses included); ``last_bytes`` is
+            their sum.
+    """
+
+    mode = "sharded"
+    last_phase_bytes: list[int]
+
+    def _rows(self, layout: ShardLayout, rank: int) -> tuple[int, int]:
+        n = layout.shape[0] if layout.shape else 1
+        return rows(n, self.world, rank) if layout.sharded else (0, n)
+
+    def directions(self, requests: Sequence[DirectionRequest]) -> list[DirectionResult]:
+        plan = self.plan()
+        world, me = self.world, self.rank
+        self.last_phase_bytes = [0, 0]
+        owner = [plan.owners[r.key] for r in requests]
+        wires = [self._wire(r) for r in requests]
+        device = requests[0].operand.device if requests else torch.device("cpu")
+
+        def nrows(j: int, rank: int) -> int:
+            layout = wires[j].layout
+            start, stop = self._rows(layout, rank)
+            return stop - start
+
+        # -- phase 1: every rank's rows of the owners' operands -------------------------------
+        def inbound(j: int, src: int) -> list[int]:
+            """Bytes of each part ``src`` sends the owner of request ``j``."""
+            w = wires[j]
+            if not w.layout.sharded or owner[j] == src:
+                return []
+            return [padded(nrows(j, src) * w.row * d.itemsize) for d in w.inbound]
+
+        # In chunks, like phase 2 below: an owner assembles and computes its first matrices
+        # while the rows of the others are still arriving.
+        chunks = self._chunks(owner)
+        arriving = []
+        for chunk in chunks:
+            outgoing: list[list[Tensor]] = [[] for _ in range(world)]
+            for j in chunk:
+                if inbound(j, me):
+                    outgoing[owner[j]] += self._parts(requests[j], wires[j])
+            arriving.append(
+                self._all_to_all(
+                    outgoing,
+                    [
+                        sum(sum(inbound(j, src)) for j in chunk if owner[j] == me)
+                        for src in range(world)
+                    ],
+                    phase=0,
+                    total=sum(sum(inbound(j, src)) for j in chunk for src in range(world)),
+                    device=device,
+                )
+            )
+
+        def assemble(j: int, incoming: list[Tensor], cursor: list[int]) -> list[Tensor]:
+            """The whole tensors of owned request ``j``, from every rank's rows."""
+            w = wires[j]
+            if not w.layout.sharded or world == 1:
+                # The whole tensor is here already, uncast: Norm.reads_as promises the same
+                # direction either way.
+                return self._parts(requests[j], w, cast=False)
+            local_parts = self._parts(requests[j], w)
+            rows_of: list[list[Tensor]] = [[] for _ in w.inbound]
+            for src in range(world):
+                if src == me:
+                    for into, part in zip(rows_of, local_parts, strict=True):
+                        into.append(part)
+                    continue
+                shape = (nrows(j, src), *w.layout.shape[1:])
+                for into, dtype, size in zip(rows_of, w.inbound, inbound(j, src), strict=True):
+                    at = cursor[src]
+                    n = math.prod(shape) * dtype.itemsize
+                    into.append(incoming[src][at : at + n].view(dtype).view(shape))
+                    cursor[src] = at + size
+            return [torch.cat(parts) for parts in rows_of]
+
+        # -- phase 2, in chunks: each owner computes its first half of matrices and sends
+        # their direction rows asynchronously while it computes the rest, so a rank that is
+        # ahead keeps computing instead of waiting for the others.
+        def returned(j: int, dst: int) -> list[int]:
+            """Bytes of each part the owner of request ``j`` sends ``dst``."""
+            w = wires[j]
+            if owner[j] == dst:
+                return []
+            sizes = [padded(nrows(j, dst) * w.row * w.direction.itemsize)]
+            if w.dual is not None:
+                sizes.append(8)
+            sizes += [padded(math.prod(shape) * d.itemsize) for _, shape, d in w.state]
+            return sizes
+
+        computed: dict[int, DirectionResult] = {}
+        full_d: dict[int, Tensor] = {}
+        new_state: dict[int, dict[str, Tensor]] = {}
+        # An owner that fails (an SVD that does not converge, memory) must still take part in
+        # every exchange, or the other ranks would wait forever: it sends stand-ins and a
+        # failure status, and every rank raises once all exchanges are done.
+        failure: Exception | None = None
+        pending = []
+        ok, failed = (torch.tensor([value], dtype=torch.int64, device=device) for value in (0, 1))
+        for chunk, rows_arriving in zip(chunks, arriving, strict=True):
+            owned = [j for j in chunk if owner[j] == me]
+            incoming, cursor = rows_arriving(), [0] * world  # every rank waits for every chunk
+            parts = None
+            if failure is None:
+                try:
+                    wholes = {j: assemble(j, incoming, cursor) for j in owned}
+                    parts = self._owned(requests, wires, owned, wholes)
+                except Exception as e:
+                    failure = e
+            if parts is None:
+                parts = self._stand_ins(wires, owned, device)
+            computed.update(parts[0])
+            full_d.update(parts[1])
+            new_state.update(parts[2])
+            # Each message starts with the sender's status (8 bytes): 1 if its work failed.
+            status = ok if failure is None else failed
+            messages: list[list[Tensor]] = [[status] if d != me else [] for d in range(world)]
+            for j in owned:
+                result = computed[j]
+                for dst in range(world):
+                    if dst == me:
+                        continue
+                    start, stop = self._rows(wires[j].layout, dst)
+                    messages[dst].append(full_d[j][start:stop])
+                    if result.dual is not None:
+                        messages[dst].append(result.dual.to(torch.float64).reshape(1))
+                    messages[dst] += [new_state[j][key] for key, _, _ in wires[j].state]
+            pending.append(
+                self._all_to_all(
+                    messages,
+                    [
+                        (src != me) * STATUS
+                        + sum(sum(returned(j, me)) for j in chunk if owner[j] == src)
+                        for src in range(world)
+                    ],
+                    phase=1,
+                    total=world * (world - 1) * STATUS,
+                    device=device,
+                )
+            )
+        received = [finish() for finish in pending]
+        # Every other rank's status in every chunk, read in one host transfer.
+        others = [src for src in range(world) if src != me]
+        flags = (
+            torch.stack(
+                [
+                    incoming[src][:STATUS].view(torch.int64)[0]
+                    for incoming in received
+                    for src in others
+                ]
+            )
+            if others
+            else torch.zeros(0, dtype=torch.int64)
+        )
+        statuses = [0] * world
+        for n, flag in enumerate(flags.tolist()):
+            statuses[others[n % len(others)]] |= int(flag)
+        self._raise_for(statuses, failure)
+        out: dict[int, DirectionResult] = {}
+        for chunk, incoming in zip(chunks, received, strict=True):
+            cursor = [STATUS] * world
+            for j in chunk:
+                r, w = requests[j], wires[j]
+                if owner[j] == me:
+                    start, stop = self._rows(w.layout, me)
+                    out[j] = DirectionResult(full_d[j][start:stop], computed[j].dual)
+                    if r.estimate is not None:
+                        r.estimate.commit(new_state[j])
+                    continue
+                src = owner[j]
+                shapes: list[tuple[tuple[int, ...], torch.dtype]] = [
+                    ((nrows(j, me), *w.layout.shape[1:]), w.direction)
+                ]
+                if w.dual is not None:
+                    shapes.append(((1,), torch.float64))
+                shapes += [(shape, d) for _, shape, d in w.state]
+                got: list[Tensor] = []
+                for (shape, dtype), size in zip(shapes, returned(j, me), strict=True):
+                    at = cursor[src]
+                    n = math.prod(shape) * dtype.itemsize
+                    got.append(incoming[src][at : at + n].view(dtype).view(shape))
+                    cursor[src] = at + size
+                dual = None if w.dual is None else got[1][0].to(w.dual)
+                if r.estimate is not None:
+                    tail = got[2:] if w.dual is not None else got[1:]
+                    r.estimate.commit(
+                        {key: t.clone() for (key, _, _), t in zip(w.state, tail, strict=True)}
+                    )
+                out[j] = DirectionResult(got[0], dual)
+        return [out[j] for j in range(len(requests))]
+
+    @staticmethod
+    def _chunks(owner: Sequence[int]) -> list[list[int]]:
+        """The requests in :data:`EXCHANGE_CHUNKS` chunks: each owner's first share of the
+        matrices it owns, then the next (the same partition on every rank)."""
+        position: dict[int, int] = {}
+        count: dict[int, int] = {}
+        for j, o in enumerate(owner):
+            position[j] = count.get(o, 0)
+            count[o] = position[j] + 1
+        chunks: list[list[int]] = [[] for _ in range(EXCHANGE_CHUNKS)]
+        for j, o in enumerate(owner):
+            chunks[position[j] * EXCHANGE_CHUNKS // count[o]].append(j)
+        return chunks
+
+    @staticmethod
+    def _owned(
+        requests: Sequence[DirectionRequest],
+        wires: Sequence[Wire],
+        mine: Sequence[int],
+        wholes: Mapping[int, list[Tensor]],
+    ) -> tuple[dict[int, DirectionResult], dict[int, Tensor], dict[int, dict[str, Tensor]]]:
+        """The owner's work on its whole tensors: the results (in the norm's view), the
+        directions in the parameters' layout, and the new state of owner-run estimators."""
+        momenta: dict[int, Tensor] = {}
+        new_state: dict[int, dict[str, Tensor]] = {}
+        views = []
+        for j in mine:
+            r, parts, transposed = requests[j], wholes[j], wires[j].layout.transposed
+            gradient = parts[1] if r.gradient is not None and r.estimate is None else None
+            if r.estimate is not None:
+                partner = parts[1] if r.estimate.partner is not None else None
+                momenta[j], new_state[j] = r.estimate.run(parts[0], partner)
+                if r.gradient is not None:
+                    gradient = parts[0]  # the estimate's operand rows are the gradient's
+            else:
+                momenta[j] = parts[0]
+            views.append(
+                DirectionRequest(
+                    r.key,
+                    r.norm,
+                    r.norm.operand(momenta[j], transposed),
+                    r.batch,
+                    r.dual,
+                    None if gradient is None else r.norm.operand(gradient, transposed),
+                )
+            )
+        computed = dict(zip(mine, compute(views), strict=True))
+        full_d = {
+            j: requests[j].norm.restore(
+                computed[j].direction, momenta[j], wires[j].layout.transposed
+            )
+            for j in mine
+        }
+        return computed, full_d, new_state
+
+    @staticmethod
+    def _stand_ins(
+        wires: Sequence[Wire], mine: Sequence[int], device: torch.device
+    ) -> tuple[dict[int, DirectionResult], dict[int, Tensor], dict[int, dict[str, Tensor]]]:
+        """Zeros shaped like :meth:`_owned`'s results, sent when it failed (never applied)."""
+        computed, full_d, new_state = {}, {}, {}
+        for j in mine:
+            w = wires[j]
+            full_d[j] = torch.zeros(w.layout.shape, dtype=w.direction, device=device)
+            dual = None if w.dual is None else torch.zeros((), dtype=w.dual, device=device)
+            computed[j] = DirectionResult(full_d[j], dual)
+            new_state[j] = {
+                key: torch.zeros(shape, dtype=dtype, device=device) for key, shape, dtype in w.state
+            }
+        return computed, full_d, new_state
+
+    def _wire(self, r: DirectionRequest) -> Wire:
+        """What request ``r`` sends each way (the same on every rank)."""
+        layout = r.layout
+        assert layout is not None, "sharded requests carry their layout"
+        if r.estimate is not None:
+            # The owner runs the estimator on the gradient's own bits.
+            inbound = [r.operand.dtype]
+            if r.estimate.partner is not None:
+                inbound.append(r.estimate.partner.dtype)
+            wire = r.operand.dtype
+            state = tuple((key, shape, dtype) for key, (shape, dtype) in r.estimate.state.items())
+        else:
+            # The momentum dual needs the operand's own bits; a bfloat16 Newton–Schulz does not.
+            wire = r.operand.dtype if r.dual == "momentum" else r.norm.reads_as(r.operand.dtype)
+            inbound = [wire]
+            if r.gradient is not None:
+                inbound.append(r.gradient.dtype)
+            state = ()
+        # The owner computes on the norm's view of the whole tensor, in the wire dtype.
+        ndim = len(r.norm.operand_shape(layout.shape, layout.transposed))
+        direction, dual = self._dtypes_of(r, wire, ndim)
+        return Wire(layout, math.prod(layout.shape[1:]), tuple(inbound), direction, dual, state)
+
+    @staticmethod
+    def _parts(r: DirectionRequest, w: Wire, cast: bool = True) -> list[Tensor]:
+        """This rank's row-shaped parts of request ``r``, in ``w.inbound``'s order (the operand
+        cast to its wire dtype unless ``cast`` is false)."""
+        parts = [r.operand.to(w.inbound[0]) if cast else r.operand]
+        if r.estimate is not None:
+            if r.estimate.partner is not None:
+                parts.append(r.estimate.partner)
+        elif r.gradient is not None:
+            parts.append(r.gradient)
+        return parts
+
+    def _all_to_all(
+        self,
+        outgoing: list[list[Tensor]],
+        incoming_sizes: list[int],
+        phase: int,
+        total: int,
+        device: torch.device,
+    ) -> Callable[[], list[Tensor]]:
+        """One asynchronous ``all_to_all_single`` of bytes, ``outgoing[dst]`` to each rank;
+        returns a function that waits for it and returns what came from each rank. Skipped when
+        no rank sends anything (every rank knows ``total``)."""
+        packed = [pack(parts) for parts in outgoing]
+        sizes = [sum(t.numel() for t in parts) for parts in packed]
+        self.last_phase_bytes[phase] += sum(sizes)
+        self.last_bytes += sum(sizes)
+        empty = [torch.empty(0, dtype=torch.uint8, device=device) for _ in range(self.world)]
+        if total == 0:
+            return lambda: empty
+        send = torch.cat([t for parts in packed for t in parts]) if any(sizes) else empty[0]
+        recv = torch.empty(sum(incoming_sizes), dtype=torch.uint8, device=device)
+        work = dist.all_to_all_single(
+            recv, send, incoming_sizes, sizes, group=self._group, async_op=True
+        )
+        self.last_collectives += 1
+
+        def finish() -> list[Tensor]:
+            if work is not None:
+                work.wait()
+            return list(torch.split(recv, incoming_sizes))
+
+        return finish
