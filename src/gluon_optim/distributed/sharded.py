@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,62 @@ from gluon_optim.distributed.tensors import rows
 from gluon_optim.distributed.wire import EXCHANGE_CHUNKS, STATUS, Wire, pack, padded
 
 __all__ = ["ShardedExecutor"]
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One sharded step: the requests, what each sends each way, and their owners, all derived
+    the same way on every rank, so every rank knows every message's size."""
+
+    requests: Sequence[DirectionRequest]
+    wires: list[Wire]
+    owner: list[int]
+    world: int
+    rank: int
+    device: torch.device
+
+    def nrows(self, j: int, rank: int) -> int:
+        """How many rows of request ``j``'s tensor ``rank`` holds."""
+        layout = self.wires[j].layout
+        n = layout.shape[0] if layout.shape else 1
+        start, stop = rows(n, self.world, rank) if layout.sharded else (0, n)
+        return stop - start
+
+    def inbound(self, j: int, src: int) -> list[int]:
+        """Bytes of each part ``src`` sends the owner of request ``j`` (phase 1)."""
+        w = self.wires[j]
+        if not w.layout.sharded or self.owner[j] == src:
+            return []
+        return [padded(self.nrows(j, src) * w.row * d.itemsize) for d in w.inbound]
+
+    def returned(self, j: int, dst: int) -> list[int]:
+        """Bytes of each part the owner of request ``j`` sends ``dst`` (phase 2)."""
+        w = self.wires[j]
+        if self.owner[j] == dst:
+            return []
+        sizes = [padded(self.nrows(j, dst) * w.row * w.direction.itemsize)]
+        if w.dual is not None:
+            sizes.append(8)
+        sizes += [padded(math.prod(shape) * d.itemsize) for _, shape, d in w.state]
+        return sizes
+
+
+@dataclass
+class _OwnerWork:
+    """What this rank computed for the requests it owns (or stand-ins), and its failure."""
+
+    computed: dict[int, DirectionResult] = field(default_factory=dict)  # in the norm's view
+    full_d: dict[int, Tensor] = field(default_factory=dict)  # in the parameter's layout
+    new_state: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    failure: Exception | None = None
+
+    def add(
+        self,
+        parts: tuple[dict[int, DirectionResult], dict[int, Tensor], dict[int, dict[str, Tensor]]],
+    ) -> None:
+        self.computed.update(parts[0])
+        self.full_d.update(parts[1])
+        self.new_state.update(parts[2])
 
 
 class ShardedExecutor(ReplicatedExecutor):
@@ -62,183 +119,174 @@ class ShardedExecutor(ReplicatedExecutor):
 
     def directions(self, requests: Sequence[DirectionRequest]) -> list[DirectionResult]:
         plan = self.plan()
-        world, me = self.world, self.rank
         self.last_phase_bytes = [0, 0]
-        owner = [plan.owners[r.key] for r in requests]
-        wires = [self._wire(r) for r in requests]
-        device = requests[0].operand.device if requests else torch.device("cpu")
-
-        def nrows(j: int, rank: int) -> int:
-            layout = wires[j].layout
-            start, stop = self._rows(layout, rank)
-            return stop - start
-
-        # -- phase 1: every rank's rows of the owners' operands -------------------------------
-        def inbound(j: int, src: int) -> list[int]:
-            """Bytes of each part ``src`` sends the owner of request ``j``."""
-            w = wires[j]
-            if not w.layout.sharded or owner[j] == src:
-                return []
-            return [padded(nrows(j, src) * w.row * d.itemsize) for d in w.inbound]
-
-        # In chunks, like phase 2 below: an owner assembles and computes its first matrices
-        # while the rows of the others are still arriving.
-        chunks = self._chunks(owner)
-        arriving = []
-        for chunk in chunks:
-            outgoing: list[list[Tensor]] = [[] for _ in range(world)]
-            for j in chunk:
-                if inbound(j, me):
-                    outgoing[owner[j]] += self._parts(requests[j], wires[j])
-            arriving.append(
-                self._all_to_all(
-                    outgoing,
-                    [
-                        sum(sum(inbound(j, src)) for j in chunk if owner[j] == me)
-                        for src in range(world)
-                    ],
-                    phase=0,
-                    total=sum(sum(inbound(j, src)) for j in chunk for src in range(world)),
-                    device=device,
-                )
-            )
-
-        def assemble(j: int, incoming: list[Tensor], cursor: list[int]) -> list[Tensor]:
-            """The whole tensors of owned request ``j``, from every rank's rows."""
-            w = wires[j]
-            if not w.layout.sharded or world == 1:
-                # The whole tensor is here already, uncast: Norm.reads_as promises the same
-                # direction either way.
-                return self._parts(requests[j], w, cast=False)
-            local_parts = self._parts(requests[j], w)
-            rows_of: list[list[Tensor]] = [[] for _ in w.inbound]
-            for src in range(world):
-                if src == me:
-                    for into, part in zip(rows_of, local_parts, strict=True):
-                        into.append(part)
-                    continue
-                shape = (nrows(j, src), *w.layout.shape[1:])
-                for into, dtype, size in zip(rows_of, w.inbound, inbound(j, src), strict=True):
-                    at = cursor[src]
-                    n = math.prod(shape) * dtype.itemsize
-                    into.append(incoming[src][at : at + n].view(dtype).view(shape))
-                    cursor[src] = at + size
-            return [torch.cat(parts) for parts in rows_of]
-
-        # -- phase 2, in chunks: each owner computes its first half of matrices and sends
-        # their direction rows asynchronously while it computes the rest, so a rank that is
-        # ahead keeps computing instead of waiting for the others.
-        def returned(j: int, dst: int) -> list[int]:
-            """Bytes of each part the owner of request ``j`` sends ``dst``."""
-            w = wires[j]
-            if owner[j] == dst:
-                return []
-            sizes = [padded(nrows(j, dst) * w.row * w.direction.itemsize)]
-            if w.dual is not None:
-                sizes.append(8)
-            sizes += [padded(math.prod(shape) * d.itemsize) for _, shape, d in w.state]
-            return sizes
-
-        computed: dict[int, DirectionResult] = {}
-        full_d: dict[int, Tensor] = {}
-        new_state: dict[int, dict[str, Tensor]] = {}
+        step = _Step(
+            requests,
+            [self._wire(r) for r in requests],
+            [plan.owners[r.key] for r in requests],
+            self.world,
+            self.rank,
+            requests[0].operand.device if requests else torch.device("cpu"),
+        )
+        chunks = self._chunks(step.owner)
+        arriving = [self._send_rows(step, chunk) for chunk in chunks]
         # An owner that fails (an SVD that does not converge, memory) must still take part in
         # every exchange, or the other ranks would wait forever: it sends stand-ins and a
         # failure status, and every rank raises once all exchanges are done.
-        failure: Exception | None = None
-        pending = []
-        ok, failed = (torch.tensor([value], dtype=torch.int64, device=device) for value in (0, 1))
-        for chunk, rows_arriving in zip(chunks, arriving, strict=True):
-            owned = [j for j in chunk if owner[j] == me]
-            incoming, cursor = rows_arriving(), [0] * world  # every rank waits for every chunk
-            parts = None
-            if failure is None:
-                try:
-                    wholes = {j: assemble(j, incoming, cursor) for j in owned}
-                    parts = self._owned(requests, wires, owned, wholes)
-                except Exception as e:
-                    failure = e
-            if parts is None:
-                parts = self._stand_ins(wires, owned, device)
-            computed.update(parts[0])
-            full_d.update(parts[1])
-            new_state.update(parts[2])
-            # Each message starts with the sender's status (8 bytes): 1 if its work failed.
-            status = ok if failure is None else failed
-            messages: list[list[Tensor]] = [[status] if d != me else [] for d in range(world)]
-            for j in owned:
-                result = computed[j]
-                for dst in range(world):
-                    if dst == me:
-                        continue
-                    start, stop = self._rows(wires[j].layout, dst)
-                    messages[dst].append(full_d[j][start:stop])
-                    if result.dual is not None:
-                        messages[dst].append(result.dual.to(torch.float64).reshape(1))
-                    messages[dst] += [new_state[j][key] for key, _, _ in wires[j].state]
-            pending.append(
-                self._all_to_all(
-                    messages,
-                    [
-                        (src != me) * STATUS
-                        + sum(sum(returned(j, me)) for j in chunk if owner[j] == src)
-                        for src in range(world)
-                    ],
-                    phase=1,
-                    total=world * (world - 1) * STATUS,
-                    device=device,
-                )
-            )
+        work = _OwnerWork()
+        pending = [
+            self._send_directions(step, chunk, rows_arriving, work)
+            for chunk, rows_arriving in zip(chunks, arriving, strict=True)
+        ]
         received = [finish() for finish in pending]
-        # Every other rank's status in every chunk, read in one host transfer.
-        others = [src for src in range(world) if src != me]
-        flags = (
-            torch.stack(
-                [
-                    incoming[src][:STATUS].view(torch.int64)[0]
-                    for incoming in received
-                    for src in others
-                ]
-            )
-            if others
-            else torch.zeros(0, dtype=torch.int64)
-        )
-        statuses = [0] * world
-        for n, flag in enumerate(flags.tolist()):
-            statuses[others[n % len(others)]] |= int(flag)
-        self._raise_for(statuses, failure)
+        self._raise_for(self._statuses(step, received), work.failure)
         out: dict[int, DirectionResult] = {}
         for chunk, incoming in zip(chunks, received, strict=True):
-            cursor = [STATUS] * world
+            cursor = [STATUS] * self.world
             for j in chunk:
-                r, w = requests[j], wires[j]
-                if owner[j] == me:
-                    start, stop = self._rows(w.layout, me)
-                    out[j] = DirectionResult(full_d[j][start:stop], computed[j].dual)
-                    if r.estimate is not None:
-                        r.estimate.commit(new_state[j])
-                    continue
-                src = owner[j]
-                shapes: list[tuple[tuple[int, ...], torch.dtype]] = [
-                    ((nrows(j, me), *w.layout.shape[1:]), w.direction)
-                ]
-                if w.dual is not None:
-                    shapes.append(((1,), torch.float64))
-                shapes += [(shape, d) for _, shape, d in w.state]
-                got: list[Tensor] = []
-                for (shape, dtype), size in zip(shapes, returned(j, me), strict=True):
-                    at = cursor[src]
-                    n = math.prod(shape) * dtype.itemsize
-                    got.append(incoming[src][at : at + n].view(dtype).view(shape))
-                    cursor[src] = at + size
-                dual = None if w.dual is None else got[1][0].to(w.dual)
-                if r.estimate is not None:
-                    tail = got[2:] if w.dual is not None else got[1:]
-                    r.estimate.commit(
-                        {key: t.clone() for (key, _, _), t in zip(w.state, tail, strict=True)}
-                    )
-                out[j] = DirectionResult(got[0], dual)
+                out[j] = self._result(step, j, incoming, cursor, work)
         return [out[j] for j in range(len(requests))]
+
+    # -- phase 1: every rank's rows of the owners' operands -----------------------------------
+    def _send_rows(self, step: _Step, chunk: list[int]) -> Callable[[], list[Tensor]]:
+        """Send each owner of ``chunk`` this rank's rows of its operands (asynchronously):
+        an owner assembles and computes its first matrices while the rows of the others are
+        still arriving."""
+        me, world = self.rank, self.world
+        outgoing: list[list[Tensor]] = [[] for _ in range(world)]
+        for j in chunk:
+            if step.inbound(j, me):
+                outgoing[step.owner[j]] += self._parts(step.requests[j], step.wires[j])
+        return self._all_to_all(
+            outgoing,
+            [
+                sum(sum(step.inbound(j, src)) for j in chunk if step.owner[j] == me)
+                for src in range(world)
+            ],
+            phase=0,
+            total=sum(sum(step.inbound(j, src)) for j in chunk for src in range(world)),
+            device=step.device,
+        )
+
+    def _assemble(
+        self, step: _Step, j: int, incoming: list[Tensor], cursor: list[int]
+    ) -> list[Tensor]:
+        """The whole tensors of owned request ``j``, from every rank's rows."""
+        w, me = step.wires[j], self.rank
+        if not w.layout.sharded or self.world == 1:
+            # The whole tensor is here already, uncast: Norm.reads_as promises the same
+            # direction either way.
+            return self._parts(step.requests[j], w, cast=False)
+        local_parts = self._parts(step.requests[j], w)
+        rows_of: list[list[Tensor]] = [[] for _ in w.inbound]
+        for src in range(self.world):
+            if src == me:
+                for into, part in zip(rows_of, local_parts, strict=True):
+                    into.append(part)
+                continue
+            shape = (step.nrows(j, src), *w.layout.shape[1:])
+            for into, dtype, size in zip(rows_of, w.inbound, step.inbound(j, src), strict=True):
+                at = cursor[src]
+                n = math.prod(shape) * dtype.itemsize
+                into.append(incoming[src][at : at + n].view(dtype).view(shape))
+                cursor[src] = at + size
+        return [torch.cat(parts) for parts in rows_of]
+
+    # -- phase 2, in chunks: each owner computes its first half of matrices and sends their
+    # direction rows asynchronously while it computes the rest, so a rank that is ahead keeps
+    # computing instead of waiting for the others.
+    def _send_directions(
+        self,
+        step: _Step,
+        chunk: list[int],
+        rows_arriving: Callable[[], list[Tensor]],
+        work: _OwnerWork,
+    ) -> Callable[[], list[Tensor]]:
+        """Compute the owned requests of ``chunk`` (or stand-ins, once this rank failed) and
+        send every rank its rows of them, each message led by this rank's status."""
+        me, world = self.rank, self.world
+        owned = [j for j in chunk if step.owner[j] == me]
+        incoming, cursor = rows_arriving(), [0] * world  # every rank waits for every chunk
+        parts = None
+        if work.failure is None:
+            try:
+                wholes = {j: self._assemble(step, j, incoming, cursor) for j in owned}
+                parts = self._owned(step.requests, step.wires, owned, wholes)
+            except Exception as e:
+                work.failure = e
+        if parts is None:
+            parts = self._stand_ins(step.wires, owned, step.device)
+        work.add(parts)
+        # Each message starts with the sender's status (8 bytes): 1 if its work failed.
+        flag = 0 if work.failure is None else 1
+        status = torch.tensor([flag], dtype=torch.int64, device=step.device)
+        messages: list[list[Tensor]] = [[status] if d != me else [] for d in range(world)]
+        for j in owned:
+            result = work.computed[j]
+            for dst in range(world):
+                if dst == me:
+                    continue
+                start, stop = self._rows(step.wires[j].layout, dst)
+                messages[dst].append(work.full_d[j][start:stop])
+                if result.dual is not None:
+                    messages[dst].append(result.dual.to(torch.float64).reshape(1))
+                messages[dst] += [work.new_state[j][key] for key, _, _ in step.wires[j].state]
+        return self._all_to_all(
+            messages,
+            [
+                (src != me) * STATUS
+                + sum(sum(step.returned(j, me)) for j in chunk if step.owner[j] == src)
+                for src in range(world)
+            ],
+            phase=1,
+            total=world * (world - 1) * STATUS,
+            device=step.device,
+        )
+
+    def _statuses(self, step: _Step, received: list[list[Tensor]]) -> list[int]:
+        """Every rank's status over all chunks (1: it failed), read in one host transfer."""
+        others = [src for src in range(self.world) if src != self.rank]
+        if not others:
+            return [0] * self.world
+        flags = torch.stack(
+            [incoming[src][:STATUS].view(torch.int64)[0] for incoming in received for src in others]
+        )
+        statuses = [0] * self.world
+        for n, flag in enumerate(flags.tolist()):
+            statuses[others[n % len(others)]] |= int(flag)
+        return statuses
+
+    def _result(
+        self, step: _Step, j: int, incoming: list[Tensor], cursor: list[int], work: _OwnerWork
+    ) -> DirectionResult:
+        """This rank's rows of request ``j``'s direction (and its dual), from its owner; an
+        owner-run estimator's new state is committed here, after every check passed."""
+        r, w, me = step.requests[j], step.wires[j], self.rank
+        if step.owner[j] == me:
+            start, stop = self._rows(w.layout, me)
+            if r.estimate is not None:
+                r.estimate.commit(work.new_state[j])
+            return DirectionResult(work.full_d[j][start:stop], work.computed[j].dual)
+        src = step.owner[j]
+        shapes: list[tuple[tuple[int, ...], torch.dtype]] = [
+            ((step.nrows(j, me), *w.layout.shape[1:]), w.direction)
+        ]
+        if w.dual is not None:
+            shapes.append(((1,), torch.float64))
+        shapes += [(shape, d) for _, shape, d in w.state]
+        got: list[Tensor] = []
+        for (shape, dtype), size in zip(shapes, step.returned(j, me), strict=True):
+            at = cursor[src]
+            n = math.prod(shape) * dtype.itemsize
+            got.append(incoming[src][at : at + n].view(dtype).view(shape))
+            cursor[src] = at + size
+        dual = None if w.dual is None else got[1][0].to(w.dual)
+        if r.estimate is not None:
+            tail = got[2:] if w.dual is not None else got[1:]
+            r.estimate.commit(
+                {key: t.clone() for (key, _, _), t in zip(w.state, tail, strict=True)}
+            )
+        return DirectionResult(got[0], dual)
 
     @staticmethod
     def _chunks(owner: Sequence[int]) -> list[list[int]]:
