@@ -8,12 +8,13 @@ from pathlib import Path
 PACKAGE = Path(__file__).parent.parent / "src" / "gluon_optim"
 
 # module -> the package modules it may import (docs/architecture.md, "Layers").
-_MATH = {"polar", "lowrank", "norms", "settings"}
+_MATH = {"polar", "lowrank", "norms", "settings", "storage"}
 _TABLES = _MATH | {"estimators", "radius"}
 ALLOWED: dict[str, set[str]] = {
     "polar": set(),
     "lowrank": set(),
     "settings": set(),
+    "storage": set(),
     "norms": {"polar"},
     "estimators": {"lowrank", "settings"},
     "radius": {"norms", "settings"},

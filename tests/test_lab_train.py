@@ -275,3 +275,19 @@ def test_resume_survives_a_torn_metrics_line_and_stale_temp_files(
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"metrics.jsonl:3: not a JSON record"):
         read_metrics(run)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_state_dtype_halves_the_optimizer_state_of_a_lab_run(
+    tmp_path: Path, corpus: str, optimizer: str
+) -> None:
+    full = train(_config(corpus, optimizer=optimizer), tmp_path / "f", progress=False)
+    half = train(
+        _config(corpus, optimizer=optimizer, opt_options={"state_dtype": "bfloat16"}),
+        tmp_path / "h",
+        progress=False,
+    )
+    # Moments halve; the step counters (4 bytes a parameter tensor) do not.
+    counters = 4 * sum(1 for _ in _params(tmp_path / "f"))
+    assert half.optimizer_state_bytes - counters == (full.optimizer_state_bytes - counters) // 2
+    assert "state bfloat16" in (tmp_path / "h" / "groups.txt").read_text()

@@ -35,6 +35,7 @@ from gluon_optim.settings import (
     Setting,
     Text,
 )
+from gluon_optim.storage import STATE_DTYPES
 
 __all__ = [
     "DEFAULTS",
@@ -177,6 +178,14 @@ _CORE: tuple[Setting, ...] = (
         _ALL,
         "a NaN/inf gradient: `raise` before any change, `skip` the group's step, or `ignore`",
     ),
+    Setting(
+        "state_dtype",
+        "auto",
+        Choice(tuple(STATE_DTYPES)),
+        _ALL,
+        "dtype the estimator buffers and AdamW moments are stored in (updated in the wider of "
+        "it and the parameter's); `auto`: the parameter's. Two-point buffers keep the parameter's",
+    ),
     Setting("role", "", Text(), _ALL, "informational: the role a preset gave this group"),
     Setting("name", "", Text(), _ALL, "informational: a label (e.g. for an LR monitor)"),
 )
@@ -236,6 +245,7 @@ class PresetOptions(TypedDict, total=False):
     betas: tuple[float, float]
     eps: float
     nonfinite: str
+    state_dtype: str
     role: str
     name: str
     nesterov: bool

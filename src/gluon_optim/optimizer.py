@@ -30,6 +30,7 @@ from gluon_optim.directions import DirectionRequest, LocalExecutor, OwnerEstimat
 from gluon_optim.estimators import ESTIMATORS, WHOLE_STATE, Estimator, EstimatorStep
 from gluon_optim.groups import DEFAULTS, GroupOptions, where
 from gluon_optim.radius import POLICIES, RadiusInput
+from gluon_optim.storage import StoredState, compute_dtype, store_dtype
 from gluon_optim.two_point import (
     TWO_POINT_KEYS,
     TwoPoint,
@@ -246,8 +247,9 @@ def _lmo_estimate(
     position = {id(q): j for j, q in enumerate(group["params"])}
     batch = _use_foreach(group, items)
     steps: list[EstimatorStep] = []
+    stored: list[StoredState] = []
     for p, g in items:
-        state = opt.state_of(p)
+        state: MutableMapping[str, Any] = opt.state_of(p)
         _conform(state, keys)
         k = _begin_step(state)
         beta = schedule(k) if schedule is not None and scheduled else group["momentum"]
@@ -255,6 +257,13 @@ def _lmo_estimate(
             TwoPoint.partner(state, group, at_previous.get(id(p))) if estimator.two_point else None
         )
         g, g_prev = _local(g), None if g_prev is None else _local(g_prev)
+        store = store_dtype(group["state_dtype"], p.dtype)
+        if store is not None:
+            # The estimator updates decoded copies; they are rounded into the state below.
+            compute = compute_dtype(store, p.dtype)
+            state = StoredState(state, estimator.state, store, compute)
+            stored.append(state)
+            g, g_prev = g.to(compute), None if g_prev is None else g_prev.to(compute)
         steps.append(
             EstimatorStep(
                 _local(p),
@@ -293,6 +302,8 @@ def _lmo_estimate(
     if estimator.two_point:
         for s in steps:
             TwoPoint.remember(s.state, s.p, s.g, group)
+    for view in stored:
+        view.commit()
     out = []
     for (p, _), s, m, estimate in zip(items, steps, momenta, estimates, strict=True):
         norm = resolve_norm(group, p)
@@ -369,19 +380,30 @@ def _adamw(
     including a tensor ``lr`` (which torch reads to the host). Multi-tensor kernels follow the
     ``foreach`` setting, except with a tensor lr, which torch's foreach path does not take.
     """
-    states = [opt.state_of(p) for p, _ in items]
-    for (p, _), state in zip(items, states, strict=True):
+    states: list[MutableMapping[str, Any]] = []
+    grads = []
+    for p, g in items:
+        state: MutableMapping[str, Any] = opt.state_of(p)
         _conform(state, _ADAMW_STATE)
+        local_p, grad = _local(p), _local(g)
+        store = store_dtype(group["state_dtype"], p.dtype)
         if "exp_avg" not in state or "exp_avg_sq" not in state:
-            p = _local(p)
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            for key in _ADAMW_STATE:
+                state[key] = torch.zeros_like(
+                    local_p, dtype=store, memory_format=torch.preserve_format
+                )
+        if store is not None:
+            # torch's update runs on decoded copies, rounded into the state after it.
+            state = StoredState(state, _ADAMW_STATE, store, compute_dtype(store, p.dtype))
+            grad = grad.to(compute_dtype(store, p.dtype))
+        states.append(state)
+        grads.append(grad)
     beta1, beta2 = group["betas"]
     lr = group["lr"]
     _torch_adam(
         [_local(p) for p, _ in items],
-        [_local(g) for _, g in items],
+        grads,
         [s["exp_avg"] for s in states],
         [s["exp_avg_sq"] for s in states],
         [],
@@ -396,6 +418,9 @@ def _adamw(
         eps=group["eps"],
         maximize=False,
     )
+    for state in states:
+        if isinstance(state, StoredState):
+            state.commit()
     return []
 
 
@@ -650,6 +675,10 @@ class Gluon(Optimizer):
             merged = {**DEFAULTS, **group}
             _groups.validate(merged, index)
             _check_loaded_shapes(merged, current, index)
+            named = [(_name(current, i), p, merged) for i, p in enumerate(current["params"])]
+            layout = _distributed.layout_error(self.executor.mode, named)
+            if layout is not None:
+                raise ValueError(f"load_state_dict: param group {index}: {layout}")
         state: dict[Any, Any] = {}
         error = None
         try:
@@ -663,8 +692,24 @@ class Gluon(Optimizer):
         # Under FSDP2 each rank checked its own shards: all raise if any of them found a fault.
         self.executor.settle(error)
         super().load_state_dict({**state_dict, "param_groups": groups, "state": state})
+        self._store_loaded_state()
         if self.executor.mode == "sharded":
             self.materialize_state()  # parameters the loaded state had no entry for
+
+    def _store_loaded_state(self) -> None:
+        """Put loaded buffers back in their group's ``state_dtype``: torch's loader casts every
+        state tensor to its parameter's dtype (exactly, from a narrower one), which would hold
+        the state at the parameter's size until the next step rounded it again."""
+        for group in self.param_groups:
+            keys = set(ALGORITHMS[group["algorithm"]].state(group)) - set(TWO_POINT_KEYS)
+            for p in group["params"]:
+                store = store_dtype(group["state_dtype"], p.dtype)
+                state = self.state.get(p)
+                if store is None or not state:
+                    continue
+                for key in keys & set(state):
+                    if isinstance(state[key], Tensor) and state[key].dtype != store:
+                        state[key] = state[key].to(store)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -1167,7 +1212,8 @@ def describe(optimizer: Gluon) -> str:
     """A plain-text table with one row per parameter: what the optimizer will do to it.
 
     Columns: parameter name, shape, role, update (``adamw``, or the norm with its shape rule;
-    ``(T)`` marks a transposed view), the LMO factor ``f`` of that shape (``lmo = -f * D``), the
+    ``(T)`` marks a transposed view; ``state bfloat16`` a ``state_dtype`` other than the
+    parameter's), the LMO factor ``f`` of that shape (``lmo = -f * D``), the
     group's scale, lr, and the radius ``t = lr * scale`` of a constant-radius step; for another
     radius policy its name around ``lr * scale``, e.g. ``l0l1(1)``.
     """
@@ -1194,6 +1240,9 @@ def describe(optimizer: Gluon) -> str:
                 radius = f"{lr_f * group['scale']:.4g}"
                 if group["radius_policy"] != "constant":  # t changes every step
                     radius = f"{group['radius_policy']}({radius})"
+            store = store_dtype(group["state_dtype"], p.dtype)
+            if store is not None:  # only where it differs from the parameter's dtype
+                update += f", state {str(store).removeprefix('torch.')}"
             rows.append(
                 (_name(group, i), shape, role, update, factor, scale, f"{lr_f:.3g}", radius)
             )

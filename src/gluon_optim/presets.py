@@ -144,8 +144,14 @@ def _with_adamw(
     eps: float,
     weight_decay: float,
 ) -> dict[str, dict[str, Any]]:
-    """Hidden and conv matrices get ``matrix``; every other role torch.optim.AdamW's update."""
+    """Hidden and conv matrices get ``matrix``; every other role torch.optim.AdamW's update.
+
+    ``state_dtype`` is a property of the whole optimizer's memory, so the AdamW groups follow
+    the matrices' (``go.muon(model, state_dtype="bfloat16")`` halves every moment).
+    """
     adam = dict(algorithm="adamw", lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    if "state_dtype" in matrix:
+        adam["state_dtype"] = matrix["state_dtype"]
     return {role: dict(matrix if role in ("hidden", "conv") else adam) for role in ROLES}
 
 

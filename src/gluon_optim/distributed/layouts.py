@@ -32,8 +32,8 @@ def layout_error(mode: str, params: Sequence[tuple[str, Tensor, Mapping[str, Any
     """Why ``params`` (name, tensor, group) cannot run under ``mode``, or ``None``.
 
     DTensor parameters need the sharded mode, on a 1-D mesh, placed ``Shard(0)`` or
-    ``Replicate()``; the sharded mode needs every parameter a DTensor of one mesh, and an
-    estimator whose state is elementwise.
+    ``Replicate()``; the sharded mode needs every parameter a DTensor of one mesh, and its
+    groups' ``state_dtype`` left at ``auto``.
     """
     sharded = [(n, p) for n, p, _ in params if is_dtensor(p)]
     if not sharded:
@@ -70,6 +70,13 @@ def layout_error(mode: str, params: Sequence[tuple[str, Tensor, Mapping[str, Any
             return (
                 f"Parameter {n!r} has placements {tuple(d.placements)}; the sharded mode "
                 "supports Shard(0) (fully_shard's default) and Replicate() only"
+            )
+    for n, _, group in params:
+        if group.get("state_dtype", "auto") != "auto":
+            return (
+                f"Parameter {n!r}: state_dtype={group['state_dtype']!r} is not supported by the "
+                "sharded mode yet (its state is kept as DTensor rows in the parameter's dtype); "
+                "leave state_dtype='auto' under FSDP2"
             )
     return None
 

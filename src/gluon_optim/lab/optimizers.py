@@ -41,6 +41,11 @@ class OptimizerEntry:
 
 def _adamw(model: nn.Module, lr: float, **options: Any) -> list[torch.optim.Optimizer]:
     opts = {"betas": (0.9, 0.95), "weight_decay": 0.0, **options}
+    if opts.get("state_dtype", "auto") != "auto":
+        # torch.optim.AdamW keeps its moments in the parameters' dtype; our AdamW groups run
+        # torch's own update (bit for bit) and can store them narrower.
+        return [go.Gluon(model.named_parameters(), lr=lr, algorithm="adamw", **opts)]
+    opts.pop("state_dtype", None)
     return [torch.optim.AdamW(model.parameters(), lr=lr, **opts)]
 
 

@@ -45,6 +45,7 @@ import gluon_optim as go
 from gluon_optim.lab import optimizers as optim_registry
 from gluon_optim.lab.data import ImageDataset, TokenDataset, load_data
 from gluon_optim.lab.models import GPTConfig, build_model, model_config, model_task
+from gluon_optim.storage import STATE_DTYPES
 
 #: The lr schedules, with a note for the names that need one (the help text shows it).
 SCHEDULE_NOTES = {"constant": "", "wsd": "warmup-stable-decay", "cosine": ""}
@@ -135,6 +136,13 @@ _OPT_SHORTCUTS = (
         "radius_policy",
         "radius policy of the Gluon-family optimizers (Gluon Theorems 1 and 2)",
         choices=RADIUS_POLICIES,
+    ),
+    Shortcut(
+        "state-dtype",
+        "state_dtype",
+        "dtype the optimizer keeps its momenta and AdamW moments in (auto: the parameters'); "
+        "adamw then runs as gluon_optim's AdamW groups, torch.optim.AdamW's update",
+        choices=tuple(STATE_DTYPES),
     ),
     Shortcut(
         "fit",
