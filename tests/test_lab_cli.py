@@ -267,7 +267,7 @@ def test_every_run_config_field_is_a_train_option_and_back() -> None:
     assert set(flags) == fields
     # and nothing else: every other option of `train` is about the command
     assert {a.dest for a in train._actions} - {f"config.{n}" for n in fields} == COMMAND_OPTIONS
-    assert flags["opt_options"] == ["--opt", "--radius-policy", "--fit"]
+    assert flags["opt_options"] == ["--opt", "--radius-policy", "--state-dtype", "--fit"]
     assert flags["model_options"] == ["--model-opt"]
     assert flags["batch_size"] == ["--batch-size"]
 
