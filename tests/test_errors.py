@@ -151,6 +151,31 @@ def test_nonfinite_skip_leaves_that_group_untouched(tiny: TinyNet) -> None:
     assert torch.isfinite(tiny.head.weight).all()
 
 
+@pytest.mark.parametrize("preset", ["muon", "limuon"])
+def test_nonfinite_skip_reaches_the_adamw_groups_of_muon_and_limuon(
+    tiny: TinyNet, preset: str
+) -> None:
+    # A setting of the whole optimizer: the preset's AdamW groups take it from the matrices'
+    # options (they used to keep "raise", so a NaN in the embedding raised under "skip").
+    opt = getattr(go, preset)(tiny, nonfinite="skip")
+    assert {g["nonfinite"] for g in opt.param_groups} == {"skip"}
+    x = torch.randint(0, 23, (2, 6))
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = lm_loss(tiny, x)
+        loss.backward()
+        assert tiny.embedding.weight.grad is not None
+        tiny.embedding.weight.grad[0, 0] = float("nan")
+        return loss
+
+    emb_before = tiny.embedding.weight.detach().clone()
+    fc_before = tiny.fc.weight.detach().clone()
+    opt.step(closure)
+    assert torch.equal(tiny.embedding.weight, emb_before)
+    assert not torch.equal(tiny.fc.weight, fc_before), "the other groups still step"
+
+
 def test_nonfinite_ignore_does_not_check(tiny: TinyNet) -> None:
     opt = go.Gluon([tiny.fc.weight], lr=0.01, norm="euclidean", nonfinite="ignore")
     tiny.fc.weight.grad = torch.full_like(tiny.fc.weight, float("nan"))

@@ -100,7 +100,8 @@ def preset_table(
     ``options`` are the keyword arguments of the matching factory (:func:`muon`,
     :func:`scion`, ...), minus the model and role arguments: the preset's own options, and any
     group key, which overrides the preset's value on the groups the options reach (the LMO
-    groups of ``muon`` and ``limuon``, every group of the others). ``settings`` then overrides
+    groups of ``muon`` and ``limuon``, and their AdamW groups too for ``state_dtype`` and
+    ``nonfinite``; every group of the others). ``settings`` then overrides
     per role, for every preset: ``settings={"head": {"lr": 1e-3}}``.
     """
     fixes = {
@@ -137,6 +138,10 @@ def preset_table(
     return table
 
 
+#: Group settings of the whole optimizer, which a preset's AdamW groups take from its matrices.
+_WHOLE_OPTIMIZER = ("state_dtype", "nonfinite")
+
+
 def _with_adamw(
     matrix: dict[str, Any],
     lr: float | Tensor,
@@ -146,12 +151,15 @@ def _with_adamw(
 ) -> dict[str, dict[str, Any]]:
     """Hidden and conv matrices get ``matrix``; every other role torch.optim.AdamW's update.
 
-    ``state_dtype`` is a property of the whole optimizer's memory, so the AdamW groups follow
-    the matrices' (``go.muon(model, state_dtype="bfloat16")`` halves every moment).
+    The settings of the whole optimizer rather than of the matrices' update follow the
+    matrices': ``state_dtype`` (``go.muon(model, state_dtype="bfloat16")`` halves every
+    moment) and ``nonfinite`` (``nonfinite="skip"`` skips a NaN step in the AdamW groups too,
+    where they used to raise).
     """
     adam = dict(algorithm="adamw", lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-    if "state_dtype" in matrix:
-        adam["state_dtype"] = matrix["state_dtype"]
+    for key in _WHOLE_OPTIMIZER:
+        if key in matrix:
+            adam[key] = matrix[key]
     return {role: dict(matrix if role in ("hidden", "conv") else adam) for role in ROLES}
 
 
