@@ -176,6 +176,13 @@ class LocalExecutor:
     #: Whether estimators whose state is not elementwise (LiMuon's low-rank factors) hand it
     #: an :class:`OwnerEstimate` to run once, on the owner, instead of running here.
     owner_estimates = False
+    #: Whether every parameter's state must exist before the first step (FSDP2's checkpoints
+    #: load into the keys a fresh optimizer already holds): the optimizer then creates it at
+    #: construction, for added groups and for parameters a loaded state lacks.
+    materializes_state = False
+    #: Whether an unexpected error found on one rank must be settled across ranks
+    #: (:meth:`settle`) instead of raised at once, so no rank is left waiting for the others.
+    settles_errors = False
 
     def settle(self, error: str | None) -> None:
         """Raise ``ValueError(error)`` if there is one (a distributed executor raises the first

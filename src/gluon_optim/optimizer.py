@@ -592,7 +592,7 @@ class Gluon(Optimizer):
         self.executor: LocalExecutor = LocalExecutor()
         super().__init__(params, merged)
         self.executor = _distributed.executor(self, distributed, process_group, resolve_norm)
-        if self.executor.mode == "sharded":
+        if self.executor.materializes_state:
             self.materialize_state()
         self._built = True
 
@@ -647,7 +647,7 @@ class Gluon(Optimizer):
         super().add_param_group({**param_group, "params": items})
         for p in tensors:
             self._shapes[id(p)] = p.shape
-        if built and self.executor.mode == "sharded":
+        if built and self.executor.materializes_state:
             self.materialize_state()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -686,14 +686,14 @@ class Gluon(Optimizer):
         except ValueError as e:
             error = str(e)
         except Exception as e:  # e.g. a device copy of a shard: every rank must still settle
-            if self.executor.mode == "local":
+            if not self.executor.settles_errors:
                 raise
             error = f"{type(e).__name__}: {e}"
         # Under FSDP2 each rank checked its own shards: all raise if any of them found a fault.
         self.executor.settle(error)
         super().load_state_dict({**state_dict, "param_groups": groups, "state": state})
         self._store_loaded_state()
-        if self.executor.mode == "sharded":
+        if self.executor.materializes_state:
             self.materialize_state()  # parameters the loaded state had no entry for
 
     def _store_loaded_state(self) -> None:

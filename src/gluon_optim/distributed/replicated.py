@@ -49,6 +49,7 @@ class ReplicatedExecutor(LocalExecutor):
 
     mode = "replicated"
     owner_estimates = True
+    settles_errors = True
 
     def __init__(
         self,

@@ -111,6 +111,7 @@ class ShardedExecutor(ReplicatedExecutor):
     """
 
     mode = "sharded"
+    materializes_state = True
     last_phase_bytes: list[int]
 
     def _rows(self, layout: ShardLayout, rank: int) -> tuple[int, int]:
