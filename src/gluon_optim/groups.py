@@ -46,6 +46,7 @@ __all__ = [
     "GroupSettings",
     "PresetOptions",
     "check_keys",
+    "param_name",
     "settings_table",
     "upgrade",
     "validate",
@@ -287,6 +288,12 @@ def upgrade(group: dict[str, Any]) -> dict[str, Any]:
         if group["estimator"] == "storm":
             group["estimator"] = "mvr1"
     return group
+
+
+def param_name(group: Mapping[str, Any], i: int) -> str:
+    """The name of a group's ``i``-th parameter (``params[i]`` where the group has no names)."""
+    names = group.get("param_names")
+    return str(names[i]) if names else f"params[{i}]"
 
 
 def where(group: Mapping[str, Any], index: int | None) -> str:
