@@ -6,15 +6,14 @@ Refused, with the key and the parameter named: a dict without ``"state"`` or
 twice); per-parameter state with a key its group's configuration does not keep, a tensor of the
 wrong shape or a non-floating dtype, a non-finite value, a step that is not a count; and a
 *partial* state, one that has started but lacks a key every step of its configuration leaves.
-An empty state is a fresh start. The optimizer says which keys a group keeps (:class:`KeysOf`),
+An empty state is a fresh start. The optimizer hands over its table of algorithms (:class:`Keeps`),
 so these checks know no algorithm by name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -24,18 +23,20 @@ from gluon_optim import distributed as _distributed
 from gluon_optim.estimators import WHOLE_STATE
 from gluon_optim.groups import DEFAULTS, param_name
 
-__all__ = ["KeysOf", "check_layout", "checked_state", "saved_parts"]
+__all__ = ["Keeps", "check_layout", "checked_state", "saved_parts"]
 
 _local = _distributed.local
 
 
-@dataclass(frozen=True)
-class KeysOf:
-    """The state keys of a group's configuration: those it may keep (besides ``"step"``) and
-    those every step leaves (which a started state must hold)."""
+class Keeps(Protocol):
+    """What these checks ask of a group's algorithm (``optimizer.Algorithm`` is one): the state
+    keys it may keep (besides ``"step"``) and those every step leaves."""
 
-    state: Callable[[Mapping[str, Any]], tuple[str, ...]]
-    kept: Callable[[Mapping[str, Any]], tuple[str, ...]]
+    @property
+    def state(self) -> Callable[[Mapping[str, Any]], tuple[str, ...]]: ...
+
+    @property
+    def kept(self) -> Callable[[Mapping[str, Any]], tuple[str, ...]]: ...
 
 
 def saved_parts(state_dict: Any) -> tuple[list[Mapping[str, Any]], Mapping[Any, Any]]:
@@ -111,7 +112,7 @@ def checked_state(
     current: list[dict[str, Any]],
     saved_groups: list[dict[str, Any]],
     saved: Mapping[Any, Any],
-    keys: KeysOf,
+    algorithms: Mapping[str, Keeps],
 ) -> dict[Any, Any]:
     """The saved per-parameter state, checked against the parameters it will belong to.
 
@@ -138,7 +139,7 @@ def checked_state(
             raise ValueError(
                 f"{where_}: its state must be a dict of state keys, got {type(entry).__name__}"
             )
-        allowed = {"step", *keys.state(group)}
+        allowed = {"step", *algorithms[group["algorithm"]].state(group)}
         out[key] = {}
         for name, value in entry.items():
             if name not in allowed:
@@ -147,7 +148,7 @@ def checked_state(
                     f"(keeps {sorted(allowed)})"
                 )
             out[key][name] = _checked_value(where_, name, value, p, entry)
-        missing = _missing_key(group, out[key], keys)
+        missing = _missing_key(group, out[key], algorithms[group["algorithm"]])
         if missing is not None:
             raise ValueError(
                 f"{where_}: state has no {missing!r} (it holds {sorted(entry)}), which every "
@@ -158,7 +159,7 @@ def checked_state(
     return out
 
 
-def _missing_key(group: Mapping[str, Any], entry: Mapping[str, Any], keys: KeysOf) -> str | None:
+def _missing_key(group: Mapping[str, Any], entry: Mapping[str, Any], keeps: Keeps) -> str | None:
     """The first key a started state lacks: ``step``, or one its algorithm keeps every step.
 
     An empty state has not started (a fresh parameter), and neither has one whose step count is
@@ -170,7 +171,7 @@ def _missing_key(group: Mapping[str, Any], entry: Mapping[str, Any], keys: KeysO
         return "step"
     if float(_local(entry["step"])) == 0:
         return None
-    kept = keys.kept(group)
+    kept = keeps.kept(group)
     return next((key for key in kept if key not in entry), None)
 
 

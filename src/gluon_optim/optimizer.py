@@ -220,7 +220,8 @@ class Algorithm:
     direction stage and returns the parameters that still need a direction (AdamW needs none
     and returns ``[]``). ``state`` lists the per-parameter state keys it may keep, given the
     group (besides ``"step"``); ``kept`` those every step leaves, which a loaded state that
-    has started must hold (:meth:`Gluon.load_state_dict`). An algorithm with
+    has started must hold (:meth:`Gluon.load_state_dict`); ``stored`` those ``state_dtype``
+    covers (every key but the two-point buffers). An algorithm with
     ``directions=False`` takes its whole step in ``update``, which the step calls only after
     every direction of the step has been computed: a direction that fails (a distributed
     owner, a compiler) then leaves those groups' parameters and state as they were.
@@ -230,6 +231,7 @@ class Algorithm:
     update: Callable[[Gluon, int, dict[str, Any], _Items, _AtPrevious], list[_Pending]]
     state: Callable[[Mapping[str, Any]], tuple[str, ...]]
     kept: Callable[[Mapping[str, Any]], tuple[str, ...]]
+    stored: Callable[[Mapping[str, Any]], tuple[str, ...]]
     directions: bool = True
 
 
@@ -258,7 +260,7 @@ def _lmo_estimate(
         if store is not None:
             # The estimator updates decoded copies; they are rounded into the state below.
             compute = compute_dtype(store, p.dtype)
-            state = StoredState(state, estimator.state, store, compute)
+            state = StoredState(state, _lmo_stored(group), store, compute)
             stored.append(state)
             g, g_prev = g.to(compute), None if g_prev is None else g_prev.to(compute)
         steps.append(
@@ -392,8 +394,9 @@ def _adamw(
                 )
         if store is not None:
             # torch's update runs on decoded copies, rounded into the state after it.
-            state = StoredState(state, _ADAMW_STATE, store, compute_dtype(store, p.dtype))
-            grad = grad.to(compute_dtype(store, p.dtype))
+            compute = compute_dtype(store, p.dtype)
+            state = StoredState(state, _ADAMW_STATE, store, compute)
+            grad = grad.to(compute)
         states.append(state)
         grads.append(grad)
     beta1, beta2 = group["betas"]
@@ -429,6 +432,15 @@ def _lmo_state(group: Mapping[str, Any]) -> tuple[str, ...]:
     return (*ESTIMATORS[group["estimator"]].state, *state_keys(group))
 
 
+def _adamw_keys(group: Mapping[str, Any]) -> tuple[str, ...]:
+    return _ADAMW_STATE
+
+
+def _lmo_stored(group: Mapping[str, Any]) -> tuple[str, ...]:
+    # The estimator's buffers; the two-point buffers keep the parameter's dtype (storage.py).
+    return ESTIMATORS[group["estimator"]].state
+
+
 def _lmo_kept(group: Mapping[str, Any]) -> tuple[str, ...]:
     estimator = ESTIMATORS[group["estimator"]]
     # As the estimator stage decides it (_lmo_estimate): a schedule's beta keeps a buffer.
@@ -438,17 +450,10 @@ def _lmo_kept(group: Mapping[str, Any]) -> tuple[str, ...]:
 
 #: Every algorithm by the value of the group key ``algorithm``.
 ALGORITHMS: dict[str, Algorithm] = {
-    "lmo": Algorithm("lmo", _lmo_estimate, _lmo_state, _lmo_kept),
-    "adamw": Algorithm(
-        "adamw", _adamw, lambda group: _ADAMW_STATE, lambda group: _ADAMW_STATE, directions=False
-    ),
+    "lmo": Algorithm("lmo", _lmo_estimate, _lmo_state, _lmo_kept, _lmo_stored),
+    # AdamW keeps, leaves and stores its two moments, whatever the group says.
+    "adamw": Algorithm("adamw", _adamw, _adamw_keys, _adamw_keys, _adamw_keys, directions=False),
 }
-
-#: What load_state_dict's checks ask of a group: the keys its algorithm keeps.
-_KEYS_OF = _loading.KeysOf(
-    state=lambda group: ALGORITHMS[group["algorithm"]].state(group),
-    kept=lambda group: ALGORITHMS[group["algorithm"]].kept(group),
-)
 
 _MOMENTUM_KEYS = frozenset(
     {key for e in ESTIMATORS.values() for key in e.state} | set(_ADAMW_STATE)
@@ -685,7 +690,7 @@ class Gluon(Optimizer):
         state: dict[Any, Any] = {}
         error = None
         try:
-            state = _loading.checked_state(self.param_groups, groups, saved_state, _KEYS_OF)
+            state = _loading.checked_state(self.param_groups, groups, saved_state, ALGORITHMS)
         except ValueError as e:
             error = str(e)
         except Exception as e:  # e.g. a device copy of a shard: every rank must still settle
@@ -704,7 +709,7 @@ class Gluon(Optimizer):
         state tensor to its parameter's dtype (exactly, from a narrower one), which would hold
         the state at the parameter's size until the next step rounded it again."""
         for group in self.param_groups:
-            keys = set(ALGORITHMS[group["algorithm"]].state(group)) - set(TWO_POINT_KEYS)
+            keys = set(ALGORITHMS[group["algorithm"]].stored(group))
             for p in group["params"]:
                 store = store_dtype(group["state_dtype"], p.dtype)
                 state = self.state.get(p)

@@ -23,6 +23,13 @@ from gluon_optim.distributed.wire import EXCHANGE_CHUNKS, STATUS, Wire, pack, pa
 __all__ = ["ShardedExecutor"]
 
 
+def _layout_rows(layout: ShardLayout, world: int, rank: int) -> tuple[int, int]:
+    """The rows ``[start, stop)`` of a request's tensor that ``rank`` holds (all of a
+    ``Replicate()`` one)."""
+    n = layout.shape[0] if layout.shape else 1
+    return rows(n, world, rank) if layout.sharded else (0, n)
+
+
 @dataclass(frozen=True)
 class _Step:
     """One sharded step: the requests, what each sends each way, and their owners, all derived
@@ -37,9 +44,7 @@ class _Step:
 
     def nrows(self, j: int, rank: int) -> int:
         """How many rows of request ``j``'s tensor ``rank`` holds."""
-        layout = self.wires[j].layout
-        n = layout.shape[0] if layout.shape else 1
-        start, stop = rows(n, self.world, rank) if layout.sharded else (0, n)
+        start, stop = _layout_rows(self.wires[j].layout, self.world, rank)
         return stop - start
 
     def inbound(self, j: int, src: int) -> list[int]:
@@ -115,8 +120,7 @@ class ShardedExecutor(ReplicatedExecutor):
     last_phase_bytes: list[int]
 
     def _rows(self, layout: ShardLayout, rank: int) -> tuple[int, int]:
-        n = layout.shape[0] if layout.shape else 1
-        return rows(n, self.world, rank) if layout.sharded else (0, n)
+        return _layout_rows(layout, self.world, rank)
 
     def directions(self, requests: Sequence[DirectionRequest]) -> list[DirectionResult]:
         plan = self.plan()
