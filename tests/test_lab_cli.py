@@ -397,6 +397,11 @@ def test_checkpoints_get_the_mode_of_a_new_file(tmp_path: Path) -> None:
             "--fit /nope.json: no such file",
         ),
         (["train", "--fit", "/nope.json", "--optimizer", "muon"], "--fit needs --optimizer gluon"),
+        (
+            ["train", "--state-dtype", "bfloat16", "--optimizer", "torch-muon"],
+            "--state-dtype bfloat16: 'torch-muon' is a peer",
+        ),
+        (["train", "--state-dtype", "int8"], "--state-dtype: invalid choice: 'int8'"),
         (["smoothness", "--steps", "0"], "--steps: must be >= 1, got 0"),
         (["smoothness", "--every", "-2"], "--every: must be >= 1, got -2"),
         (["smoothness", "--protocols", "gpt,nope"], "--protocols: unknown protocol(s) ['nope']"),

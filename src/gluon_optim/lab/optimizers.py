@@ -37,6 +37,9 @@ class OptimizerEntry:
     gluon: bool = True
     # Its factory takes fit=FILE (fitted (L0, L1) per role -> Theorem 1 radii).
     takes_fit: bool = False
+    # Its factory takes state_dtype= (every gluon_optim optimizer, and adamw through our
+    # AdamW groups; torch.optim.Muon has no such option).
+    takes_state_dtype: bool = True
 
 
 def _adamw(model: nn.Module, lr: float, **options: Any) -> list[torch.optim.Optimizer]:
@@ -161,6 +164,7 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
             "torch.optim.Muon on 2-D hidden matrices + torch.optim.AdamW (adamw_lr) on the rest",
             _every_family(**_MUON),
             gluon=False,
+            takes_state_dtype=False,
         ),
         OptimizerEntry(
             "scion",

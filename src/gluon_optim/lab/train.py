@@ -299,6 +299,13 @@ class RunConfig:
                 )
             if not Path(str(fit)).is_file():
                 raise ConfigError("opt_options", f"--fit {fit}: no such file")
+        state_dtype = self.opt_options.get("state_dtype", "auto")
+        if state_dtype != "auto" and not optim_registry.get(self.optimizer).takes_state_dtype:
+            raise ConfigError(
+                "opt_options",
+                f"--state-dtype {state_dtype}: {self.optimizer!r} is a peer that keeps its "
+                "state in the parameters' dtype; use muon (our Muon) to compare state dtypes",
+            )
         if model_task(self.model) == "lm" and self.batch_size < 1:
             raise ConfigError(
                 "batch_size",
