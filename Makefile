@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-vision pytest lint typecheck demo demo-distributed bench accuracy faults docs-tables clean dist gpu-check test-compat test-newest
+.PHONY: test test-vision pytest lint typecheck demo demo-distributed bench bench-experts accuracy faults docs-tables clean dist gpu-check test-compat test-newest
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -84,6 +84,12 @@ demo-distributed: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/gluon-optim bench --widths 256,384,768 --train --train-model gpt-small \
 		--train-batch-size 8 --train-steps 6 --train-warmup 2 --out runs/bench
+
+## bench-experts: one 64-expert layer's Muon step, batched experts against a loop, torch.optim.Muon
+## and one standalone Newton–Schulz per expert (JSON in runs/bench-experts.json)
+bench-experts: $(STAMP)
+	mkdir -p runs
+	$(PY) benchmarks/experts.py --json runs/bench-experts.json
 
 ## accuracy: Newton–Schulz error per preset and parity errors against the peers
 accuracy: $(STAMP)

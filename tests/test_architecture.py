@@ -8,14 +8,15 @@ from pathlib import Path
 PACKAGE = Path(__file__).parent.parent / "src" / "gluon_optim"
 
 # module -> the package modules it may import (docs/architecture.md, "Layers").
-_MATH = {"polar", "lowrank", "norms", "settings", "storage"}
+_MATH = {"polar", "lowrank", "blocks", "norms", "settings", "storage"}
 _TABLES = _MATH | {"estimators", "radius"}
 ALLOWED: dict[str, set[str]] = {
     "polar": set(),
     "lowrank": set(),
     "settings": set(),
     "storage": set(),
-    "norms": {"polar"},
+    "blocks": {"settings"},
+    "norms": {"polar", "blocks"},
     "estimators": {"lowrank", "settings"},
     "radius": {"norms", "settings"},
     "groups": _TABLES,
@@ -47,8 +48,8 @@ ALLOWED: dict[str, set[str]] = {
     },
     "loading": {"distributed", "estimators", "groups"},
     "optimizer": _TABLES | {"groups", "two_point", "directions", "distributed", "loading"},
-    "roles": set(),
-    "presets": {"estimators", "groups", "norms", "optimizer", "roles"},
+    "roles": {"blocks"},
+    "presets": {"blocks", "estimators", "groups", "norms", "optimizer", "roles"},
     "integrations.hf": {"presets", "integrations", "optimizer"},
     "integrations.lightning": {"integrations", "optimizer"},
     "smoothness.fit": set(),

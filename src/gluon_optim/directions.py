@@ -30,6 +30,7 @@ __all__ = [
     "OwnerEstimate",
     "ShardLayout",
     "compute",
+    "dual_shape",
 ]
 
 
@@ -141,14 +142,30 @@ def compute(requests: Sequence[DirectionRequest]) -> list[DirectionResult]:
     return results
 
 
+def dual_shape(r: DirectionRequest) -> tuple[int, ...]:
+    """The shape of a request's dual norm: one per LMO unit (see :func:`_dual`)."""
+    units = r.norm.kind == "matrix" and r.operand.ndim > 2
+    return tuple(r.operand.shape[:-2]) if units else ()
+
+
 def _dual(r: DirectionRequest, d: Tensor) -> Tensor | None:
+    """The dual norm a request asked for: one per LMO unit.
+
+    An operand of a matrix norm with more than two dims is a batch of units (a blocked
+    parameter, :mod:`gluon_optim.blocks`), each a layer with its own radius, so it gets one
+    dual per unit; any other operand is one layer, whose dual sums those of the rows or
+    vectors it holds (the product space of a 2-D tensor under ``bias_rms``).
+    """
+    units = bool(dual_shape(r))
     if r.dual == "gradient":
         assert r.gradient is not None
-        return r.norm.dual(r.gradient).sum()
+        dual = r.norm.dual(r.gradient)
+        return dual if units else dual.sum()
     if r.dual == "momentum":
         # -<M, lmo(M)> = f <M, D>: the dual norm comes free from the direction.
         op = r.operand
-        return r.norm.factor(op.shape) * (op * d.to(op.dtype)).sum()
+        inner = op * d.to(op.dtype)
+        return r.norm.factor(op.shape) * (inner.sum((-2, -1)) if units else inner.sum())
     return None
 
 

@@ -19,6 +19,7 @@ from typing import Any, TypedDict
 
 from torch import Tensor
 
+from gluon_optim import blocks as _blocks
 from gluon_optim import norms as _norms
 from gluon_optim.estimators import APPROX_REDUCES_TO, ESTIMATORS, Estimator, approx_reduction
 from gluon_optim.estimators import RENAMED as _RENAMED_ESTIMATORS
@@ -96,6 +97,14 @@ _CORE: tuple[Setting, ...] = (
         Flag(),
         _LMO,
         "the parameter is stored `(d_in, d_out)` (e.g. nn.Embedding.weight)",
+    ),
+    Setting(
+        "blocks",
+        _blocks.WHOLE,
+        _blocks.BlocksCheck(),
+        _LMO,
+        "the LMO units of a parameter: `whole`, stacked `experts`, and `d_out` split in "
+        "`chunks=K` or `interleaved=K` blocks (gluon_optim.blocks)",
     ),
     Setting(
         "momentum",
@@ -232,6 +241,7 @@ class PresetOptions(TypedDict, total=False):
     scale: float
     shape_rule: str
     transposed: bool
+    blocks: str
     momentum: float
     estimator: str
     constrained: bool

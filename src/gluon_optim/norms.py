@@ -33,6 +33,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
+from gluon_optim import blocks as _blocks
 from gluon_optim.polar import (
     COMPILE_BACKENDS,
     NS_FORMS,
@@ -185,54 +186,70 @@ class Norm(ABC):
 
     # -- a parameter as this norm sees it ------------------------------------------------------
     def operand_shape(
-        self, shape: torch.Size | tuple[int, ...], transposed: bool = False
+        self,
+        shape: torch.Size | tuple[int, ...],
+        transposed: bool = False,
+        blocks: str = _blocks.WHOLE,
     ) -> tuple[int, ...]:
         """The shape :meth:`operand` gives a tensor of ``shape``.
 
         A vector is never silently read as a one-column matrix: it keeps its shape, and a matrix
         norm's shape check then rejects it.
         """
+        if self.kind == "matrix" and blocks != _blocks.WHOLE:
+            return _blocks.parse(blocks).shape(tuple(shape), transposed)
         if self.kind == "matrix" and len(shape) >= 2:
             if transposed:
                 return (shape[-1], math.prod(shape[:-1]))
             return (shape[0], math.prod(shape[1:]))
         return tuple(shape)
 
-    def operand(self, t: Tensor, transposed: bool = False) -> Tensor:
-        """``t`` (shaped like a parameter) as this norm reads it: a view, never a copy.
+    def operand(self, t: Tensor, transposed: bool = False, blocks: str = _blocks.WHOLE) -> Tensor:
+        """``t`` (shaped like a parameter) as this norm reads it.
 
         Matrix norms see a ``(d_out, d_in)`` matrix: conv kernels are flattened to
         ``(C_out, C_in*k*k)`` (shape rules then use the flattened shape, never kernel dimensions)
         and ``transposed`` parameters, stored ``(d_in, d_out)`` as ``nn.Embedding.weight`` or a
         Hugging Face ``Conv1D`` weight, are transposed. A transposed tensor with more than two
         dims (a ``(1, N, D)`` positional embedding) is read as ``(D, prod(leading dims))``: its
-        last dim is the feature, the others index inputs. Other norms see the tensor as it is.
+        last dim is the feature, the others index inputs. With ``blocks`` other than
+        ``"whole"`` (:mod:`gluon_optim.blocks`) they see a batch of units ``(*units, d_out /
+        K, d_in)``, a view of ``t``. Other norms see the tensor as it is.
         """
         if self.kind == "matrix":
+            if blocks != _blocks.WHOLE:
+                return _blocks.parse(blocks).view(t, transposed)
             if transposed:
                 return t.T if t.ndim == 2 else t.reshape(-1, t.shape[-1]).T
             return t.reshape(t.shape[0], -1)
         return t
 
-    def restore(self, t: Tensor, like: Tensor, transposed: bool = False) -> Tensor:
+    def restore(
+        self, t: Tensor, like: Tensor, transposed: bool = False, blocks: str = _blocks.WHOLE
+    ) -> Tensor:
         """The inverse of :meth:`operand`: ``t`` back in the shape of the parameter ``like``."""
         if self.kind == "matrix":
+            if blocks != _blocks.WHOLE:
+                out = torch.empty(like.shape, dtype=t.dtype, device=t.device)
+                _blocks.parse(blocks).view(out, transposed).copy_(t)
+                return out
             if transposed:
                 return t.T if like.ndim == 2 else t.T.reshape(like.shape)
             return t.reshape(like.shape)
         return t
 
-    def dual_of(self, t: Tensor, transposed: bool = False) -> Tensor:
+    def dual_of(self, t: Tensor, transposed: bool = False, blocks: str = _blocks.WHOLE) -> Tensor:
         """``||t||_*`` of a parameter-shaped tensor, one scalar for the whole parameter.
 
-        A parameter that holds several layers of this norm (a 2-D tensor under ``bias_rms``) is
-        their product space with the max primal norm, whose dual is the sum of the duals.
+        A parameter that holds several layers of this norm (a 2-D tensor under ``bias_rms``,
+        the units of ``blocks``) is their product space with the max primal norm, whose dual
+        is the sum of the duals.
         """
-        return self.dual(self.operand(t, transposed)).sum()
+        return self.dual(self.operand(t, transposed, blocks)).sum()
 
-    def norm_of(self, t: Tensor, transposed: bool = False) -> Tensor:
+    def norm_of(self, t: Tensor, transposed: bool = False, blocks: str = _blocks.WHOLE) -> Tensor:
         """``||t||`` of a parameter-shaped tensor: the max over the layers it holds."""
-        return self.norm(self.operand(t, transposed)).amax()
+        return self.norm(self.operand(t, transposed, blocks)).amax()
 
     # -- shapes -----------------------------------------------------------------------------
     def shape_error(self, shape: torch.Size | tuple[int, ...]) -> str | None:

@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from torch.optim.adam import adam as _torch_adam
 
+from gluon_optim import blocks as _blocks
 from gluon_optim import distributed as _distributed
 from gluon_optim import groups as _groups
 from gluon_optim import loading as _loading
@@ -65,11 +66,19 @@ def resolve_norm(group: Mapping[str, Any], p: Tensor) -> _norms.Norm:
     """The :class:`~gluon_optim.norms.Norm` a group applies to parameter ``p``.
 
     ``norm="auto"`` picks by dimension as Scion's ``Auto``: ``bias_rms`` for 0-/1-D,
-    ``spectral`` for 2-D and ``spectral_conv`` for 3-D and more.
+    ``spectral`` for 2-D and ``spectral_conv`` for 3-D and more, except that a stack of
+    experts (``blocks`` naming ``experts``) is a stack of matrices: ``spectral``.
     """
     name = group["norm"]
     if name == "auto":
-        name = "bias_rms" if p.ndim <= 1 else "spectral" if p.ndim == 2 else "spectral_conv"
+        stack = (
+            p.ndim > 2
+            and group["blocks"] != _blocks.WHOLE
+            and _blocks.parse(group["blocks"]).experts
+        )
+        name = (
+            "bias_rms" if p.ndim <= 1 else "spectral" if p.ndim == 2 or stack else "spectral_conv"
+        )
     return _build_norm(name, group["shape_rule"], tuple(group[k] for k in _POLAR_OPTIONS))
 
 
@@ -131,9 +140,34 @@ def _check_shapes(group: Mapping[str, Any], index: int | None) -> None:
                 f"parameter {name!r} "
                 f"has shape {tuple(p.shape)} and norm {norm.name!r}{loc}"
             )
-        err = norm.shape_error(norm.operand_shape(p.shape, group["transposed"]))
+        err = _blocks_error(group, p, norm)
+        if err is None:
+            view = norm.operand_shape(p.shape, group["transposed"], group["blocks"])
+            err = norm.shape_error(view)
         if err is not None:
             raise ValueError(f"Parameter {name!r}{loc}: {err}")
+
+
+def _blocks_error(group: Mapping[str, Any], p: Tensor, norm: _norms.Norm) -> str | None:
+    """Why ``p`` cannot be split into the group's ``blocks``, or ``None``."""
+    text = group["blocks"]
+    if text == _blocks.WHOLE:
+        return None
+    err = _blocks.parse(text).error(tuple(p.shape), group["transposed"])
+    if err is not None:
+        return err
+    if norm.kind != "matrix":
+        return (
+            f"blocks={text!r} needs a matrix norm (the units are matrices); norm {norm.name!r} "
+            "reads the parameter otherwise"
+        )
+    if ESTIMATORS[group["estimator"]].whole_state is not None:
+        return (
+            f"blocks={text!r} with estimator={group['estimator']!r}: its state is one "
+            "factorisation of the whole parameter, not one per unit; use an elementwise "
+            "estimator for this group"
+        )
+    return None
 
 
 _local = _distributed.local
@@ -199,7 +233,11 @@ class _Pending:
         dual = POLICIES[group["radius_policy"]].dual(group)
         gradient = None
         if dual == "gradient":
-            gradient = self.g if self.layout else self.norm.operand(self.g, group["transposed"])
+            gradient = (
+                self.g
+                if self.layout
+                else self.norm.operand(self.g, group["transposed"], group["blocks"])
+            )
         return DirectionRequest(
             self.key,
             self.norm,
@@ -313,7 +351,7 @@ def _lmo_estimate(
             layout = ShardLayout(shape, group["transposed"], sharded)
             operand = m
         else:
-            layout, operand = None, norm.operand(m, group["transposed"])
+            layout, operand = None, norm.operand(m, group["transposed"], group["blocks"])
         key = (index, s.index)
         out.append(
             _Pending(key, s.p, s.g, group, s.k, norm, operand, batch, shape, layout, estimate)
@@ -468,7 +506,8 @@ def _apply(item: _Pending) -> None:
     """
     group, p, direction = item.group, item.p, item.direction
     assert direction is not None
-    factor = item.norm.factor(item.norm.operand_shape(item.shape, group["transposed"]))
+    view = (group["transposed"], group["blocks"])
+    factor = item.norm.factor(item.norm.operand_shape(item.shape, *view))
     lr = group["lr"]
     if isinstance(lr, Tensor):  # a one-element lr of any shape acts as a scalar
         lr = lr.reshape(())
@@ -490,8 +529,14 @@ def _apply(item: _Pending) -> None:
         p.mul_(1.0 - lr * group["weight_decay"])
     if group["constrained"]:
         p.mul_(1.0 - lr)
+    if isinstance(radius, Tensor) and radius.ndim:
+        # One radius per unit of a blocked parameter (its duals are per unit): scale each
+        # unit's direction by its own before the units go back into the parameter's layout.
+        direction = direction.to(p.dtype) * (-(radius * factor)).to(p.dtype)[..., None, None]
+        p.add_(item.norm.restore(direction, p, *view))
+        return
     # A sharded direction comes back as this rank's rows of the parameter, already restored.
-    update = direction if item.layout else item.norm.restore(direction, p, group["transposed"])
+    update = direction if item.layout else item.norm.restore(direction, p, *view)
     if isinstance(radius, Tensor):
         p.add_(update.to(p.dtype) * (-(radius * factor)).to(p.dtype))
     else:
@@ -1025,8 +1070,10 @@ def describe(optimizer: Gluon) -> str:
     """A plain-text table with one row per parameter: what the optimizer will do to it.
 
     Columns: parameter name, shape, role, update (``adamw``, or the norm with its shape rule;
-    ``(T)`` marks a transposed view; ``state bfloat16`` a ``state_dtype`` other than the
-    parameter's), the LMO factor ``f`` of that shape (``lmo = -f * D``), the
+    ``(T)`` marks a transposed view; ``[experts: 8 units]`` the ``blocks`` of a parameter that
+    holds several LMO units, whose factor is then each unit's; ``state bfloat16`` a
+    ``state_dtype`` other than the parameter's), the LMO factor ``f`` of that shape
+    (``lmo = -f * D``), the
     group's scale, lr, and the radius ``t = lr * scale`` of a constant-radius step; for another
     radius policy its name around ``lr * scale``, e.g. ``l0l1(1)``.
     """
@@ -1048,7 +1095,10 @@ def describe(optimizer: Gluon) -> str:
                     update += f"/{group['shape_rule']}"
                 if group["transposed"]:
                     update += " (T)"
-                f = norm.factor(norm.operand_shape(p.shape, group["transposed"]))
+                if group["blocks"] != _blocks.WHOLE:
+                    units = _blocks.units(tuple(p.shape), group["transposed"], group["blocks"])
+                    update += f" [{group['blocks']}: {units} units]"
+                f = norm.factor(norm.operand_shape(p.shape, group["transposed"], group["blocks"]))
                 factor, scale = f"{f:.4g}", f"{group['scale']:.4g}"
                 radius = f"{lr_f * group['scale']:.4g}"
                 if group["radius_policy"] != "constant":  # t changes every step

@@ -317,6 +317,14 @@ def newton_schulz(
         The approximate polar factor, same shape as ``g``, in ``dtype``.
     """
     spec = _checked_preset("newton_schulz", g, steps, preset)
+    chunk = _cpu_chunk(g, dtype)
+    if chunk is not None:
+        flat = g.reshape(-1, *g.shape[-2:])
+        parts = [
+            newton_schulz(c, preset=spec, steps=steps, dtype=dtype, eps=eps, form=form)
+            for c in flat.split(chunk)
+        ]
+        return torch.cat(parts).reshape(g.shape)
     chosen = _choose_form(form, g.size(-2), g.size(-1), steps)
     x, undo = _normalised_wide(g, spec, dtype, eps)
     if chosen == "gram":
@@ -327,6 +335,24 @@ def newton_schulz(
             update = _addmm(gram, gram, gram, beta=b, alpha=c)
             x = _addmm(x, update, x, beta=a)
     return undo(x)
+
+
+#: On a CPU, a batch of matrices goes through Newton–Schulz in chunks of about this many bytes
+#: (in the compute dtype). Measured on a 2-core AMD EPYC, torch 2.13, bf16, 64 matrices, ms per
+#: matrix, one call per matrix / one batch of all 64 / chunks of 1 MiB: (128, 256) 0.61 / 0.21 /
+#: 0.20; (256, 512) 1.79 / 2.01 / 1.47; (512, 512) 5.88 / 14.9 / 6.43. A whole batch of large
+#: matrices leaves the caches (each iteration streams it several times), while small ones gain
+#: most from batching. A GPU batches everything.
+CPU_BATCH_BYTES = 1 << 20
+
+
+def _cpu_chunk(g: Tensor, dtype: torch.dtype | None) -> int | None:
+    """How many matrices of ``g`` go through one batched call, or ``None`` for all at once."""
+    if g.ndim < 3 or g.device.type != "cpu":
+        return None
+    itemsize = torch.empty((), dtype=dtype or g.dtype).element_size()
+    chunk = max(1, CPU_BATCH_BYTES // (g.size(-2) * g.size(-1) * itemsize))
+    return chunk if g.shape[:-2].numel() > chunk else None
 
 
 def gram_newton_schulz(

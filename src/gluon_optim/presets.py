@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
 from gluon_optim import norms as _norms
+from gluon_optim.blocks import WHOLE
 from gluon_optim.estimators import approx_reduction
 from gluon_optim.groups import DEFAULTS, PresetOptions
 from gluon_optim.optimizer import Gluon
@@ -321,39 +322,57 @@ def param_groups(
     head: ModuleRef | None = None,
     embedding: ModuleRef | None = None,
     roles: Mapping[RoleKey, Any] | None = None,
+    blocks: Mapping[RoleKey, Any] | None = None,
     **options: Any,
 ) -> list[dict[str, Any]]:
     """One plain-data parameter group per role present in ``model``, under ``preset``.
 
     Weights stored transposed (Hugging Face ``Conv1D``) get a group of their own, named
     ``"<role>_transposed"``, whose ``transposed`` key is flipped where the role's norm reads
-    matrices, so their factors are those of an ``nn.Linear`` of the same layer. Each group's
-    ``name`` is its role unless ``settings`` names it.
+    matrices, so their factors are those of an ``nn.Linear`` of the same layer. Weights that
+    hold several LMO units (stacks of experts, fused blocks: :mod:`gluon_optim.blocks`) get a
+    group per ``blocks`` value, named ``"<role>[<blocks>]"``, where the role's norm reads
+    matrices (elsewhere the units change nothing). Each group's ``name`` is its role unless
+    ``settings`` names it.
 
     Args:
         model: the network; every trainable parameter must get exactly one role
             (see :func:`gluon_optim.roles.assign_roles`).
         preset: one of :data:`PRESETS`: ``"muon"``, ``"scion"``, ``"unscion"``, ``"gluon"``,
             ``"gluon_mvr"`` or ``"limuon"``.
-        head, embedding, roles: passed to :func:`~gluon_optim.roles.assign_roles`.
-        **options: the preset's options, any group key (see :func:`preset_table`), and
-            ``settings={role: {key: value}}``.
+        head, embedding, roles, blocks: passed to :func:`~gluon_optim.roles.assign_roles`
+            (``blocks``: ``{parameter-name pattern or module class: blocks}``).
+        **options: the preset's options, any group key but ``blocks`` (see
+            :func:`preset_table`), and ``settings={role: {key: value}}``.
 
     Returns:
         Groups in role order, each ``{"params": [(name, p), ...], "role": role, "name": ...,
         ...settings}``, ready for :class:`~gluon_optim.Gluon`.
     """
+    if blocks is not None and not isinstance(blocks, Mapping):
+        raise ValueError(
+            f"blocks={blocks!r}: for a model, blocks is per parameter; pass "
+            "blocks={parameter-name pattern or module class: blocks}, e.g. "
+            "{'*.c_attn.weight': 'chunks=3'}"
+        )
     table = preset_table(preset, **options)
-    by_role: dict[tuple[str, bool], list[tuple[str, nn.Parameter]]] = {}
-    for a in assign_roles(model, head=head, embedding=embedding, roles=roles):
-        flip = a.transposed and _reads_matrices(table[a.role])
-        by_role.setdefault((a.role, flip), []).append((a.name, a.param))
+    by_role: dict[tuple[str, bool, str], list[tuple[str, nn.Parameter]]] = {}
+    assigned = assign_roles(model, head=head, embedding=embedding, roles=roles, blocks=blocks)
+    for a in assigned:
+        reads = _reads_matrices(table[a.role])
+        split = a.blocks if reads else WHOLE
+        by_role.setdefault((a.role, a.transposed and reads, split), []).append((a.name, a.param))
     groups: list[dict[str, Any]] = []
-    for (role, flip), params in sorted(by_role.items(), key=lambda kv: ROLES.index(kv[0][0])):
+    for (role, flip, split), params in sorted(
+        by_role.items(), key=lambda kv: (ROLES.index(kv[0][0]), kv[0][2] != WHOLE)
+    ):
         group = {"params": params, "role": role, "name": role, **table[role]}
         if flip:
             group["transposed"] = not group.get("transposed", DEFAULTS["transposed"])
             group["name"] = f"{group['name']}_transposed"
+        if split != WHOLE:
+            group["blocks"] = split
+            group["name"] = f"{group['name']}[{split}]"
         groups.append(group)
     return groups
 
@@ -386,7 +405,11 @@ def _from_model(
     roles. The preset's ``lr`` is also the optimizer's default for groups added later."""
     head, embedding, roles = refs
     engine = _engine(options)
-    groups = param_groups(model, preset, head=head, embedding=embedding, roles=roles, **options)
+    # A mapping is per parameter; param_groups refuses a single value with the reason.
+    blocks = options.pop("blocks", None)
+    groups = param_groups(
+        model, preset, head=head, embedding=embedding, roles=roles, blocks=blocks, **options
+    )
     return Gluon(groups, lr=options.get("lr", DEFAULTS["lr"]), **engine)
 
 

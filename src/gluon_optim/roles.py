@@ -42,13 +42,22 @@ The rules, in order of precedence (the first that applies decides):
      ``LayerNorm2d``, ``FusedRMSNorm``; not ``Normal`` or ``Normalize``) and whose own
      parameters are all vectors. Limits: a norm class named otherwise (``ScaleNorm`` matches,
      ``LN`` does not), or one that holds a matrix, needs ``roles={TheClass: "norm"}``.
+   * **Hugging Face experts modules**: a module that declares its weights' layout as
+     transformers' ``@use_experts_implementation`` does (``is_transposed``,
+     ``is_concatenated`` and ``has_gate`` are booleans on the instance). Its 3-D weights are
+     stacks of experts: ``hidden``, with ``blocks="experts"`` (each expert its own LMO unit,
+     :mod:`gluon_optim.blocks`) and ``transposed`` from ``is_transposed``; its 2-D biases
+     (``gate_up_proj_bias``, ``(E, d_out)``) are ``bias``.
+   * **Routers**: a class whose name contains ``Router`` with a matrix ``weight``
+     (``MixtralTopKRouter``, ``DeepseekV3TopkRouter``): a linear map ``d -> E``, so its
+     weight is ``hidden`` and a ``bias`` is ``bias``.
 4. Bare ``nn.Parameter``s that no module type covers, by their own name: learned positions and
    tokens (``pos_embed``, ``pos_embedding``, ``position_embedding(s)``, ``absolute_pos_embed``,
    ``cls_token``, ``class_token``, ``dist_token``, ``reg_token``, ``mask_token``) with 2 or
    more dims are ``embedding``; vectors named ``gamma``, ``gamma_1``, ``gamma_2``, ``scale``,
-   ``layer_scale`` or ``ls_gamma`` (layer scale) are ``norm``; a vector named ``bias`` is
-   ``bias``. Any other bare parameter is an error: its meaning cannot be read off its name or
-   shape.
+   ``layer_scale`` or ``ls_gamma`` (layer scale) are ``norm``; a vector named ``bias`` or
+   ``sinks`` (GPT-OSS's attention sinks, one logit per head) is ``bias``. Any other bare
+   parameter is an error: its meaning cannot be read off its name or shape.
 
 A parameter no rule covers is an error, and so is a parameter that two rules of the same rank
 claim with different roles. The error lists the parameters grouped by module class and ends
@@ -61,11 +70,13 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from gluon_optim.blocks import WHOLE, BlocksCheck
 
 __all__ = ["ROLES", "Assignment", "RoleKey", "assign_roles", "unwrap_model"]
 
@@ -97,6 +108,9 @@ _RAW_EMBEDDINGS = (
     "mask_token",
 )
 _RAW_SCALES = ("gamma", "gamma_1", "gamma_2", "scale", "layer_scale", "ls_gamma")
+#: Additive vectors: a bare bias, and attention sinks (GPT-OSS: one logit per head that every
+#: query attends to, added to the softmax's denominator).
+_RAW_BIASES = ("bias", "sinks")
 #: Path segments that wrappers insert into parameter names.
 _WRAPPER_SEGMENT = re.compile(
     r"(?:^|(?<=\.))(?:_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\."
@@ -113,6 +127,8 @@ class Assignment:
 
     ``transposed`` is true for a weight stored ``(d_in, d_out)`` where its role's modules store
     ``(d_out, d_in)`` (a Hugging Face ``Conv1D`` weight in role ``hidden`` or ``head``).
+    ``blocks`` says which LMO units the weight holds (:mod:`gluon_optim.blocks`): ``"experts"``
+    for a stack of experts, or what ``blocks=`` set.
     """
 
     name: str
@@ -120,6 +136,7 @@ class Assignment:
     role: str
     module: str
     transposed: bool = False
+    blocks: str = WHOLE
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -185,8 +202,36 @@ def _is_norm_layer(module: nn.Module) -> bool:
     )
 
 
-def _type_role(module: nn.Module, pname: str) -> tuple[str, bool] | None:
+def _is_experts(module: nn.Module) -> bool:
+    """A Hugging Face experts module: one that declares its weights' layout.
+
+    transformers' ``@use_experts_implementation`` sets ``is_transposed``, ``is_concatenated``,
+    ``has_gate`` and ``has_bias`` on every instance of an experts class (Mixtral, Qwen3-MoE,
+    DeepSeek-V3, GPT-OSS and the rest), whose weights are stacks ``(E, d_out, d_in)``, or
+    ``(E, d_in, d_out)`` when ``is_transposed``.
+    """
+    return all(
+        isinstance(getattr(module, a, None), bool)
+        for a in ("is_transposed", "is_concatenated", "has_gate")
+    )
+
+
+def _is_router(module: nn.Module) -> bool:
+    """A mixture-of-experts router: a class named ``...Router`` with a matrix ``weight``."""
+    weight = getattr(module, "weight", None)
+    return (
+        "Router" in type(module).__name__ and isinstance(weight, torch.Tensor) and weight.ndim == 2
+    )
+
+
+def _type_role(module: nn.Module, pname: str, p: torch.Tensor) -> tuple[str, bool] | None:
     """The role (and whether the weight is stored transposed) that a module type implies."""
+    if _is_experts(module):
+        if p.ndim == 3:
+            return "hidden", bool(module.is_transposed)
+        return ("bias", False) if pname.endswith("bias") and p.ndim == 2 else None
+    if _is_router(module):
+        return {"weight": ("hidden", False), "bias": ("bias", False)}.get(pname)
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return ("embedding", False) if pname == "weight" else None
     if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
@@ -212,7 +257,7 @@ def _raw_role(pname: str, p: torch.Tensor) -> str | None:
         return "embedding"
     if pname in _RAW_SCALES and p.ndim == 1:
         return "norm"
-    if pname == "bias" and p.ndim == 1:
+    if pname in _RAW_BIASES and p.ndim == 1:
         return "bias"
     return None
 
@@ -287,6 +332,43 @@ def _class_roles(
     return out
 
 
+def _check_blocks(blocks: Mapping[RoleKey, Any]) -> None:
+    check = BlocksCheck()
+    for key, value in blocks.items():
+        if not isinstance(key, (str, type)):
+            raise TypeError(
+                f"blocks: key {key!r} must be a parameter-name pattern or a module class"
+            )
+        values = value.values() if isinstance(value, Mapping) and isinstance(key, type) else [value]
+        for text in values:
+            reason = check(text)
+            if reason is not None:
+                raise ValueError(f"blocks[{_key_text(key)}] = {text!r}: {reason}")
+
+
+def _chosen_blocks(
+    name: str,
+    info: _Seen,
+    blocks: Mapping[RoleKey, Any],
+    role: str,
+    used: set[RoleKey],
+    problems: list[str],
+) -> str:
+    """The ``blocks`` of one parameter: ``blocks=`` by name, then by class, then the module's."""
+    explicit = [
+        (pat, b)
+        for pat, b in blocks.items()
+        if isinstance(pat, str) and any(fnmatch.fnmatchcase(n, pat) for n in info.names)
+    ] or info.blocks
+    used.update(key for key, _ in explicit)
+    if len({b for _, b in explicit}) > 1:
+        where = ", ".join(f"blocks[{_key_text(k)}] -> {b!r}" for k, b in explicit)
+        problems.append(f"{name!r} matches blocks overrides with different values: {where}")
+    if explicit:
+        return str(explicit[0][1])
+    return "experts" if info.stacked and role == "hidden" else WHOLE
+
+
 def _key_text(key: RoleKey) -> str:
     return key.__name__ if isinstance(key, type) else repr(key)
 
@@ -300,9 +382,13 @@ class _Seen:
     typed: list[tuple[str, bool, str]]  # (role, transposed, why)
     by_class: list[tuple[RoleKey, str]]
     raw: str | None
+    stacked: bool = False  # a stack of experts, by its module's declared layout
+    blocks: list[tuple[RoleKey, str]] = field(default_factory=list)  # blocks= that match it
 
 
-def _walk(model: nn.Module, roles: Mapping[RoleKey, Any]) -> dict[int, _Seen]:
+def _walk(
+    model: nn.Module, roles: Mapping[RoleKey, Any], blocks: Mapping[RoleKey, Any]
+) -> dict[int, _Seen]:
     seen: dict[int, _Seen] = {}
     wrapped = unwrap_model(model) is not model
     for mname, module in model.named_modules(remove_duplicate=False):
@@ -310,10 +396,12 @@ def _walk(model: nn.Module, roles: Mapping[RoleKey, Any]) -> dict[int, _Seen]:
             full = f"{mname}.{pname}" if mname else pname
             info = seen.setdefault(id(p), _Seen([], module, [], [], None))
             info.names += [n for n in _plain_names(full, wrapped) if n not in info.names]
-            typed = _type_role(module, pname)
+            typed = _type_role(module, pname, p)
             if typed is not None:
                 info.typed.append((*typed, f"{type(module).__name__} {full}"))
+            info.stacked = info.stacked or (_is_experts(module) and p.ndim == 3)
             info.by_class += _class_roles(roles, module, pname)
+            info.blocks += _class_roles(blocks, module, pname)
             if info.raw is None:
                 info.raw = _raw_role(pname, p)
     return seen
@@ -364,6 +452,7 @@ def assign_roles(
     head: ModuleRef | None = None,
     embedding: ModuleRef | None = None,
     roles: Mapping[RoleKey, Any] | None = None,
+    blocks: Mapping[RoleKey, Any] | None = None,
 ) -> list[Assignment]:
     """Give every trainable parameter of ``model`` exactly one role (rules: module docstring).
 
@@ -375,6 +464,10 @@ def assign_roles(
         roles: explicit roles. Keys are parameter-name patterns (``fnmatch``: ``"*.pos_embed"``)
             mapped to a role, or module classes mapped to a role (for all of the class's own
             parameters) or to ``{parameter-name pattern: role}``.
+        blocks: explicit ``blocks`` (:mod:`gluon_optim.blocks`), keyed as ``roles``:
+            ``{"*.c_attn.weight": "chunks=3"}``, ``{MyExperts: "experts"}``. Without one, a
+            stack of experts of a module that declares its layout is ``"experts"`` and every
+            other parameter ``"whole"``.
 
     Returns:
         One :class:`Assignment` per parameter, in ``model.named_parameters()`` order.
@@ -383,11 +476,12 @@ def assign_roles(
         ValueError: a parameter has no role, two conflicting roles, or an override names an
             unknown role or matches nothing.
     """
-    roles = dict(roles or {})
+    roles, blocks = dict(roles or {}), dict(blocks or {})
     _check_overrides(roles)
+    _check_blocks(blocks)
     head_ids = _param_ids(_default_head(model) if head is None else head, "head")
     embedding_ids = _param_ids(embedding, "embedding")
-    seen = _walk(model, roles)
+    seen = _walk(model, roles, blocks)
 
     used: set[RoleKey] = set()
     out: list[Assignment] = []
@@ -443,9 +537,11 @@ def assign_roles(
             t for r, t, _ in info.typed if r == "hidden"
         )
         module = type(info.module).__name__
-        out.append(Assignment(name, p, chosen, module, transposed))
+        split = _chosen_blocks(name, info, blocks, chosen, used, problems)
+        out.append(Assignment(name, p, chosen, module, transposed, split))
 
     unused = sorted((_key_text(k) for k in set(roles) - used), key=str)
+    unused += sorted((f"blocks[{_key_text(k)}]" for k in set(blocks) - used), key=str)
     if unused:
         problems.append(f"role override(s) [{', '.join(unused)}] match no trainable parameter")
     if missing:

@@ -93,7 +93,13 @@ CASES: dict[str, Builder] = {
     "muon-bf16-state": lambda m, **kw: go.muon(m, state_dtype="bfloat16", **kw),
     "mvr2-bf16-state": lambda m, **kw: go.gluon_mvr(m, 2, lr=0.01, state_dtype="bfloat16", **kw),
     "limuon-bf16-state": lambda m, **kw: go.limuon(m, 3, lr=0.02, state_dtype="bfloat16", **kw),
+    # Blocked matrices: each unit is a layer with its own dual norm and radius.
+    "l0l1-blocks": lambda m, **kw: go.gluon(m, lr=0.01, radius_policy="l0l1", blocks=_BLOCKS, **kw),
 }
+
+
+#: The cases with blocked matrices (the sharded mode refuses them).
+_BLOCKS = {"fc.weight": "chunks=2", "mix.weight": "interleaved=3"}
 
 
 def train(
@@ -350,8 +356,8 @@ def resume(rank: int, world: int) -> dict[str, Any]:
 
 
 # -- FSDP2 ---------------------------------------------------------------------------------------
-#: The sharded mode refuses a state_dtype (sharded_errors checks the refusal).
-SHARDED_CASES = tuple(name for name in CASES if not name.endswith("-state"))
+#: The sharded mode refuses a state_dtype and blocks (sharded_errors checks the refusals).
+SHARDED_CASES = tuple(name for name in CASES if not name.endswith(("-state", "-blocks")))
 #: Exact two-point cases also run with previous_iterate() blocks instead of closures.
 BLOCK_CASES = ("mvr2-exact", "limuon-exact")
 
@@ -559,6 +565,7 @@ def sharded_errors(rank: int, world: int) -> dict[str, str]:
     out["local"] = _expect(lambda: go.muon(shard(model()), distributed="local"))
     out["plain"] = _expect(lambda: go.muon(model(), distributed="sharded"))
     out["state_dtype"] = _expect(lambda: go.muon(shard(model()), state_dtype="bfloat16"))
+    out["blocks"] = _expect(lambda: go.muon(shard(model()), blocks={"fc.weight": "chunks=2"}))
 
     mesh = init_device_mesh("cpu", (world,))
 

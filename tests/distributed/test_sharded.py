@@ -184,6 +184,7 @@ def test_bad_input_is_a_clear_error_on_every_rank(tmp_path: Path) -> None:
             assert f"needs distributed='sharded' (or 'auto'), not '{mode}'" in out[mode]
         assert out["plain"].startswith("ValueError: distributed='sharded' needs DTensor"), out
         assert "state_dtype='bfloat16' is not supported by the sharded mode" in out["state_dtype"]
+        assert "'fc.weight': blocks='chunks=2' is not supported by the sharded" in out["blocks"]
         assert "'w' has placements (Shard(dim=1),)" in out["shard1"], out
         assert "'v' is a plain tensor while 'w' is a DTensor" in out["mixed"], out
         assert "'w' is a DTensor on a 2-D mesh" in out["mesh2d"], out

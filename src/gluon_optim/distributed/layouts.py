@@ -33,7 +33,7 @@ def layout_error(mode: str, params: Sequence[tuple[str, Tensor, Mapping[str, Any
 
     DTensor parameters need the sharded mode, on a 1-D mesh, placed ``Shard(0)`` or
     ``Replicate()``; the sharded mode needs every parameter a DTensor of one mesh, and its
-    groups' ``state_dtype`` left at ``auto``.
+    groups' ``state_dtype`` left at ``auto`` and ``blocks`` at ``whole``.
     """
     sharded = [(n, p) for n, p, _ in params if is_dtensor(p)]
     if not sharded:
@@ -77,6 +77,12 @@ def layout_error(mode: str, params: Sequence[tuple[str, Tensor, Mapping[str, Any
                 f"Parameter {n!r}: state_dtype={group['state_dtype']!r} is not supported by the "
                 "sharded mode yet (its state is kept as DTensor rows in the parameter's dtype); "
                 "leave state_dtype='auto' under FSDP2"
+            )
+        if group.get("blocks", "whole") != "whole":
+            return (
+                f"Parameter {n!r}: blocks={group['blocks']!r} is not supported by the sharded "
+                "mode yet (its owner assembles whole parameters, not units); use "
+                "distributed='replicated' with DDP, or blocks='whole' under FSDP2"
             )
     return None
 

@@ -26,14 +26,16 @@ def lmo_cost(norm: Norm, shape: Sequence[int], ns_steps: int) -> int:
     """The cost model of the owner assignment: Newton–Schulz work, or the element count.
 
     Spectral norms cost ``steps * max(m, n) * min(m, n)^2`` multiply-adds for an ``m x n``
-    operand; every other LMO is elementwise or a reduction, ``numel``.
+    operand, times the number of units of a batch of them (a blocked parameter's operand is
+    ``(*units, m, n)``); every other LMO is elementwise or a reduction, ``numel``.
     """
     numel = 1
     for s in shape:
         numel *= s
     if isinstance(norm, PolarNorm) and len(shape) >= 2:
-        m, n = shape[0], numel // shape[0]
-        return ns_steps * max(m, n) * min(m, n) ** 2
+        m = shape[-2] if norm.kind == "matrix" else shape[0]
+        n = shape[-1] if norm.kind == "matrix" else numel // shape[0]
+        return ns_steps * max(m, n) * min(m, n) ** 2 * (numel // (m * n))
     return numel
 
 
@@ -68,7 +70,7 @@ class Plan:
 
 
 #: The group settings that decide a parameter's norm (and so its cost and direction dtype).
-_NORM_KEYS = ("algorithm", "norm", "shape_rule", "transposed", *POLAR_OPTIONS)
+_NORM_KEYS = ("algorithm", "norm", "shape_rule", "transposed", "blocks", *POLAR_OPTIONS)
 #: ... and those that decide what else its exchange carries (a dual norm, gradient rows, an
 #: owner-run estimator with its partner and factors): ranks must agree on all of them, or the
 #: message sizes they expect would differ.
@@ -120,7 +122,7 @@ def lmo_units(
             Unit(
                 key,
                 name,
-                tuple(norm.operand_shape(p.shape, group["transposed"])),
+                tuple(norm.operand_shape(p.shape, group["transposed"], group["blocks"])),
                 f"{p.dtype}@{p.device.type}",
                 norm,
                 group["ns_steps"],

@@ -18,7 +18,13 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from gluon_optim.directions import DirectionRequest, DirectionResult, LocalExecutor, compute
+from gluon_optim.directions import (
+    DirectionRequest,
+    DirectionResult,
+    LocalExecutor,
+    compute,
+    dual_shape,
+)
 from gluon_optim.distributed.plan import (
     OptimizerLike,
     Plan,
@@ -415,17 +421,26 @@ class ReplicatedExecutor(LocalExecutor):
         if not need:
             return {}
 
+        # One dual per LMO unit: a blocked parameter sends one per unit.
+        shapes = {j: dual_shape(requests[j]) for j in need}
+
         def value(j: int) -> Tensor:
             dual = computed[j].dual
             assert dual is not None
-            return dual.to(torch.float64).reshape(1)
+            return dual.to(torch.float64).reshape(-1)
 
         out = self._exchange(
-            need, owner, value, lambda j: 1, torch.float64, requests[need[0]].operand.device, "dual"
+            need,
+            owner,
+            value,
+            lambda j: math.prod(shapes[j]),
+            torch.float64,
+            requests[need[0]].operand.device,
+            "dual",
         )
         duals: dict[int, Tensor] = {}
         for j, flat in out.items():
             dtype = dtypes[j]
             assert dtype is not None
-            duals[j] = flat[0].to(dtype)
+            duals[j] = flat.reshape(shapes[j]).to(dtype)
         return duals

@@ -155,13 +155,13 @@ class DisplacementProbe:
 
     def _unit_direction(self, group: dict[str, Any], p: Tensor, g: Tensor) -> Tensor | None:
         norm = resolve_norm(group, p)
-        transposed = group["transposed"]
+        view = (group["transposed"], group["blocks"])
         if self.direction == "lmo":
-            raw = norm.restore(norm.lmo(norm.operand(g, transposed)), p, transposed)
+            raw = norm.restore(norm.lmo(norm.operand(g, *view)), p, *view)
         else:
             gen = torch.Generator(device=p.device).manual_seed(self.seed + p.numel())
             raw = torch.randn(p.shape, generator=gen, device=p.device, dtype=g.dtype)
-        size = float(norm.norm_of(raw.double(), transposed))
+        size = float(norm.norm_of(raw.double(), *view))
         if not (math.isfinite(size) and size > 0):
             return None
         return raw / size
@@ -235,7 +235,7 @@ class DisplacementProbe:
         dx = p.detach().double() - base[id(p)].double()
         ok, notes = _finiteness(step, dx, b, a)
         # grad_dual is read from the last argument: the gradient at the base point X.
-        values = _norm_values(norm, group["transposed"], dx, b, a, ok)
+        values = _norm_values(norm, (group["transposed"], group["blocks"]), dx, b, a, ok)
         rec["displacement"] = values.get("update_norm")
         rec["grad_dual"] = values.get("grad_dual")
         rec["L_hat"], why = _ratio(values.get("dgrad_dual"), values.get("update_norm"))

@@ -327,7 +327,7 @@ class SmoothnessProbe:
         ok, bad = _finiteness(k, dx, g0, g1)
         notes += bad
         try:
-            got = _norm_values(norm, group["transposed"], dx, g0, g1, ok)
+            got = _norm_values(norm, (group["transposed"], group["blocks"]), dx, g0, g1, ok)
         except _LinAlgError as err:  # an SVD that did not converge
             return _finish(rec, [*notes, f"norm computation failed: {err}"])
 
@@ -401,7 +401,7 @@ def _finiteness(k: int, dx: Tensor, g0: Tensor, g1: Tensor) -> tuple[list[bool],
 
 
 def _norm_values(
-    norm: Norm, transposed: bool, dx: Tensor, g0: Tensor, g1: Tensor, ok: Sequence[bool]
+    norm: Norm, view: tuple[bool, str], dx: Tensor, g0: Tensor, g1: Tensor, ok: Sequence[bool]
 ) -> dict[str, float]:
     """The norms of one measurement, in one host synchronisation.
 
@@ -416,13 +416,13 @@ def _norm_values(
     dg = g1w - g0.to(dt)
     values: dict[str, Tensor] = {}
     if ok_g1:
-        values["grad_dual"] = norm.dual_of(g1w, transposed)
+        values["grad_dual"] = norm.dual_of(g1w, *view)
         values["grad_fro"] = torch.linalg.vector_norm(g1w)
     if ok_dx:
-        values["update_norm"] = norm.norm_of(dx, transposed)
+        values["update_norm"] = norm.norm_of(dx, *view)
         values["update_fro"] = torch.linalg.vector_norm(dx)
     if ok_g0 and ok_g1:
-        values["dgrad_dual"] = norm.dual_of(dg, transposed)
+        values["dgrad_dual"] = norm.dual_of(dg, *view)
         values["dgrad_fro"] = torch.linalg.vector_norm(dg)
     if not values:
         return {}
