@@ -32,6 +32,7 @@ DIGITS = dict(num_classes=10, in_channels=1, image_size=8)
 CASES: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
     "gpt-tiny": ({"vocab_size": 256}, (2, 64)),
     "gpt-small": ({"vocab_size": 256}, (2, 16)),
+    "moe-tiny": ({"vocab_size": 256}, (2, 32)),
     "cnn-small": (DIGITS, (3, 1, 8, 8)),
     "vit-tiny": ({"num_classes": 10, "in_channels": 3, "image_size": 32}, (3, 3, 32, 32)),
 }
@@ -122,7 +123,7 @@ def test_roles_need_no_arguments(name: str) -> None:
 
 def _tiny_task(name: str) -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
     """A model and a loss on one fixed small batch."""
-    if name == "gpt-tiny":
+    if name in ("gpt-tiny", "moe-tiny"):
         model = build_model(name, vocab_size=256)
         x = torch.randint(0, 256, (8, 33))
         return model, lambda m: F.cross_entropy(m(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
@@ -142,7 +143,7 @@ OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
 
 
 @pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("name", ["gpt-tiny", "cnn-small", "vit-tiny"])
+@pytest.mark.parametrize("name", ["gpt-tiny", "moe-tiny", "cnn-small", "vit-tiny"])
 def test_loss_falls_on_a_fixed_batch(name: str, opt_name: str) -> None:
     model, loss_fn = _tiny_task(name)
     opt = OPTIMIZERS[opt_name](model)
@@ -259,6 +260,8 @@ def test_unknown_override_raises_with_the_valid_fields() -> None:
         ("gpt-tiny", {"n_head": 3}, "not divisible by n_head"),
         ("gpt-tiny", {"n_embd": 66, "n_head": 6, "rope": True}, "even head size"),
         ("gpt-tiny", {"dropout": 1.0}, "dropout"),
+        ("moe-tiny", {"top_k": 5}, "1 <= top_k <= n_expert"),
+        ("gpt-tiny", {"n_expert": -1}, "n_expert >= 0"),
         ("cnn-small", {"widths": ()}, "widths"),
         ("cnn-small", {"pool": "median"}, "pool"),
         ("vit-tiny", {"heads": 5}, "not divisible by heads"),
@@ -277,3 +280,37 @@ def test_overrides_leave_the_presets_alone() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         before.n_layer = 3  # type: ignore[misc]
     assert isinstance(MODELS["cnn-small"].config, CNNConfig)
+
+
+def test_moe_tiny_routes_each_token_to_its_top_k_experts_only() -> None:
+    """The per-expert stacks get the per-expert step, and an expert no token chose gets no
+    gradient (its rows are indexed, not multiplied by a zero weight)."""
+    from gluon_optim.lab.models.gpt import MoE
+
+    torch.manual_seed(0)
+    model = build_model("moe-tiny", vocab_size=256)
+    blocks = {a.name: a.blocks for a in go.assign_roles(model)}
+    assert blocks["blocks.0.mlp.experts.gate_up_proj"] == "experts"
+    assert blocks["blocks.0.mlp.experts.down_proj"] == "experts"
+    assert blocks["blocks.0.mlp.router.weight"] == "whole"
+    moe = model.blocks[0].mlp
+    assert isinstance(moe, MoE)
+    x = torch.randn(1, 3, 64)
+    with torch.no_grad():  # route every token away from expert 3
+        moe.router.weight[3] = -10.0 * x[0].sum(0) / x[0].sum(0).norm()
+    moe(x).sum().backward()
+    grad = moe.experts.gate_up_proj.grad
+    assert grad is not None and grad[3].abs().max() == 0 and grad[:3].abs().max() > 0
+    # The output is the top-2 softmax mixture of the experts, computed here by hand.
+    with torch.no_grad():
+        flat = x.reshape(3, 64)
+        logits = moe.router(flat)
+        top, chosen = logits.topk(2, dim=-1)
+        w = top.softmax(-1)
+        want = torch.zeros_like(flat)
+        for n in range(3):
+            for j in range(2):
+                e = int(chosen[n, j])
+                gate, up = (flat[n] @ moe.experts.gate_up_proj[e].T).chunk(2)
+                want[n] += w[n, j] * (F.silu(gate) * up) @ moe.experts.down_proj[e].T
+        assert torch.allclose(moe(x).reshape(3, 64), want, atol=1e-6)

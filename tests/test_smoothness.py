@@ -689,3 +689,35 @@ def test_load_fits_rejects_malformed_files(tmp_path: Path) -> None:
     sm.save_fits(path, {"x": sm.Fit(None, None, None, 0, "too few points")})
     assert sm.load_fits(path)["x"].l1 is None
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write leaves no temporary file
+
+
+def test_each_expert_of_a_stack_is_a_layer_of_its_own() -> None:
+    """A parameter with ``blocks`` gives one record per LMO unit, ``name[u]``, whose values are
+    those of the unit's own ``(d_out, d_in)`` matrix (GPT-OSS's transposed layout here)."""
+    gen = torch.Generator().manual_seed(0)
+    w = nn.Parameter(torch.randn(3, 8, 12, generator=gen, dtype=F64) * 0.3)
+    target = torch.randn(3, 8, 12, generator=gen, dtype=F64)
+    opt = go.Gluon(
+        [{"params": [("experts.w", w)], "blocks": "experts", "transposed": True, "lr": 0.02}]
+    )
+    probe = sm.SmoothnessProbe(opt, 1, exact_dual=True)
+    points, grads = [], []
+    for step in range(3):
+        opt.zero_grad()
+        ((torch.tanh(w) - target * math.cos(step)) ** 2).sum().backward()
+        assert w.grad is not None
+        points.append(w.detach().clone())
+        grads.append(w.grad.detach().clone())
+        opt.step()
+    assert [r["param"] for r in probe.records if r["step"] == 1] == [
+        "experts.w[0]",
+        "experts.w[1]",
+        "experts.w[2]",
+    ]
+    norm = go.norms.get("spectral", method="svd")
+    for r in probe.records:
+        k, u = r["step"] - 1, int(r["param"][-2])
+        dx = (points[k + 1][u] - points[k][u]).T  # (d_out, d_in) of expert u
+        dg = (grads[k + 1][u] - grads[k][u]).T
+        assert r["L_hat"] == pytest.approx(float(norm.dual(dg) / norm.norm(dx)), rel=1e-9)
+        assert r["grad_dual"] == pytest.approx(float(norm.dual(grads[k + 1][u].T)), rel=1e-9)

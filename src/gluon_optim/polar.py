@@ -322,7 +322,7 @@ def newton_schulz(
         flat = g.reshape(-1, *g.shape[-2:])
         parts = [
             newton_schulz(c, preset=spec, steps=steps, dtype=dtype, eps=eps, form=form)
-            for c in flat.split(chunk)
+            for c in torch.split(flat, chunk)
         ]
         return torch.cat(parts).reshape(g.shape)
     chosen = _choose_form(form, g.size(-2), g.size(-1), steps)

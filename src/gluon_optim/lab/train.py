@@ -164,7 +164,8 @@ class RunConfig:
     """
 
     model: str = _setting(
-        "gpt-tiny", Option("model preset: gpt-tiny, gpt-small, gpt2-124m, cnn-small, vit-tiny")
+        "gpt-tiny",
+        Option("model preset: gpt-tiny, gpt-small, moe-tiny, gpt2-124m, cnn-small, vit-tiny"),
     )
     data: str = _setting(
         "stdlib",

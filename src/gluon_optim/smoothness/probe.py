@@ -272,7 +272,7 @@ class SmoothnessProbe:
         order); one ``all_gather_object`` then gives every rank every record, in order."""
         executor = self.optimizer.executor
         if not isinstance(executor, ReplicatedExecutor):
-            return [self._measure(pair, grads, key, g, p) for key, g, p in entries]
+            return [r for key, g, p in entries for r in self._measure(pair, grads, key, g, p)]
         owners = executor.plan().owners
         position = {
             id(p): (gi, pi)
@@ -283,7 +283,7 @@ class SmoothnessProbe:
         def whole(t: Tensor | None) -> Tensor | None:
             return t.full_tensor() if isinstance(t, DTensor) else t
 
-        mine: list[tuple[int, SmoothnessRecord]] = []
+        mine: list[tuple[int, int, SmoothnessRecord]] = []
         for i, (key, group, p) in enumerate(entries):
             one = _Second(
                 pair.step,
@@ -292,11 +292,12 @@ class SmoothnessProbe:
             )
             g1 = whole(grads.get(id(p)))
             if owners[position[id(p)]] == executor.rank:
-                mine.append((i, self._measure(one, {id(p): g1}, key, group, p)))
+                records = self._measure(one, {id(p): g1}, key, group, p)
+                mine += [(i, u, r) for u, r in enumerate(records)]
         gathered: list[Any] = [None] * executor.world
         dist.all_gather_object(gathered, mine, group=executor.process_group)
-        merged = sorted((r for part in gathered for r in part), key=lambda r: r[0])
-        return [record for _, record in merged]
+        merged = sorted((r for part in gathered for r in part), key=lambda r: r[:2])
+        return [record for _, _, record in merged]
 
     def _norm(self, group: Mapping[str, Any], p: Tensor) -> Norm:
         norm = resolve_norm(group, p)
@@ -311,11 +312,46 @@ class SmoothnessProbe:
         key: str,
         group: dict[str, Any],
         p: Tensor,
+    ) -> list[SmoothnessRecord]:
+        """The records of one parameter: one, or one per LMO unit of a blocked parameter.
+
+        Gluon's layer is the LMO unit, so each expert (or block) of a parameter with
+        ``blocks`` is a layer of its own here, keyed ``name[u]`` with ``u`` its index in the
+        units' view flattened in order (:mod:`gluon_optim.blocks`).
+        """
+        dx, g0, g1 = pair.updates.get(id(p)), pair.grads.get(id(p)), grads.get(id(p))
+        if group["blocks"] == "whole":
+            view = (group["transposed"], "whole")
+            return [self._measure_one(pair.step, key, group, p, (dx, g0, g1), view)]
+        norm = self._norm(group, p)
+        view = (group["transposed"], group["blocks"])
+
+        def units(t: Tensor | None) -> list[Tensor | None]:
+            if t is None:
+                return [None] * math.prod(norm.operand_shape(p.shape, *view)[:-2])
+            op = norm.operand(t, *view)
+            return list(op.reshape(-1, *op.shape[-2:]).unbind(0))
+
+        parts = zip(units(dx), units(g0), units(g1), strict=True)
+        return [
+            self._measure_one(pair.step, f"{key}[{u}]", group, p, tensors, (False, "whole"))
+            for u, tensors in enumerate(parts)
+        ]
+
+    def _measure_one(
+        self,
+        k: int,
+        key: str,
+        group: dict[str, Any],
+        p: Tensor,
+        tensors: tuple[Tensor | None, Tensor | None, Tensor | None],
+        view: tuple[bool, str],
     ) -> SmoothnessRecord:
-        k = pair.step
+        """One layer's record from ``(dX, g_k, g_{k+1})``; ``view`` is how ``norm`` reads
+        them (a unit of a blocked parameter is already a ``(d_out, d_in)`` matrix)."""
         norm = self._norm(group, p)
         rec = _empty_record(k + 1, key, str(group.get("role", "")), norm.name, self.euclidean)
-        dx, g0, g1 = pair.updates.get(id(p)), pair.grads.get(id(p)), grads.get(id(p))
+        dx, g0, g1 = tensors
         missing = (
             (dx, f"not in the optimizer at step {k}"),
             (g0, f"no gradient at step {k}"),
@@ -327,7 +363,7 @@ class SmoothnessProbe:
         ok, bad = _finiteness(k, dx, g0, g1)
         notes += bad
         try:
-            got = _norm_values(norm, (group["transposed"], group["blocks"]), dx, g0, g1, ok)
+            got = _norm_values(norm, view, dx, g0, g1, ok)
         except _LinAlgError as err:  # an SVD that did not converge
             return _finish(rec, [*notes, f"norm computation failed: {err}"])
 

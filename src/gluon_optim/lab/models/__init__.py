@@ -14,6 +14,8 @@ role arguments.
 * ``gpt-tiny`` (lm): 2 layers, 2 heads, width 64, block 64, untied, learned positions; a CPU
   smoke-test size.
 * ``gpt-small`` (lm): 6 layers, 6 heads, width 384, block 256; a laptop-sized run.
+* ``moe-tiny`` (lm): ``gpt-tiny`` with each MLP a top-2 mixture of 4 gated experts stored as
+  stacks (Mixtral's layout), for the per-expert step.
 * ``gpt2-124m`` (lm): 12 layers, 12 heads, width 768, block 1024, vocab 50304, tied; the GPT-2
   small shape of the Muon/Scion/Gluon papers, meant for GPUs.
 * ``cnn-small`` (image): airbench-style, a 32-channel stem then groups of 32, 64, 128 channels.
@@ -65,6 +67,10 @@ MODELS: dict[str, ModelSpec] = {
         "lm", GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64, tied=False, rope=False)
     ),
     "gpt-small": ModelSpec("lm", GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384)),
+    "moe-tiny": ModelSpec(
+        "lm",
+        GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64, tied=False, n_expert=4, top_k=2),
+    ),
     "gpt2-124m": ModelSpec(
         "lm",
         # 50304 = 50257 rounded up to a multiple of 64, as nanoGPT does for faster matmuls.

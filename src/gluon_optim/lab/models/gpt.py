@@ -20,7 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GPT", "MLP", "Block", "GPTConfig", "SelfAttention", "apply_rope", "gpt2_init_"]
+__all__ = [
+    "GPT",
+    "MLP",
+    "Block",
+    "Experts",
+    "GPTConfig",
+    "MoE",
+    "SelfAttention",
+    "apply_rope",
+    "gpt2_init_",
+]
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,10 @@ class GPTConfig:
         rope_base: the rotary frequency base (10000 as in RoFormer).
         mlp_ratio: the MLP's hidden width over ``n_embd``.
         dropout: dropout on embeddings, attention weights and residual branches.
+        n_expert: 0 for a dense MLP; otherwise every block's MLP is a mixture of ``n_expert``
+            gated experts (:class:`MoE`), each of hidden width ``mlp_ratio * n_embd / 2``, so
+            one expert has the dense MLP's parameter count.
+        top_k: experts per token (``n_expert > 0``).
     """
 
     vocab_size: int = 256
@@ -49,6 +63,8 @@ class GPTConfig:
     rope_base: float = 10000.0
     mlp_ratio: int = 4
     dropout: float = 0.0
+    n_expert: int = 0
+    top_k: int = 2
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
@@ -65,6 +81,13 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.n_expert < 0 or (self.n_expert and not 1 <= self.top_k <= self.n_expert):
+            raise ValueError(
+                f"GPTConfig: need n_expert >= 0 and 1 <= top_k <= n_expert, got n_expert="
+                f"{self.n_expert}, top_k={self.top_k}"
+            )
+        if self.n_expert and (self.mlp_ratio * self.n_embd) % 2:
+            raise ValueError("GPTConfig: an expert's width mlp_ratio * n_embd / 2 must be whole")
 
 
 def apply_rope(x: Tensor, base: float = 10000.0) -> Tensor:
@@ -147,6 +170,65 @@ class MLP(nn.Module):
         return out
 
 
+class Experts(nn.Module):
+    """``E`` gated (SwiGLU) experts stored as stacks, the layout of transformers' Mixtral.
+
+    ``gate_up_proj`` is ``(E, 2 d_ff, d)``, each expert's ``[gate; up]`` along ``d_out``, and
+    ``down_proj`` ``(E, d, d_ff)``. The three attributes below declare that layout the way
+    transformers' experts classes do, which is what gives these weights the ``hidden`` role
+    with one LMO unit per expert (``blocks="experts"``) in :func:`gluon_optim.assign_roles`.
+    """
+
+    is_transposed = False
+    is_concatenated = True
+    has_gate = True
+
+    def __init__(self, n_expert: int, dim: int, d_ff: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n_expert, 2 * d_ff, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_expert, dim, d_ff))
+
+    def forward(self, x: Tensor, weights: Tensor) -> Tensor:
+        """``sum_e weights[:, e] * expert_e(x)`` for ``x`` ``(N, d)``, ``weights`` ``(N, E)``.
+
+        Every expert runs on the tokens routed to it only (an index per expert, as the
+        transformers eager path does), so an expert no token chose gets no gradient.
+        """
+        out = torch.zeros_like(x)
+        for e in range(self.gate_up_proj.shape[0]):
+            rows = weights[:, e].nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            gate, up = (x[rows] @ self.gate_up_proj[e].T).chunk(2, dim=-1)  # (n, d_ff) each
+            h = F.silu(gate) * up @ self.down_proj[e].T  # (n, d)
+            out.index_add_(0, rows, h * weights[rows, e, None])
+        return out
+
+
+class MoE(nn.Module):
+    """A top-k mixture of experts: a linear router, softmax over the chosen experts' logits.
+
+    No load-balancing loss: the lab trains it as a small test bed for the optimizer's per-expert
+    step, not as a recipe.
+    """
+
+    def __init__(self, dim: int, n_expert: int, top_k: int, d_ff: int, dropout: float) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Linear(dim, n_expert, bias=False)
+        self.experts = Experts(n_expert, dim, d_ff)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        flat = x.reshape(B * T, C)
+        logits = self.router(flat)  # (N, E)
+        top, chosen = logits.topk(self.top_k, dim=-1)  # (N, k) each
+        weights = torch.zeros_like(logits).scatter(1, chosen, top.softmax(dim=-1))  # (N, E)
+        out: Tensor = self.drop(self.experts(flat, weights).reshape(B, T, C))
+        return out
+
+
 class Block(nn.Module):
     """A pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
 
@@ -166,6 +248,8 @@ class Block(nn.Module):
         rope: bool = False,
         rope_base: float = 1e4,
         dropout: float = 0.0,
+        n_expert: int = 0,
+        top_k: int = 2,
     ) -> None:
         super().__init__()
         self.norm1 = norm(dim)
@@ -173,7 +257,11 @@ class Block(nn.Module):
             dim, n_head, causal=causal, rope=rope, rope_base=rope_base, dropout=dropout
         )
         self.norm2 = norm(dim)
-        self.mlp = MLP(dim, mlp_ratio, dropout)
+        self.mlp: nn.Module = (
+            MoE(dim, n_expert, top_k, mlp_ratio * dim // 2, dropout)
+            if n_expert
+            else MLP(dim, mlp_ratio, dropout)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x))  # (B, T, C)
@@ -195,10 +283,16 @@ def gpt2_init_(model: nn.Module, n_layer: int, std: float = 0.02) -> None:
             nn.init.normal_(module.weight, mean=0.0, std=std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+        if isinstance(module, Experts):
+            nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
     for module in model.modules():
         if isinstance(module, Block):
-            for proj in (module.attn.proj, module.mlp.proj):
-                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * n_layer))
+            out = module.mlp.proj.weight if isinstance(module.mlp, MLP) else None
+            if isinstance(module.mlp, MoE):
+                out = module.mlp.experts.down_proj
+            for weight in (module.attn.proj.weight, out):
+                assert weight is not None
+                nn.init.normal_(weight, mean=0.0, std=std / math.sqrt(2 * n_layer))
 
 
 class GPT(nn.Module):
@@ -227,6 +321,8 @@ class GPT(nn.Module):
                 rope=c.rope,
                 rope_base=c.rope_base,
                 dropout=c.dropout,
+                n_expert=c.n_expert,
+                top_k=c.top_k,
             )
             for _ in range(c.n_layer)
         )
