@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-vision pytest lint typecheck demo demo-distributed bench bench-experts accuracy faults docs-tables clean dist gpu-check test-compat test-newest
+.PHONY: test test-vision pytest lint typecheck demo demo-distributed bench bench-experts blocks-evidence accuracy faults docs-tables clean dist gpu-check test-compat test-newest
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -90,6 +90,12 @@ bench: $(STAMP)
 bench-experts: $(STAMP)
 	mkdir -p runs
 	$(PY) benchmarks/experts.py --json runs/bench-experts.json
+
+## blocks-evidence: whole against split fused qkv (gpt-tiny) and gate / up (moe-tiny), lr sweeps and
+## 3 seeds for muon and unscion (about 25 minutes on 2 cores; JSON in runs/blocks-evidence.json)
+blocks-evidence: $(STAMP)
+	mkdir -p runs
+	$(PY) benchmarks/blocks_evidence.py --json runs/blocks-evidence.json
 
 ## accuracy: Newton–Schulz error per preset and parity errors against the peers
 accuracy: $(STAMP)

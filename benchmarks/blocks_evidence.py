@@ -1,12 +1,14 @@
 """Evidence for the ``blocks`` defaults: whole against split fused matrices, and per expert.
 
-Run with ``make blocks-evidence`` (about 10 minutes on 2 cores) or ``python
+Run with ``make blocks-evidence`` (about 25 minutes on 2 cores) or ``python
 benchmarks/blocks_evidence.py --json out.json``. Everything runs in this process, on the lab's
 byte-level text (Python's own sources), with the demo's recipe (300 steps, batch 16, WSD
 schedule with a 30% decay, validation on 8 batches):
 
 * ``gpt-tiny``: the fused ``qkv`` (``[q; k; v]``, ``(192, 64)``) whole, split per projection
   (``chunks=3``) and per head (``chunks=6``: 2 heads of q, k and v);
+* ``gpt-wide`` (``--models gpt-wide``, not in the default set): ``gpt-tiny`` with 4 layers, 4
+  heads and width 128, the same three splits (per head is ``chunks=12``);
 * ``moe-tiny`` (4 gated experts, top-2): each expert's ``gate_up_proj`` whole (the default),
   split into gate and up (``experts+chunks=2``), and the stacks flattened into one matrix
   (``whole``: what a 3-D tensor got before ``blocks`` existed).
@@ -30,11 +32,22 @@ from gluon_optim.lab import optimizers
 from gluon_optim.lab.bench.timing import load_average, machine_meta
 from gluon_optim.lab.train import RunConfig, train
 
+#: Lab model of each name, with its config overrides.
+MODELS: dict[str, tuple[str, dict[str, int]]] = {
+    "gpt-tiny": ("gpt-tiny", {}),
+    "gpt-wide": ("gpt-tiny", {"n_layer": 4, "n_head": 4, "n_embd": 128}),
+    "moe-tiny": ("moe-tiny", {}),
+}
 VARIANTS: dict[str, dict[str, dict[str, str] | None]] = {
     "gpt-tiny": {
         "qkv whole": None,
         "qkv per projection": {"*.qkv.weight": "chunks=3"},
         "qkv per head": {"*.qkv.weight": "chunks=6"},
+    },
+    "gpt-wide": {
+        "qkv whole": None,
+        "qkv per projection": {"*.qkv.weight": "chunks=3"},
+        "qkv per head": {"*.qkv.weight": "chunks=12"},
     },
     "moe-tiny": {
         "per expert (default)": None,
@@ -47,8 +60,10 @@ SEEDS = (0, 1, 2)
 
 
 def _run(model: str, optimizer: str, lr: float, blocks: Any, seed: int, root: Path) -> float:
+    preset, overrides = MODELS[model]
     config = RunConfig(
-        model=model,
+        model=preset,
+        model_options=dict(overrides),
         data="stdlib",
         optimizer=optimizer,
         lr=lr,
@@ -69,7 +84,7 @@ def measure(models: list[str], names: list[str], root: Path) -> list[dict[str, A
     rows = []
     for model in models:
         for optimizer in names:
-            tuned, _ = optimizers.resolve(optimizer, model, None, {})
+            tuned, _ = optimizers.resolve(optimizer, MODELS[model][0], None, {})
             for variant, blocks in VARIANTS[model].items():
                 sweep = {
                     f * tuned: _run(model, optimizer, f * tuned, blocks, 0, root) for f in FACTORS

@@ -33,12 +33,14 @@ ALLOWED: dict[str, set[str]] = {
         "distributed.wire",
     },
     "distributed.sharded": {
+        "blocks",
         "directions",
         "distributed.replicated",
         "distributed.tensors",
         "distributed.wire",
     },
     "distributed.layouts": {
+        "blocks",
         "directions",
         "norms",
         "distributed.plan",

@@ -206,3 +206,48 @@ def test_a_stack_read_as_one_flattened_matrix_takes_another_step(name: str) -> N
     for n, split in updates[0].items():
         flat = updates[1][n]
         assert ((flat - split).norm() / split.norm()).item() > 0.6, n
+
+
+class _GQA(nn.Module):
+    """A Phi-3-style attention: one ``qkv_proj`` with grouped-query sizes, ``[q; k; v]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.num_key_value_heads = 4, 2
+        self.qkv_proj = nn.Linear(32, (4 + 2 * 2) * 8, bias=False)
+        self.gate_up_proj = nn.Linear(32, 96, bias=False)
+
+
+@pytest.mark.parametrize(
+    "fused,expected",
+    [
+        ("whole", {}),
+        # Per projection the grouped-query blocks are unequal: it stays whole.
+        ("projections", {"gate_up_proj.weight": "chunks=2"}),
+        ("heads", {"qkv_proj.weight": "chunks=8", "gate_up_proj.weight": "chunks=2"}),
+    ],
+)
+def test_fused_layouts_are_read_from_the_modules(fused: str, expected: dict[str, str]) -> None:
+    got = {a.name: a.blocks for a in go.assign_roles(_GQA(), head=[], fused=fused)}
+    assert {n: b for n, b in got.items() if b != "whole"} == expected
+
+
+def test_fused_splits_gpt2_and_each_experts_gate_and_up() -> None:
+    from _matrix import tiny_gpt2
+
+    gpt2 = tiny_gpt2(VOCAB, n_layer=1, n_embd=32, n_positions=16)  # 2 heads, Conv1D c_attn
+    by = {a.name: a for a in go.assign_roles(gpt2, fused="heads")}
+    assert by["transformer.h.0.attn.c_attn.weight"].blocks == "chunks=6"
+    assert by["transformer.h.0.attn.c_attn.weight"].transposed
+    opt = go.muon(gpt2, fused="projections")
+    group = next(g for g in opt.param_groups if g["blocks"] == "chunks=3")
+    assert group["transposed"] and group["name"] == "hidden_transposed[chunks=3]"
+    for name, split in (("mixtral", "experts+chunks=2"), ("gpt-oss", "experts+interleaved=2")):
+        blocks = {a.name: a.blocks for a in go.assign_roles(_model(name), fused="projections")}
+        assert blocks[f"{_LAYER}.mlp.experts.gate_up_proj"] == split
+        assert blocks[f"{_LAYER}.mlp.experts.down_proj"] == "experts"
+    with pytest.raises(ValueError, match="Unknown fused 'qkv'"):
+        go.muon(gpt2, fused="qkv")
+    # An explicit blocks= wins over fused=.
+    opt = go.muon(gpt2, fused="heads", blocks={"*.c_attn.weight": "whole"})
+    assert all(g["blocks"] == "whole" for g in opt.param_groups)

@@ -43,11 +43,15 @@ class ShardLayout:
         transposed: the group's ``transposed`` (the owner builds the norm's view of the whole).
         sharded: ``True`` for ``Shard(0)`` (this rank holds rows ``[start, stop)`` of dim 0, as
             ``torch.chunk`` splits them), ``False`` for ``Replicate()`` (it holds the whole).
+        blocks: the group's ``blocks``. A stack of experts (``"experts"``, with or without a
+            split within each expert) split along dim 0 holds whole experts on every rank, so
+            each rank computes the LMO units of its own rows, with no exchange.
     """
 
     shape: tuple[int, ...]
     transposed: bool
     sharded: bool
+    blocks: str = "whole"
 
 
 @dataclass(frozen=True)

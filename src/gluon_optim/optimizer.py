@@ -348,7 +348,7 @@ def _lmo_estimate(
         if isinstance(p, DTensor) or estimate is not None:
             # The owner rank builds the norm's view of the whole tensor (gluon_optim.distributed).
             sharded = isinstance(p, DTensor) and p.placements[0].is_shard()
-            layout = ShardLayout(shape, group["transposed"], sharded)
+            layout = ShardLayout(shape, group["transposed"], sharded, group["blocks"])
             operand = m
         else:
             layout, operand = None, norm.operand(m, group["transposed"], group["blocks"])
@@ -532,8 +532,10 @@ def _apply(item: _Pending) -> None:
     if isinstance(radius, Tensor) and radius.ndim:
         # One radius per unit of a blocked parameter (its duals are per unit): scale each
         # unit's direction by its own before the units go back into the parameter's layout.
-        direction = direction.to(p.dtype) * (-(radius * factor)).to(p.dtype)[..., None, None]
-        p.add_(item.norm.restore(direction, p, *view))
+        # (A sharded stack's direction comes back as this rank's rows: read as its units.)
+        units = item.norm.operand(direction, *view) if item.layout else direction
+        units = units.to(p.dtype) * (-(radius * factor)).to(p.dtype)[..., None, None]
+        p.add_(item.norm.restore(units, p, *view))
         return
     # A sharded direction comes back as this rank's rows of the parameter, already restored.
     update = direction if item.layout else item.norm.restore(direction, p, *view)

@@ -323,6 +323,7 @@ def param_groups(
     embedding: ModuleRef | None = None,
     roles: Mapping[RoleKey, Any] | None = None,
     blocks: Mapping[RoleKey, Any] | None = None,
+    fused: str = "whole",
     **options: Any,
 ) -> list[dict[str, Any]]:
     """One plain-data parameter group per role present in ``model``, under ``preset``.
@@ -340,8 +341,9 @@ def param_groups(
             (see :func:`gluon_optim.roles.assign_roles`).
         preset: one of :data:`PRESETS`: ``"muon"``, ``"scion"``, ``"unscion"``, ``"gluon"``,
             ``"gluon_mvr"`` or ``"limuon"``.
-        head, embedding, roles, blocks: passed to :func:`~gluon_optim.roles.assign_roles`
-            (``blocks``: ``{parameter-name pattern or module class: blocks}``).
+        head, embedding, roles, blocks, fused: passed to
+            :func:`~gluon_optim.roles.assign_roles` (``blocks``: ``{parameter-name pattern or
+            module class: blocks}``; ``fused``: ``"whole"``, ``"projections"`` or ``"heads"``).
         **options: the preset's options, any group key but ``blocks`` (see
             :func:`preset_table`), and ``settings={role: {key: value}}``.
 
@@ -357,7 +359,9 @@ def param_groups(
         )
     table = preset_table(preset, **options)
     by_role: dict[tuple[str, bool, str], list[tuple[str, nn.Parameter]]] = {}
-    assigned = assign_roles(model, head=head, embedding=embedding, roles=roles, blocks=blocks)
+    assigned = assign_roles(
+        model, head=head, embedding=embedding, roles=roles, blocks=blocks, fused=fused
+    )
     for a in assigned:
         reads = _reads_matrices(table[a.role])
         split = a.blocks if reads else WHOLE
@@ -406,9 +410,16 @@ def _from_model(
     head, embedding, roles = refs
     engine = _engine(options)
     # A mapping is per parameter; param_groups refuses a single value with the reason.
-    blocks = options.pop("blocks", None)
+    blocks, fused = options.pop("blocks", None), options.pop("fused", "whole")
     groups = param_groups(
-        model, preset, head=head, embedding=embedding, roles=roles, blocks=blocks, **options
+        model,
+        preset,
+        head=head,
+        embedding=embedding,
+        roles=roles,
+        blocks=blocks,
+        fused=fused,
+        **options,
     )
     return Gluon(groups, lr=options.get("lr", DEFAULTS["lr"]), **engine)
 

@@ -78,7 +78,7 @@ from torch import nn
 
 from gluon_optim.blocks import WHOLE, BlocksCheck
 
-__all__ = ["ROLES", "Assignment", "RoleKey", "assign_roles", "unwrap_model"]
+__all__ = ["FUSED", "ROLES", "Assignment", "Fused", "RoleKey", "assign_roles", "unwrap_model"]
 
 ROLES: tuple[str, ...] = ("embedding", "tied", "hidden", "conv", "head", "bias", "norm")
 
@@ -121,6 +121,33 @@ ModuleRef = nn.Module | nn.Parameter | Iterable[nn.Module | nn.Parameter]
 RoleKey = str | type[nn.Module]
 
 
+#: Values of ``fused=``: how weights that concatenate layers are split by default.
+FUSED: tuple[str, ...] = ("whole", "projections", "heads")
+#: Module attribute names of fused attention projections ``[q; k; v]`` (GPT-2's and nanoGPT's
+#: ``c_attn``, timm's and the lab's ``qkv``, Phi-3's ``qkv_proj``, MosaicML's ``Wqkv``) and of
+#: fused gated-MLP inputs ``[gate; up]``.
+_FUSED_QKV = ("c_attn", "qkv", "qkv_proj", "Wqkv")
+_FUSED_GATE_UP = ("gate_up_proj",)
+_HEADS = ("n_head", "num_heads", "num_attention_heads", "n_heads")
+_KV_HEADS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
+
+
+@dataclass(frozen=True)
+class Fused:
+    """A weight that concatenates layers along ``d_out``, read from its module.
+
+    ``projections`` is the ``blocks`` value of one unit per projection (``"chunks=3"`` for an
+    equal ``[q; k; v]``, ``"chunks=2"`` for ``[gate; up]``), ``heads`` that of one unit per
+    head of ``q``, ``k`` and ``v``; ``""`` where the layout has no such split that
+    :mod:`gluon_optim.blocks` can express (a grouped-query ``[q; k; v]`` per projection has
+    unequal blocks).
+    """
+
+    kind: str  # "qkv" or "gate_up"
+    projections: str
+    heads: str
+
+
 @dataclass(frozen=True)
 class Assignment:
     """One parameter with its role: ``name`` is its first name in ``model.named_parameters()``.
@@ -128,7 +155,8 @@ class Assignment:
     ``transposed`` is true for a weight stored ``(d_in, d_out)`` where its role's modules store
     ``(d_out, d_in)`` (a Hugging Face ``Conv1D`` weight in role ``hidden`` or ``head``).
     ``blocks`` says which LMO units the weight holds (:mod:`gluon_optim.blocks`): ``"experts"``
-    for a stack of experts, or what ``blocks=`` set.
+    for a stack of experts, the split ``fused=`` asked for, or what ``blocks=`` set; ``fused``
+    is the fused layout read from the module, if any.
     """
 
     name: str
@@ -137,6 +165,7 @@ class Assignment:
     module: str
     transposed: bool = False
     blocks: str = WHOLE
+    fused: Fused | None = None
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -214,6 +243,44 @@ def _is_experts(module: nn.Module) -> bool:
         isinstance(getattr(module, a, None), bool)
         for a in ("is_transposed", "is_concatenated", "has_gate")
     )
+
+
+def _count(module: nn.Module | None, names: tuple[str, ...]) -> int | None:
+    """The first positive int among ``names`` on ``module`` or its ``config``."""
+    for owner in (module, getattr(module, "config", None)):
+        for name in names:
+            value = getattr(owner, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _fused(
+    attr: str, module: nn.Module, parent: nn.Module | None, pname: str, p: torch.Tensor
+) -> Fused | None:
+    """The fused layout of weight ``pname`` of ``module`` (held as ``parent.<attr>``)."""
+    if _is_experts(module) and p.ndim == 3 and pname == "gate_up_proj" and module.has_gate:
+        split = "chunks=2" if module.is_concatenated else "interleaved=2"
+        return Fused("gate_up", f"experts+{split}", "")
+    if (
+        pname != "weight"
+        or p.ndim != 2
+        or not (isinstance(module, nn.Linear) or _is_conv1d(module))
+    ):
+        return None
+    d_out = p.shape[1] if _is_conv1d(module) else p.shape[0]
+    if attr in _FUSED_GATE_UP and d_out % 2 == 0:
+        return Fused("gate_up", "chunks=2", "")
+    if attr not in _FUSED_QKV:
+        return None
+    heads = _count(parent, _HEADS)
+    kv = _count(parent, _KV_HEADS) or heads
+    if heads is None or kv is None:
+        return Fused("qkv", "chunks=3", "") if d_out % 3 == 0 else None
+    units = heads + 2 * kv
+    if d_out % units:
+        return None
+    return Fused("qkv", "chunks=3" if kv == heads else "", f"chunks={units}")
 
 
 def _is_router(module: nn.Module) -> bool:
@@ -351,10 +418,12 @@ def _chosen_blocks(
     info: _Seen,
     blocks: Mapping[RoleKey, Any],
     role: str,
+    fused: str,
     used: set[RoleKey],
     problems: list[str],
 ) -> str:
-    """The ``blocks`` of one parameter: ``blocks=`` by name, then by class, then the module's."""
+    """The ``blocks`` of one parameter: ``blocks=`` by name, then by class, then the split
+    ``fused`` asks for where the module is fused, then the module's stack of experts."""
     explicit = [
         (pat, b)
         for pat, b in blocks.items()
@@ -366,7 +435,15 @@ def _chosen_blocks(
         problems.append(f"{name!r} matches blocks overrides with different values: {where}")
     if explicit:
         return str(explicit[0][1])
-    return "experts" if info.stacked and role == "hidden" else WHOLE
+    if role != "hidden":
+        return WHOLE
+    if info.fused is not None and fused != "whole":
+        # "heads" is the finest split: per head where there are heads, else per projection.
+        split = info.fused.heads if fused == "heads" else ""
+        split = split or info.fused.projections
+        if split:
+            return split
+    return "experts" if info.stacked else WHOLE
 
 
 def _key_text(key: RoleKey) -> str:
@@ -384,6 +461,7 @@ class _Seen:
     raw: str | None
     stacked: bool = False  # a stack of experts, by its module's declared layout
     blocks: list[tuple[RoleKey, str]] = field(default_factory=list)  # blocks= that match it
+    fused: Fused | None = None
 
 
 def _walk(
@@ -391,6 +469,7 @@ def _walk(
 ) -> dict[int, _Seen]:
     seen: dict[int, _Seen] = {}
     wrapped = unwrap_model(model) is not model
+    modules = dict(model.named_modules(remove_duplicate=False))
     for mname, module in model.named_modules(remove_duplicate=False):
         for pname, p in module.named_parameters(recurse=False):
             full = f"{mname}.{pname}" if mname else pname
@@ -400,6 +479,8 @@ def _walk(
             if typed is not None:
                 info.typed.append((*typed, f"{type(module).__name__} {full}"))
             info.stacked = info.stacked or (_is_experts(module) and p.ndim == 3)
+            parent = modules.get(mname.rpartition(".")[0]) if mname else None
+            info.fused = info.fused or _fused(mname.rpartition(".")[2], module, parent, pname, p)
             info.by_class += _class_roles(roles, module, pname)
             info.blocks += _class_roles(blocks, module, pname)
             if info.raw is None:
@@ -453,6 +534,7 @@ def assign_roles(
     embedding: ModuleRef | None = None,
     roles: Mapping[RoleKey, Any] | None = None,
     blocks: Mapping[RoleKey, Any] | None = None,
+    fused: str = "whole",
 ) -> list[Assignment]:
     """Give every trainable parameter of ``model`` exactly one role (rules: module docstring).
 
@@ -468,6 +550,11 @@ def assign_roles(
             ``{"*.c_attn.weight": "chunks=3"}``, ``{MyExperts: "experts"}``. Without one, a
             stack of experts of a module that declares its layout is ``"experts"`` and every
             other parameter ``"whole"``.
+        fused: how a weight that concatenates layers (see :class:`Fused`) is split when
+            ``blocks=`` does not name it: ``"whole"`` (one unit, the default), ``"projections"``
+            (``[q; k; v]`` in 3, ``[gate; up]`` in 2, each expert's too) or ``"heads"`` (one
+            unit per head of ``q``, ``k`` and ``v``; ``[gate; up]`` as under
+            ``"projections"``). A layout that has no such split stays as it would be otherwise.
 
     Returns:
         One :class:`Assignment` per parameter, in ``model.named_parameters()`` order.
@@ -477,6 +564,8 @@ def assign_roles(
             unknown role or matches nothing.
     """
     roles, blocks = dict(roles or {}), dict(blocks or {})
+    if fused not in FUSED:
+        raise ValueError(f"Unknown fused {fused!r}; expected one of {FUSED}")
     _check_overrides(roles)
     _check_blocks(blocks)
     head_ids = _param_ids(_default_head(model) if head is None else head, "head")
@@ -537,8 +626,8 @@ def assign_roles(
             t for r, t, _ in info.typed if r == "hidden"
         )
         module = type(info.module).__name__
-        split = _chosen_blocks(name, info, blocks, chosen, used, problems)
-        out.append(Assignment(name, p, chosen, module, transposed, split))
+        split = _chosen_blocks(name, info, blocks, chosen, fused, used, problems)
+        out.append(Assignment(name, p, chosen, module, transposed, split, info.fused))
 
     unused = sorted((_key_text(k) for k in set(roles) - used), key=str)
     unused += sorted((f"blocks[{_key_text(k)}]" for k in set(blocks) - used), key=str)

@@ -48,6 +48,77 @@ def model() -> Net:
     return Net()
 
 
+class Experts(nn.Module):
+    """A stack of 4 experts ``(4, 16, 8)`` / ``(4, 8, 16)`` that declares its layout as
+    transformers' experts classes do, so each expert is an LMO unit (``blocks="experts"``)."""
+
+    is_transposed = False
+    is_concatenated = True
+    has_gate = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Parameter(torch.randn(4, 16, 8) * 0.3)
+        self.down = nn.Parameter(torch.randn(4, 8, 16) * 0.3)
+
+    def forward(self, h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        inner = torch.tanh(torch.einsum("btd,efd->btef", h, self.up))  # (B, T, E, 16)
+        out = torch.einsum("btef,edf->bted", inner, self.down)  # (B, T, E, 8)
+        return (out * weights[..., None]).sum(2)
+
+
+class ExpertNet(nn.Module):
+    """Embedding, a softly routed stack of experts (every expert sees every token), a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB, 8)
+        self.router = nn.Linear(8, 4)
+        self.experts = Experts()
+        self.head = nn.Linear(8, VOCAB)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embedding(x)
+        return self.head(h + self.experts(h, self.router(h).softmax(-1)))
+
+
+def expert_model() -> ExpertNet:
+    torch.manual_seed(11)
+    return ExpertNet()
+
+
+#: Optimizers of the stacks of experts under FSDP2 (each rank computes its own experts).
+EXPERT_CASES: dict[str, Builder] = {
+    "muon": lambda m, **kw: go.muon(m, **kw),
+    "l0l1": lambda m, **kw: go.gluon(m, lr=0.01, radius_policy="l0l1", **kw),
+    "l0l1-momentum": lambda m, **kw: go.gluon(
+        m, lr=0.01, radius_policy="l0l1", radius_source="momentum", **kw
+    ),
+}
+
+
+def train_experts(name: str, sharded: bool) -> tuple[nn.Module, go.Gluon]:
+    """Case ``name`` of :data:`EXPERT_CASES`, in one process or under fully_shard with one
+    process's gradients injected."""
+    from torch.distributed.fsdp import fully_shard
+
+    net = expert_model()
+    plain = expert_model()
+    if sharded:
+        for module in (net.embedding, net.router, net.experts, net.head):
+            fully_shard(module)
+        fully_shard(net)
+    opt = EXPERT_CASES[name](net, **({} if sharded else {"distributed": "local"}))
+    for k in range(STEPS):
+        opt.zero_grad()
+        if sharded:
+            _inject(net, plain, k)
+        else:
+            loss_of(net, k).backward()
+        opt.step()
+    return net, opt
+
+
 def batch(k: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(100 + k)
     x = torch.randint(0, VOCAB, (3, 9), generator=gen)
@@ -284,9 +355,9 @@ def errors(rank: int, world: int) -> dict[str, str]:
 
     out["dtensor"] = _expect(dtensor_parameter)
 
-    def owner_fails_on_rank_1() -> None:
+    def owner_fails_on_rank_1(case: str = "muon") -> None:
         net = model()
-        opt = go.muon(net, distributed="replicated")
+        opt = CASES[case](net, distributed="replicated")
         loss_of(net, 0).backward()
         before = params(net)
         # The replicated executor's own reference to the direction computation.
@@ -307,6 +378,8 @@ def errors(rank: int, world: int) -> dict[str, str]:
                 raise FloatingPointError("an LMO parameter moved")
 
     out["owner_fails"] = _expect(owner_fails_on_rank_1)
+    # With one dual per unit on the wire, the failed owner's stand-ins must have its sizes.
+    out["owner_fails_blocks"] = _expect(lambda: owner_fails_on_rank_1("l0l1-blocks"))
     return out
 
 
@@ -457,7 +530,16 @@ class _A2ACounter:
 
 
 def sharded_parity(rank: int, world: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"params": {}, "comm": {}, "block": {}}
+    out: dict[str, Any] = {"params": {}, "comm": {}, "block": {}, "experts": {}}
+    for name in EXPERT_CASES:
+        with _Counter() as counter, _A2ACounter() as a2a:
+            net, opt = train_experts(name, sharded=True)
+        out["experts"][name] = {
+            "params": full_params(net),
+            "polar_calls": counter.polar_calls,
+            "a2a_sent": a2a.sent,
+            "blocks": {n: g["blocks"] for g in opt.param_groups for n in g["param_names"]},
+        }
     for name in BLOCK_CASES:  # the second gradient from previous_iterate() blocks
         out["block"][name] = full_params(train_sharded(name, block=True)[0])
     for name in SHARDED_CASES:

@@ -120,6 +120,7 @@ def test_bad_input_is_a_clear_error_on_every_rank(tmp_path: Path) -> None:
         assert out["dtensor"].startswith("ValueError: Parameter 'w' is a DTensor"), out
         expected = "no convergence (injected)" if rank == 1 else "rank(s) [1] failed computing"
         assert expected in out["owner_fails"], out
+        assert expected in out["owner_fails_blocks"], out
 
 
 def test_owners_balance_the_newton_schulz_cost() -> None:

@@ -56,6 +56,25 @@ def test_every_rank_ends_bit_identical_to_one_process(
 
 
 @pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("case", sorted(_cases.EXPERT_CASES))
+def test_each_rank_steps_its_own_experts_bit_identical_to_one_process(
+    parity: dict[int, list[Any]], world: int, case: str
+) -> None:
+    """Shard(0) of a stack ``(4, ...)`` holds whole experts (2 and 2 at W=2; 2, 1, 1 at W=3):
+    each rank computes its experts' LMOs, and the stacks end as one process's."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = _cases.params(_cases.train_experts(case, sharded=False)[0])
+    finally:
+        torch.set_num_threads(threads)
+    for rank, result in enumerate(parity[world]):
+        got = result["experts"][case]
+        assert got["blocks"]["experts.up"] == got["blocks"]["experts.down"] == "experts"
+        _equal(got["params"], expected, (world, rank, case))
+
+
+@pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("case", _cases.BLOCK_CASES)
 def test_previous_iterate_blocks_equal_closures(
     parity: dict[int, list[Any]], reference: dict[str, Any], world: int, case: str

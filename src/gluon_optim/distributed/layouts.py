@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from gluon_optim.blocks import parse as parse_blocks
 from gluon_optim.directions import LocalExecutor
 from gluon_optim.distributed.plan import OptimizerLike, named_params
 from gluon_optim.distributed.replicated import ReplicatedExecutor
@@ -33,7 +34,8 @@ def layout_error(mode: str, params: Sequence[tuple[str, Tensor, Mapping[str, Any
 
     DTensor parameters need the sharded mode, on a 1-D mesh, placed ``Shard(0)`` or
     ``Replicate()``; the sharded mode needs every parameter a DTensor of one mesh, and its
-    groups' ``state_dtype`` left at ``auto`` and ``blocks`` at ``whole``.
+    groups' ``state_dtype`` left at ``auto`` and ``blocks`` at ``whole`` or a stack of experts
+    (whose ``Shard(0)`` rows are whole experts).
     """
     sharded = [(n, p) for n, p, _ in params if is_dtensor(p)]
     if not sharded:
@@ -78,11 +80,13 @@ def layout_error(mode: str, params: Sequence[tuple[str, Tensor, Mapping[str, Any
                 "sharded mode yet (its state is kept as DTensor rows in the parameter's dtype); "
                 "leave state_dtype='auto' under FSDP2"
             )
-        if group.get("blocks", "whole") != "whole":
+        text = group.get("blocks", "whole")
+        if text != "whole" and not parse_blocks(text).experts:
             return (
-                f"Parameter {n!r}: blocks={group['blocks']!r} is not supported by the sharded "
-                "mode yet (its owner assembles whole parameters, not units); use "
-                "distributed='replicated' with DDP, or blocks='whole' under FSDP2"
+                f"Parameter {n!r}: blocks={text!r} is not supported by the sharded mode yet "
+                "(its rows are split across ranks, not its blocks; a stack of experts, "
+                "'experts...', is); use distributed='replicated' with DDP, or blocks='whole' "
+                "under FSDP2"
             )
     return None
 

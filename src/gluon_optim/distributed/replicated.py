@@ -250,7 +250,7 @@ class ReplicatedExecutor(LocalExecutor):
             r = requests[j]
             direction_dtype, dual_dtype = self._dtypes_of(r)
             direction = torch.zeros(r.operand.shape, dtype=direction_dtype, device=r.operand.device)
-            dual = None if dual_dtype is None else torch.zeros((), dtype=dual_dtype)
+            dual = None if dual_dtype is None else torch.zeros(dual_shape(r), dtype=dual_dtype)
             computed[j] = DirectionResult(direction, dual)
             estimate = given[j].estimate
             if estimate is not None:

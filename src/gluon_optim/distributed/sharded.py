@@ -15,12 +15,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from gluon_optim.blocks import WHOLE
+from gluon_optim.blocks import parse as parse_blocks
 from gluon_optim.directions import DirectionRequest, DirectionResult, ShardLayout, compute
 from gluon_optim.distributed.replicated import ReplicatedExecutor
 from gluon_optim.distributed.tensors import rows
 from gluon_optim.distributed.wire import EXCHANGE_CHUNKS, STATUS, Wire, pack, padded
 
 __all__ = ["ShardedExecutor"]
+
+
+def _units_here(r: DirectionRequest) -> bool:
+    """Whether request ``r`` is a stack of experts, whose rows here are whole LMO units."""
+    layout = r.layout
+    return layout is not None and layout.blocks != WHOLE and parse_blocks(layout.blocks).experts
 
 
 def _layout_rows(layout: ShardLayout, world: int, rank: int) -> tuple[int, int]:
@@ -125,10 +133,67 @@ class ShardedExecutor(ReplicatedExecutor):
     def directions(self, requests: Sequence[DirectionRequest]) -> list[DirectionResult]:
         plan = self.plan()
         self.last_phase_bytes = [0, 0]
+        # Stacks of experts: this rank's rows are whole experts, computed here (see _local).
+        here = [j for j, r in enumerate(requests) if _units_here(r)]
+        work = _OwnerWork()
+        local: dict[int, DirectionResult] = {}
+        try:
+            local = self._local([requests[j] for j in here], here)
+        except Exception as e:  # raised on every rank after the exchanges below
+            work.failure = e
+        exchanged = [j for j in range(len(requests)) if j not in set(here)]
+        results = self._exchanged([requests[j] for j in exchanged], plan.owners, work)
+        out = dict(zip(exchanged, results, strict=True)) | local
+        return [out[j] for j in range(len(requests))]
+
+    @staticmethod
+    def _local(
+        requests: Sequence[DirectionRequest], index: Sequence[int]
+    ) -> dict[int, DirectionResult]:
+        """The directions of stacks of experts from this rank's own rows, in those rows.
+
+        ``Shard(0)`` splits a stack ``(E, ...)`` along its expert dim, so every rank holds
+        whole experts (or none), each an LMO unit of its own: its direction and dual norm need
+        nothing from another rank. The units of all such requests go through one call.
+        """
+        views = []
+        for r in requests:
+            layout = r.layout
+            assert layout is not None
+            view = (layout.transposed, layout.blocks)
+            gradient = None if r.gradient is None else r.norm.operand(r.gradient, *view)
+            views.append(
+                DirectionRequest(
+                    r.key, r.norm, r.norm.operand(r.operand, *view), r.batch, r.dual, gradient
+                )
+            )
+        # A rank may hold no expert at all (torch.chunk gives 4 rows over 3 ranks as 2, 2, 0).
+        full = [n for n, v in enumerate(views) if v.operand.numel()]
+        results = dict(zip(full, compute([views[n] for n in full]), strict=True))
+        out = {}
+        for n, (j, r) in enumerate(zip(index, requests, strict=True)):
+            layout = r.layout
+            assert layout is not None
+            if n not in results:
+                units = views[n].operand.shape[:-2]
+                dual = None if r.dual is None else r.operand.new_zeros(units)
+                results[n] = DirectionResult(views[n].operand.clone(), dual)
+            d = r.norm.restore(results[n].direction, r.operand, layout.transposed, layout.blocks)
+            out[j] = DirectionResult(d, results[n].dual)
+        return out
+
+    def _exchanged(
+        self,
+        requests: Sequence[DirectionRequest],
+        owners: Mapping[tuple[int, int], int],
+        work: _OwnerWork,
+    ) -> list[DirectionResult]:
+        """The two phases of row exchanges for ``requests``; ``work`` may already hold this
+        rank's failure, which every rank then raises after the exchanges."""
         step = _Step(
             requests,
             [self._wire(r) for r in requests],
-            [plan.owners[r.key] for r in requests],
+            [owners[r.key] for r in requests],
             self.world,
             self.rank,
             requests[0].operand.device if requests else torch.device("cpu"),
@@ -138,7 +203,6 @@ class ShardedExecutor(ReplicatedExecutor):
         # An owner that fails (an SVD that does not converge, memory) must still take part in
         # every exchange, or the other ranks would wait forever: it sends stand-ins and a
         # failure status, and every rank raises once all exchanges are done.
-        work = _OwnerWork()
         pending = [
             self._send_directions(step, chunk, rows_arriving, work)
             for chunk, rows_arriving in zip(chunks, arriving, strict=True)
