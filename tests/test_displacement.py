@@ -137,3 +137,30 @@ def test_radius_dependence_reads_the_slope() -> None:
     assert radius_dependence({0.01: 50.0, 0.1: 52.0})["flag"] == "flat"
     assert radius_dependence({0.01: 50.0, 0.1: 15.0})["flag"] == "between"
     assert radius_dependence({0.01: 50.0, 0.1: None})["flag"] is None
+
+
+def test_each_expert_of_a_stack_moves_by_s_in_its_own_norm() -> None:
+    """A stack of 3 experts ``W[e]`` with ``f = 0.5 sum_e ||W[e] X_e - Y_e||^2``: each expert is
+    a layer, displaced by ``s`` in its own norm, with the quadratic's exact ratio per expert."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(3, 4, 6, dtype=torch.float64))
+    x = torch.randn(3, 6, 16, dtype=torch.float64)
+    y = torch.randn(3, 4, 16, dtype=torch.float64)
+    opt = go.Gluon(
+        [{"params": [("w", w)], "blocks": "experts", "lr": 0.01, "compute_dtype": "float64"}]
+    )
+
+    def loss() -> torch.Tensor:
+        return 0.5 * (w @ x - y).square().sum()
+
+    records = DisplacementProbe(opt, loss, scales=(0.1, 1.0), every=0).measure()
+    assert [r["param"] for r in records] == ["w[0]", "w[1]", "w[2]"] * 2
+    norm = go.resolve_norm(opt.param_groups[0], w)
+    for r in records:
+        e = int(r["param"][2])
+        g = (w[e] @ x[e] - y[e]) @ x[e].T
+        d = norm.lmo(g.detach())
+        d = d / norm.norm(d)
+        oracle = (norm.dual(d @ x[e] @ x[e].T) / norm.norm(d)).item()
+        assert r["L_hat"] == pytest.approx(oracle, rel=1e-9)
+        assert r["displacement"] == pytest.approx(r["scale"] * 0.01, rel=1e-9)

@@ -251,3 +251,22 @@ def test_fused_splits_gpt2_and_each_experts_gate_and_up() -> None:
     # An explicit blocks= wins over fused=.
     opt = go.muon(gpt2, fused="heads", blocks={"*.c_attn.weight": "whole"})
     assert all(g["blocks"] == "whole" for g in opt.param_groups)
+
+
+def test_limuon_refuses_a_low_rank_state_per_stack_and_trains_full_rank() -> None:
+    """LiMuon's low-rank state factorises a whole parameter, not each expert: refused, with
+    the full-rank option named; with it, the stacks train with STORM momentum per element."""
+    model = _model("mixtral")
+    with pytest.raises(ValueError, match=r"experts.gate_up_proj.*low_rank=False"):
+        go.limuon(model)
+    opt = go.limuon(model, low_rank=False)
+    ids = _batch()
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = _loss(model, ids)
+        loss.backward()
+        return loss
+
+    losses = [float(opt.step(closure).detach()) for _ in range(4)]
+    assert losses[-1] < losses[0], losses

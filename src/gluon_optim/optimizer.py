@@ -165,7 +165,7 @@ def _blocks_error(group: Mapping[str, Any], p: Tensor, norm: _norms.Norm) -> str
         return (
             f"blocks={text!r} with estimator={group['estimator']!r}: its state is one "
             "factorisation of the whole parameter, not one per unit; use an elementwise "
-            "estimator for this group"
+            "estimator for this group (go.limuon(..., low_rank=False): full-rank STORM)"
         )
     return None
 

@@ -161,6 +161,15 @@ class DisplacementProbe:
         else:
             gen = torch.Generator(device=p.device).manual_seed(self.seed + p.numel())
             raw = torch.randn(p.shape, generator=gen, device=p.device, dtype=g.dtype)
+        if group["blocks"] != "whole":
+            # Every LMO unit is a layer: each is scaled to unit norm in its own norm (a unit
+            # with a zero direction, an expert no token chose, stays where it is).
+            units = norm.operand(raw.double(), *view)
+            sizes = norm.norm(units)
+            if not bool(torch.isfinite(sizes).all()) or not bool((sizes > 0).any()):
+                return None
+            scaled = units / torch.where(sizes > 0, sizes, 1.0)[..., None, None]
+            return norm.restore(scaled, p, *view).to(raw.dtype)
         size = float(norm.norm_of(raw.double(), *view))
         if not (math.isfinite(size) and size > 0):
             return None
@@ -190,7 +199,7 @@ class DisplacementProbe:
                 g1 = self._gradients(everything)
                 with torch.no_grad():
                     for key, group, p in entries:
-                        records.append(self._record(step, s, key, group, p, base, g0, g1))
+                        records += self._records(step, s, key, group, p, base, g0, g1)
                     for _, _, p in entries:
                         p.copy_(base[id(p)])
         finally:
@@ -204,7 +213,7 @@ class DisplacementProbe:
             self._sink_failed = not append_jsonl(self.sink, records, "DisplacementProbe")
         return records
 
-    def _record(
+    def _records(
         self,
         step: int,
         s: float,
@@ -214,6 +223,34 @@ class DisplacementProbe:
         base: dict[int, Tensor],
         g0: dict[int, Tensor | None],
         g1: dict[int, Tensor | None],
+    ) -> list[DisplacementRecord]:
+        """One record, or one per LMO unit (``key[u]``) of a parameter with ``blocks``."""
+        a, b = g0.get(id(p)), g1.get(id(p))
+        dx = p.detach().double() - base[id(p)].double()
+        if group["blocks"] == "whole" or a is None or b is None:
+            view = (group["transposed"], "whole")
+            return [self._record(step, s, key, group, p, (dx, a, b), view)]
+        norm = resolve_norm(group, p)
+        view = (group["transposed"], group["blocks"])
+
+        def units(t: Tensor) -> tuple[Tensor, ...]:
+            op = norm.operand(t, *view)
+            return op.reshape(-1, *op.shape[-2:]).unbind(0)
+
+        return [
+            self._record(step, s, f"{key}[{u}]", group, p, parts, (False, "whole"))
+            for u, parts in enumerate(zip(units(dx), units(a), units(b), strict=True))
+        ]
+
+    def _record(
+        self,
+        step: int,
+        s: float,
+        key: str,
+        group: dict[str, Any],
+        p: Tensor,
+        tensors: tuple[Tensor, Tensor | None, Tensor | None],
+        view: tuple[bool, str],
     ) -> DisplacementRecord:
         norm = resolve_norm(group, p)
         rec: DisplacementRecord = {
@@ -228,14 +265,13 @@ class DisplacementProbe:
             "grad_dual": None,
             "note": "",
         }
-        a, b = g0.get(id(p)), g1.get(id(p))
+        dx, a, b = tensors
         if a is None or b is None:
             rec["note"] = "no gradient"
             return rec
-        dx = p.detach().double() - base[id(p)].double()
         ok, notes = _finiteness(step, dx, b, a)
         # grad_dual is read from the last argument: the gradient at the base point X.
-        values = _norm_values(norm, (group["transposed"], group["blocks"]), dx, b, a, ok)
+        values = _norm_values(norm, view, dx, b, a, ok)
         rec["displacement"] = values.get("update_norm")
         rec["grad_dual"] = values.get("grad_dual")
         rec["L_hat"], why = _ratio(values.get("dgrad_dual"), values.get("update_norm"))
