@@ -103,3 +103,19 @@ def test_polar_dispatch_and_errors() -> None:
         newton_schulz(torch.ones(3))
     with pytest.raises(ValueError, match="steps must be >= 1"):
         newton_schulz(g, steps=0)
+
+
+def test_a_large_cpu_batch_runs_in_chunks_with_the_same_matrices() -> None:
+    """A CPU batch over polar.CPU_BATCH_BYTES goes through Newton–Schulz in chunks (the whole
+    batch left the caches, docs/performance.md): same shape out, each matrix as when alone."""
+    from gluon_optim import polar as P
+
+    x = torch.randn(3, 100, 64, 64, generator=torch.Generator().manual_seed(0))
+    per = 64 * 64 * 2  # bfloat16 bytes of one matrix
+    assert P._cpu_chunk(x, torch.bfloat16) == P.CPU_BATCH_BYTES // per < 300
+    assert P._cpu_chunk(x[:1, :10], torch.bfloat16) is None  # small: one call
+    out = P.newton_schulz(x, dtype=torch.bfloat16)
+    assert out.shape == x.shape and out.dtype == torch.bfloat16
+    for idx in [(0, 0), (1, 57), (2, 99)]:
+        alone = P.newton_schulz(x[idx], dtype=torch.bfloat16)
+        assert (out[idx].float() - alone.float()).abs().max().item() < 2e-2, idx
