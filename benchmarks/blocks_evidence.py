@@ -14,7 +14,8 @@ schedule with a 30% decay, validation on 8 batches):
   (``whole``: what a 3-D tensor got before ``blocks`` existed).
 
 For ``muon`` and ``unscion``, each variant gets its own learning-rate sweep (0.5x, 1x, 2x the
-tuned default, seed 0); the best lr of each variant then runs seeds 0, 1 and 2. The table shows
+tuned default, seed 0, extended by one more factor of 2 where the best is at an edge); the
+best lr of each variant then runs seeds 0, 1 and 2. The table shows
 the mean and standard deviation of the final validation loss over those seeds.
 """
 
@@ -90,6 +91,11 @@ def measure(models: list[str], names: list[str], root: Path) -> list[dict[str, A
                     f * tuned: _run(model, optimizer, f * tuned, blocks, 0, root) for f in FACTORS
                 }
                 best = min(sweep, key=lambda lr: sweep[lr])
+                # A best lr at the grid's edge: one more factor of 2 past it (once).
+                if best in (min(sweep), max(sweep)):
+                    lr = best * 2 if best == max(sweep) else best / 2
+                    sweep[lr] = _run(model, optimizer, lr, blocks, 0, root)
+                    best = min(sweep, key=lambda lr: sweep[lr])
                 losses = [sweep[best]] + [
                     _run(model, optimizer, best, blocks, s, root) for s in SEEDS[1:]
                 ]
