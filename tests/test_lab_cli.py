@@ -411,6 +411,9 @@ def test_checkpoints_get_the_mode_of_a_new_file(tmp_path: Path) -> None:
         (["train", "--nope"], "--nope: unrecognized (gluon-optim train -h)"),
         (["train", "--lr", "abc"], "--lr: invalid float value: 'abc'"),
         (["train", "--opt", "momentum"], "--opt: expected KEY=VALUE"),
+        # Refused by the optimizer itself, once the model is built: still no run folder.
+        (["train", "--opt", "momentum=2", "--steps", "1"], "Invalid momentum: 2"),
+        (["train", "--opt", "fused=qkv", "--steps", "1"], "Unknown fused 'qkv'"),
         (["compare", "--optimizers", ""], "--optimizers: give at least one value"),
         (["compare", "--optimizers", "adamw,muonn"], "--optimizers: unknown optimizer 'muonn'"),
         (["compare", "--optimizers", "muon@x"], "--optimizers: optimizer spec 'muon@x': lr 'x'"),

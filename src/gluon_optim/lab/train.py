@@ -1015,7 +1015,6 @@ def _setup(config: RunConfig, run_path: Path) -> _Run:
     rank, world = _start_parallel(config)
     if rank == 0 and run_path.is_dir():
         _remove_torn_files(run_path)
-    run_path.mkdir(parents=True, exist_ok=True)
     data = load_data(config.data, cache_dir=config.data_cache)
     torch.manual_seed(config.seed)
     model = _model_for(config, data)
@@ -1035,6 +1034,8 @@ def _setup(config: RunConfig, run_path: Path) -> _Run:
         fully_shard(model)
     parallel = config.parallel if world > 1 or sharded else "none"
     optimizers = optim_registry.build(config.optimizer, model, lr, options, parallel=parallel)
+    # Only now: an option the optimizer refuses leaves no empty run folder behind.
+    run_path.mkdir(parents=True, exist_ok=True)
     net = model
     if world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel
