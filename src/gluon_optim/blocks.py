@@ -178,6 +178,11 @@ def parse(text: str) -> Blocks:
     return out
 
 
+def is_stack(text: str) -> bool:
+    """Whether ``blocks=text`` reads a parameter as a stack of experts."""
+    return text != WHOLE and parse(text).experts
+
+
 def units(shape: tuple[int, ...], transposed: bool, text: str) -> int:
     """How many LMO units a parameter of ``shape`` is under ``blocks=text``."""
     b = parse(text)

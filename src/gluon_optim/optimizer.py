@@ -71,11 +71,7 @@ def resolve_norm(group: Mapping[str, Any], p: Tensor) -> _norms.Norm:
     """
     name = group["norm"]
     if name == "auto":
-        stack = (
-            p.ndim > 2
-            and group["blocks"] != _blocks.WHOLE
-            and _blocks.parse(group["blocks"]).experts
-        )
+        stack = p.ndim > 2 and _blocks.is_stack(group["blocks"])
         name = (
             "bias_rms" if p.ndim <= 1 else "spectral" if p.ndim == 2 or stack else "spectral_conv"
         )

@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -371,19 +371,26 @@ def _default_head(model: nn.Module) -> ModuleRef:
     )
 
 
-def _check_overrides(roles: Mapping[RoleKey, Any]) -> None:
-    for key, value in roles.items():
+def _check_keyed(
+    what: str, mapping: Mapping[RoleKey, Any], problem: Callable[[Any], str | None]
+) -> None:
+    """Check ``roles=`` or ``blocks=`` (``what``): keys are parameter-name patterns or module
+    classes, and ``problem`` says what is wrong with a value (each value of a class's
+    ``{parameter-name pattern: value}``), or ``None``."""
+    for key, value in mapping.items():
         if not isinstance(key, (str, type)):
             raise TypeError(
-                f"roles: key {key!r} must be a parameter-name pattern or a module class"
+                f"{what}: key {key!r} must be a parameter-name pattern or a module class"
             )
         values = value.values() if isinstance(value, Mapping) and isinstance(key, type) else [value]
-        for role in values:
-            if role not in ROLES:
-                raise ValueError(
-                    f"roles[{_key_text(key)}] = {value!r}: {role!r} is not a role; expected one "
-                    f"of {ROLES}"
-                )
+        for item in values:
+            reason = problem(item)
+            if reason is not None:
+                raise ValueError(f"{what}[{_key_text(key)}] = {value!r}: {reason}")
+
+
+def _not_a_role(role: Any) -> str | None:
+    return None if role in ROLES else f"{role!r} is not a role; expected one of {ROLES}"
 
 
 def _class_roles(
@@ -397,20 +404,6 @@ def _class_roles(
             else:
                 out.append((key, value))
     return out
-
-
-def _check_blocks(blocks: Mapping[RoleKey, Any]) -> None:
-    check = BlocksCheck()
-    for key, value in blocks.items():
-        if not isinstance(key, (str, type)):
-            raise TypeError(
-                f"blocks: key {key!r} must be a parameter-name pattern or a module class"
-            )
-        values = value.values() if isinstance(value, Mapping) and isinstance(key, type) else [value]
-        for text in values:
-            reason = check(text)
-            if reason is not None:
-                raise ValueError(f"blocks[{_key_text(key)}] = {text!r}: {reason}")
 
 
 def _chosen_blocks(
@@ -566,8 +559,8 @@ def assign_roles(
     roles, blocks = dict(roles or {}), dict(blocks or {})
     if fused not in FUSED:
         raise ValueError(f"Unknown fused {fused!r}; expected one of {FUSED}")
-    _check_overrides(roles)
-    _check_blocks(blocks)
+    _check_keyed("roles", roles, _not_a_role)
+    _check_keyed("blocks", blocks, BlocksCheck())
     head_ids = _param_ids(_default_head(model) if head is None else head, "head")
     embedding_ids = _param_ids(embedding, "embedding")
     seen = _walk(model, roles, blocks)

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from gluon_optim.blocks import parse as parse_blocks
+from gluon_optim.blocks import is_stack
 from gluon_optim.directions import LocalExecutor
 from gluon_optim.distributed.plan import OptimizerLike, named_params
 from gluon_optim.distributed.replicated import ReplicatedExecutor
@@ -81,7 +81,7 @@ def layout_error(mode: str, params: Sequence[tuple[str, Tensor, Mapping[str, Any
                 "leave state_dtype='auto' under FSDP2"
             )
         text = group.get("blocks", "whole")
-        if text != "whole" and not parse_blocks(text).experts:
+        if text != "whole" and not is_stack(text):
             return (
                 f"Parameter {n!r}: blocks={text!r} is not supported by the sharded mode yet "
                 "(its rows are split across ranks, not its blocks; a stack of experts, "

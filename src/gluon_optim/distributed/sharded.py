@@ -15,8 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gluon_optim.blocks import WHOLE
-from gluon_optim.blocks import parse as parse_blocks
+from gluon_optim.blocks import is_stack
 from gluon_optim.directions import DirectionRequest, DirectionResult, ShardLayout, compute
 from gluon_optim.distributed.replicated import ReplicatedExecutor
 from gluon_optim.distributed.tensors import rows
@@ -28,7 +27,7 @@ __all__ = ["ShardedExecutor"]
 def _units_here(r: DirectionRequest) -> bool:
     """Whether request ``r`` is a stack of experts, whose rows here are whole LMO units."""
     layout = r.layout
-    return layout is not None and layout.blocks != WHOLE and parse_blocks(layout.blocks).experts
+    return layout is not None and is_stack(layout.blocks)
 
 
 def _layout_rows(layout: ShardLayout, world: int, rank: int) -> tuple[int, int]:
@@ -141,7 +140,7 @@ class ShardedExecutor(ReplicatedExecutor):
             local = self._local([requests[j] for j in here], here)
         except Exception as e:  # raised on every rank after the exchanges below
             work.failure = e
-        exchanged = [j for j in range(len(requests)) if j not in set(here)]
+        exchanged = sorted(set(range(len(requests))) - set(here))
         results = self._exchanged([requests[j] for j in exchanged], plan.owners, work)
         out = dict(zip(exchanged, results, strict=True)) | local
         return [out[j] for j in range(len(requests))]

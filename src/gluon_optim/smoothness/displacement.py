@@ -39,6 +39,7 @@ from gluon_optim.smoothness.probe import (
     _finiteness,
     _norm_values,
     _ratio,
+    _unit_tensors,
     append_jsonl,
     param_entries,
 )
@@ -231,15 +232,10 @@ class DisplacementProbe:
             view = (group["transposed"], "whole")
             return [self._record(step, s, key, group, p, (dx, a, b), view)]
         norm = resolve_norm(group, p)
-        view = (group["transposed"], group["blocks"])
-
-        def units(t: Tensor) -> tuple[Tensor, ...]:
-            op = norm.operand(t, *view)
-            return op.reshape(-1, *op.shape[-2:]).unbind(0)
-
+        units = (_unit_tensors(norm, t, group) for t in (dx, a, b))
         return [
             self._record(step, s, f"{key}[{u}]", group, p, parts, (False, "whole"))
-            for u, parts in enumerate(zip(units(dx), units(a), units(b), strict=True))
+            for u, parts in enumerate(zip(*units, strict=True))
         ]
 
     def _record(

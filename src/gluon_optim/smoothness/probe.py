@@ -102,6 +102,13 @@ class _Second:
     grads: dict[int, Tensor | None]
 
 
+def _unit_tensors(norm: Norm, t: Tensor, group: Mapping[str, Any]) -> tuple[Tensor, ...]:
+    """The LMO units of a parameter-shaped ``t`` under ``group``'s ``blocks``, each a
+    ``(d_out, d_in)`` view, in order (expert by expert, then block by block)."""
+    op = norm.operand(t, group["transposed"], group["blocks"])
+    return op.reshape(-1, *op.shape[-2:]).unbind(0)
+
+
 def _wide(t: Tensor) -> torch.dtype:
     # Differences of bfloat16/float16 tensors are taken in float32 (a difference of two
     # nearby half-precision numbers is exact there, not in half precision); float64 stays.
@@ -324,13 +331,10 @@ class SmoothnessProbe:
             view = (group["transposed"], "whole")
             return [self._measure_one(pair.step, key, group, p, (dx, g0, g1), view)]
         norm = self._norm(group, p)
-        view = (group["transposed"], group["blocks"])
+        count = math.prod(norm.operand_shape(p.shape, group["transposed"], group["blocks"])[:-2])
 
         def units(t: Tensor | None) -> list[Tensor | None]:
-            if t is None:
-                return [None] * math.prod(norm.operand_shape(p.shape, *view)[:-2])
-            op = norm.operand(t, *view)
-            return list(op.reshape(-1, *op.shape[-2:]).unbind(0))
+            return [None] * count if t is None else list(_unit_tensors(norm, t, group))
 
         parts = zip(units(dx), units(g0), units(g1), strict=True)
         return [
